@@ -1,0 +1,139 @@
+"""Clean and PGD-50-10 accuracy of a checkpoint on the first --n_eval points (SPEC §2, eval.py).
+
+    python eval.py --dataset cifar10 --model resnet18 --model_path runs/<run>/model.pth --eps 8 --n_eval 1000
+
+Loads this repo's model.pth, the authors' released {'last', 'best'} files and bare state_dicts
+(--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as in the
+reference (models/<name>.pth). eps is in 1/255 units; the PGD step is eps/4. An example counts as
+robust only if no restart fools it. Progress goes to stderr; the LAST line on stdout is one JSON
+object: {"clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "model_path", ...}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from tqdm import tqdm
+
+import data
+import models
+import utils
+from train import OneLineParser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--gpu", type=int, default=0, help="which GPU: same as --device cuda:N")
+    a("--dataset", default="cifar10", choices=sorted(data.DATASETS))
+    a("--model", default="resnet18", choices=models.MODELS, help="architecture of the checkpoint")
+    a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
+    a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
+    a("--seed", type=int, default=0, help="seeds the random starts of PGD")
+    a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
+    a("--n_eval", type=int, default=256, help="first points of the split (-1: all)")
+    a("--n_layers", type=int, default=1, help="conv layers of --model cnn")
+    a("--n_filters_cnn", type=int, default=16, help="filters of --model cnn")
+    a("--n_hidden_fc", type=int, default=1024, help="unused, kept for the reference's command lines")
+    a("--batch_size_eval", type=int, default=1024)
+    a("--half_prec", action="store_true", help="evaluate under autocast (fp16 on CUDA, bf16 on CPU)")
+    a("--early_stopped_model", action="store_true", help="evaluate the 'best' weights of a {'last','best'} file")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--data_dir", default=os.environ.get("DATA_DIR", "./data"), help="dataset folder (env DATA_DIR)")
+    a("--download", action="store_true", help="download a missing dataset through torchvision")
+    a("--attack_iters", type=int, default=50, help="PGD steps (of eps/4)")
+    a("--n_restarts", type=int, default=10, help="PGD random restarts")
+    a("--attack_init", default="random", choices=("random", "zero"),
+      help="PGD start: uniform in the eps-ball, or zero (then only one restart makes sense)")
+    return p
+
+
+def resolve_model_path(path: str) -> str:
+    """A file as given, else models/<path>.pth or models/<path> as the reference looked them up."""
+    for candidate in (path, os.path.join("models", path + ".pth"), os.path.join("models", path)):
+        if os.path.isfile(candidate):
+            return candidate
+    raise models.CheckpointError(f"checkpoint '{path}' not found (nor models/{path}.pth); check --model_path")
+
+
+def check_flags(args) -> str | None:
+    checks = [
+        (0 <= args.eps <= 255, f"--eps {args.eps:g} is outside [0, 255] (1/255 units)"),
+        (args.n_eval != 0 and args.n_eval >= -1, "--n_eval must be positive, or -1 for all points"),
+        (args.batch_size_eval >= 1, "--batch_size_eval must be >= 1"),
+        (args.attack_iters >= 0 and args.n_restarts >= 1, "--attack_iters must be >= 0 and --n_restarts >= 1"),
+        (args.attack_init == "random" or args.n_restarts == 1,
+         f"--n_restarts {args.n_restarts} without a random start repeats the same attack; "
+         "use --attack_init random or --n_restarts 1"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def evaluate(args) -> dict:
+    """Loads data and checkpoint (raising one-line errors), then measures clean and PGD accuracy."""
+    device = utils.resolve_device(args.device, args.gpu)
+    info = data.DATASETS[args.dataset]
+    data.check_model_input(args.model, info.shape)
+    path = resolve_model_path(args.model_path)
+    state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
+    model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
+    models.load_state(model, state)
+    model = model.to(device).eval()
+    split = data.load_split(args.dataset, args.data_dir, train=args.set == "train", download=args.download)
+    n_eval = len(split) if args.n_eval < 0 else args.n_eval
+    if n_eval > len(split):
+        raise ValueError(f"--n_eval {n_eval} exceeds the {len(split)} {args.set} points of {args.dataset}; "
+                         "use -1 for all")
+    batches = data.Batches(split, args.batch_size_eval, shuffle=False, drop_last=False, n=n_eval, device=device)
+    forward = utils.Autocast(model, device.type) if args.half_prec else model
+    eps = args.eps / 255
+    with tqdm(total=n_eval, desc=f"PGD-{args.attack_iters}-{args.n_restarts}", unit="img", file=sys.stderr) as bar:
+        if args.attack_init == "random":
+            result = utils.seeded_robust_accuracy(forward, batches, eps, args.attack_iters, args.n_restarts,
+                                                  args.seed, progress=bar.update)
+        else:
+            result = zero_start_accuracy(forward, batches, eps, args.attack_iters, progress=bar.update)
+    return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
+            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
+            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
+            "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+
+
+def zero_start_accuracy(model, batches, eps: float, n_iters: int, progress=None) -> utils.RobustEval:
+    """Clean and PGD accuracy from a zero start (one deterministic restart), step eps/4."""
+    n_clean = n_robust = n = 0
+    for x, y in batches:
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        delta = utils.pgd_attack(model, x, y, eps, eps / 4, n_iters, random_start=False)
+        with torch.no_grad():
+            robust = clean & (model(x + delta).argmax(1) == y)
+        n_clean, n_robust, n = n_clean + int(clean.sum()), n_robust + int(robust.sum()), n + len(y)
+        if progress:
+            progress(len(y))
+    return utils.RobustEval(n_clean / n, n_robust / n, n, n * n_iters)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = check_flags(args)
+    if problem:
+        parser.error(problem)
+    try:
+        result = evaluate(args)
+    except (ValueError, data.DataMissingError, models.CheckpointError) as exc:
+        print(f"eval.py: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"clean {result['clean_acc']:.2%}, PGD-{args.attack_iters}-{args.n_restarts} {result['pgd_acc']:.2%} "
+          f"on the first {result['n_eval']} {args.set} points", file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

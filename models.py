@@ -1,0 +1,204 @@
+"""The two architectures of the paper, with the reference code's state_dict keys (SPEC §4).
+
+Both models take images of shape (B, C, H, W) with values in [0, 1] and return logits (B, n_classes).
+Both register an alias submodule `model_preact_hl1` that points at their first layers, exactly as
+the reference does, so that the authors' released checkpoints load with strict=True.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODELS = ("resnet18", "cnn")
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel; mean 0 and std 1 in the paper. Not part of the state_dict."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class PreActBlock(nn.Module):
+    """bn1 -> relu -> conv1 -> bn2 -> relu -> conv2, plus a shortcut of the block's raw input."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(F.relu(self.bn1(x)))
+        out = self.conv2(F.relu(self.bn2(out)))
+        # The reference's shortcut takes the block input x, not relu(bn1(x)) as in He et al.
+        shortcut = self.shortcut(x) if hasattr(self, "shortcut") else x
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """PreAct ResNet-18 of the reference: no final BN/ReLU, avg_pool2d(4), linear 512 -> n_classes.
+
+    Input (B, 3, S, S) with 25 <= S <= 56 (32 in practice); state_dict of 108 keys.
+    """
+
+    def __init__(self, n_classes: int = 10):
+        super().__init__()
+        self.normalize = Normalize((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        widths, strides, in_planes = (64, 128, 256, 512), (1, 2, 2, 2), 64
+        for i, (width, stride) in enumerate(zip(widths, strides), start=1):
+            blocks = [PreActBlock(in_planes, width, stride), PreActBlock(width, width, 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            in_planes = width
+        self.linear = nn.Linear(512, n_classes)
+        # Alias of the first layers, registered last as in the reference (adds 6 state_dict keys).
+        self.model_preact_hl1 = nn.Sequential(self.normalize, self.conv1, self.layer1[0].bn1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(out, 4)
+        return self.linear(out.flatten(1))
+
+
+class CNN(nn.Module):
+    """n_conv x [Conv2d(3x3, stride 1, pad 1, bias), ReLU], Flatten, Linear(n_filters*H*W -> n_classes).
+
+    Input (B, C, H, W) of any size; keys _model.0.*, _model.{2*n_conv+1}.* and the alias
+    model_preact_hl1.0.* (the first conv): 6 keys for one layer, the reference's only depth.
+    """
+
+    def __init__(self, n_classes: int, shape_in: tuple[int, int, int], n_conv: int = 1, n_filters: int = 16):
+        super().__init__()
+        channels, height, width = shape_in
+        layers: list[nn.Module] = []
+        for i in range(n_conv):
+            layers += [nn.Conv2d(channels if i == 0 else n_filters, n_filters, 3, 1, 1, bias=True), nn.ReLU()]
+        layers += [nn.Flatten(), nn.Linear(n_filters * height * width, n_classes)]
+        self._model = nn.Sequential(*layers)
+        self.model_preact_hl1 = nn.Sequential(self._model[0])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model(x)
+
+    def first_layer_filters(self) -> torch.Tensor:
+        """Weights of the first conv, (n_filters, C, 3, 3)."""
+        return self._model[0].weight
+
+
+def init_weights(module: nn.Module) -> None:
+    """The reference's initialisation, applied to every module with model.apply.
+
+    Conv2d: N(0, sqrt(2 / (k*k*out_channels))), bias 0. Linear: N(0, sqrt(2 / in_features)), bias 0.
+    BatchNorm: weight 1, bias 0.
+    """
+    if isinstance(module, nn.Conv2d):
+        fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+        module.weight.data.normal_(0, math.sqrt(2.0 / fan_out))
+        if module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.BatchNorm2d):
+        module.weight.data.fill_(1)
+        module.bias.data.zero_()
+    elif isinstance(module, nn.Linear):
+        module.weight.data.normal_(0, math.sqrt(2.0 / module.in_features))
+        module.bias.data.zero_()
+
+
+def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
+                n_layers: int = 1, n_filters_cnn: int = 16) -> nn.Module:
+    """A freshly initialised model (reference init, including its second pass over the aliases)."""
+    if name == "resnet18":
+        model = PreActResNet18(n_classes)
+    elif name == "cnn":
+        model = CNN(n_classes, shape_in, n_conv=n_layers, n_filters=n_filters_cnn)
+    else:
+        raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
+    model.apply(init_weights)
+    return model
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be read or does not fit the model (one-line message)."""
+
+
+def _alias_pairs(model: nn.Module) -> dict[str, str]:
+    """Maps each alias key (model_preact_hl1.*) to the key of the same tensor under its real name."""
+    by_tensor: dict[int, str] = {}
+    pairs = {}
+    state = model.state_dict(keep_vars=True)
+    for key, tensor in state.items():
+        if not key.startswith("model_preact_hl1."):
+            by_tensor.setdefault(id(tensor), key)
+    for key, tensor in state.items():
+        if key.startswith("model_preact_hl1."):
+            pairs[key] = by_tensor[id(tensor)]
+    return pairs
+
+
+def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Strictly loads a state_dict of the reference or of this repo.
+
+    Accepts DataParallel's 'module.' prefix and state_dicts without the alias keys (they are filled
+    from the tensors they alias). Raises CheckpointError naming the missing, unexpected or
+    mis-shaped keys.
+    """
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    for alias, original in _alias_pairs(model).items():
+        if alias not in state and original in state:
+            state[alias] = state[original]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}"
+                 for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if misshaped:
+            parts.append(f"shapes differ (checkpoint vs model): {_few(misshaped)}")
+        raise CheckpointError(f"checkpoint does not fit {type(model).__name__}: {'; '.join(parts)}; "
+                              "check --model, --dataset, --n_filters_cnn and --n_layers")
+    model.load_state_dict(state, strict=True)
+
+
+def _few(items: list[str], k: int = 4) -> str:
+    shown = ", ".join(items[:k])
+    return shown + (f" (+{len(items) - k} more)" if len(items) > k else "")
+
+
+def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
+    """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the reference's)
+    give entry `which`; a bare state_dict is returned as is. Raises CheckpointError."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} does not exist; check --model_path") from None
+    except Exception as exc:  # truncated, corrupt or not a torch file
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path} ({first_line[:120]}); "
+                              "is it a complete .pth file?") from None
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds no state_dict; expected {{'last','best'}} or a state_dict")
+    if "last" in obj or "best" in obj:
+        if which not in obj:
+            raise CheckpointError(f"{path} has no '{which}' weights (it has {', '.join(sorted(obj))})")
+        obj = obj[which]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path} is not a checkpoint: its entries are not tensors")
+    return obj

@@ -1,0 +1,410 @@
+"""Shared pieces: the box clamp, attacks, GradAlign, metrics, learning rates, precision and file I/O.
+
+Units: every eps and step size here is in [0, 1] image units (the command line's 1/255 units are
+converted once, in train.py and eval.py). Images are (B, C, H, W) tensors with values in [0, 1].
+Attacks are pure functions of (model, x, y, ...): they never switch the model between train and
+eval mode, and every delta they return satisfies |delta|_inf <= eps and 0 <= x + delta <= 1
+(SPEC §3.1 item 6 records the one exception, random_corner, in train.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CLAMP_RULES = ("zero", "half")
+
+
+# ----------------------------------------------------------------------------------------- box clamp
+def box_clamp(z: torch.Tensor, rule: str) -> torch.Tensor:
+    """clamp(z, 0, 1) with the gradient rule of SPEC §3.0 at the bounds.
+
+    rule='zero': gradient 0 where z is exactly 0 or 1 (PyTorch 1.4, the paper's runs).
+    rule='half': gradient 0.5 there (the reference's max/min code on PyTorch >= 1.10).
+    Both give gradient 1 inside (0, 1) and 0 outside [0, 1].
+    """
+    if rule == "zero":
+        return torch.clamp(z, 0.0, 1.0)
+    if rule == "half":
+        return torch.clamp(z, z.new_zeros(()), z.new_ones(()))
+    raise ValueError(f"unknown clamp rule '{rule}': choose one of {', '.join(CLAMP_RULES)}")
+
+
+def project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
+    """Projects delta onto the box (0 <= x + delta <= 1), then onto the L-inf ball of radius eps."""
+    delta = torch.clamp(x + delta, 0.0, 1.0) - x
+    return torch.clamp(delta, -eps, eps)
+
+
+def uniform_delta(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """U[-eps, eps]^d noise shaped like x (not box-projected), from the global torch RNG."""
+    return torch.empty_like(x).uniform_(-eps, eps)
+
+
+# ------------------------------------------------------------------------------------ input gradients
+def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor, *,
+               clamp_rule: str | None = None, create_graph: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradient wrt delta of the summed cross-entropy at model(x + delta), and the logits.
+
+    The forward sees clamp(x + delta) under `clamp_rule`, or x + delta when it is None.
+    The summed loss gives each example the gradient of its own loss (the reference's batch mean
+    divides it by B: same signs and cosines, no fp16 underflow). create_graph keeps the graph
+    for double backprop (GradAlign); otherwise the result is detached.
+    """
+    delta = delta.detach().requires_grad_(True) if not create_graph else delta.requires_grad_(True)
+    inputs = x + delta if clamp_rule is None else box_clamp(x + delta, clamp_rule)
+    logits = model(inputs)
+    loss = F.cross_entropy(logits.float(), y, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, delta, create_graph=create_graph)
+    return (grad if create_graph else grad.detach()), logits.detach()
+
+
+def per_example_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine between matching examples of a and b, (B, ...) -> (B,); 1.0 where either is zero."""
+    a, b = a.flatten(1).float(), b.flatten(1).float()
+    na, nb = a.norm(dim=1), b.norm(dim=1)
+    nonzero = (na > 0) & (nb > 0)
+    cos = (a * b).sum(1) / torch.where(nonzero, na * nb, torch.ones_like(na))
+    return torch.where(nonzero, cos, torch.ones_like(cos))
+
+
+def grad_align_reg(grad1: torch.Tensor, grad2: torch.Tensor, lam: float) -> torch.Tensor:
+    """GradAlign: lam * (1 - mean_i cos(grad1_i, grad2_i)), a scalar tensor.
+
+    grad1, grad2: input gradients (B, C, H, W) at x (or the attack's start) and at x + eta.
+    The mean runs over the examples where both gradients are nonzero (no epsilon in the
+    normalisation, as in the reference); it is NaN if there is none. Differentiable wherever the
+    gradients carry a graph, with no host synchronisation.
+    """
+    g1, g2 = grad1.flatten(1).float(), grad2.flatten(1).float()
+    sq1, sq2 = (g1 * g1).sum(1), (g2 * g2).sum(1)
+    keep = (sq1 != 0) & (sq2 != 0)
+    one = torch.ones_like(sq1)
+    norms = torch.sqrt(torch.where(keep, sq1, one)) * torch.sqrt(torch.where(keep, sq2, one))
+    cos = (g1 * g2).sum(1) / norms
+    keep_f = keep.to(cos.dtype)
+    mean_cos = (cos * keep_f).sum() / keep_f.sum()
+    return lam * (1.0 - mean_cos)
+
+
+# --------------------------------------------------------------------------------------------- attacks
+def fgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torch.Tensor, eps: float,
+                step: float, clamp_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One FGSM step from delta0 (training: FGSM, FGSM-RS and Free-AT; SPEC §3.1 item 6).
+
+    The gradient is taken at clamp(x + delta0) under `clamp_rule`; the step is step * sign(grad)
+    (step = fgsm_alpha * eps), clipped to [-eps, eps] and projected onto the box.
+    Returns (delta, grad at delta0), both detached.
+    """
+    grad, _ = input_grad(model, x, y, delta0, clamp_rule=clamp_rule)
+    delta = torch.clamp(delta0.detach() + step * torch.sign(grad), -eps, eps)
+    return torch.clamp(x + delta, 0.0, 1.0) - x, grad
+
+
+def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
+               n_iters: int, *, random_start: bool, clamp_rule: str | None = None) -> torch.Tensor:
+    """L-inf PGD: n_iters sign-ascent steps of size alpha on the cross-entropy, one restart.
+
+    Start: 0, or U[-eps, eps] (not box-projected before the first gradient). After each step:
+    box, then eps-ball. The forward sees clamp(x + delta) under `clamp_rule` (training) or the raw
+    x + delta (clamp_rule=None: evaluation). n_iters=0 returns zeros. Serves PGD training, the
+    periodic evaluation (FGSM is n_iters=1, alpha=eps, zero start) and the final evaluation.
+    """
+    if n_iters == 0:
+        return torch.zeros_like(x)
+    delta = uniform_delta(x, eps) if random_start else torch.zeros_like(x)
+    for _ in range(n_iters):
+        grad, _ = input_grad(model, x, y, delta, clamp_rule=clamp_rule)
+        delta = project(x, delta.detach() + alpha * torch.sign(grad), eps)
+    return delta
+
+
+@dataclass
+class RobustEval:
+    """Outcome of robust_accuracy: fractions in [0, 1] and the attack's cost."""
+    clean_acc: float
+    pgd_acc: float
+    n_eval: int
+    grad_passes: int  # forward+backward passes, counted per example
+
+
+@torch.no_grad()
+def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x).argmax(1)
+
+
+def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float,
+                    alpha: float, n_iters: int, n_restarts: int, progress: Callable | None = None
+                    ) -> RobustEval:
+    """Clean and PGD-`n_iters`-`n_restarts` accuracy (the final evaluation, SPEC §3.1 item 12).
+
+    An example counts as robust only if it is classified correctly clean and at every iterate
+    (after the first step) and final point of every restart. That rule is at least as strong as
+    the reference's (which keeps the max-loss restart), so it may stop early: an example already
+    broken gets no more steps or restarts. Each restart draws its random start for the whole batch,
+    so every example follows the same trajectory as in a plain full-batch PGD.
+    The caller puts the model in eval mode and fp32.
+    """
+    n_clean = n_robust = n_total = passes = 0
+    for x, y in batches:
+        robust = _predict(model, x) == y
+        n_clean += int(robust.sum())
+        for _ in range(n_restarts):
+            start = uniform_delta(x, eps)
+            active = robust.nonzero().squeeze(1)
+            if active.numel() == 0:
+                continue
+            xa, ya, delta = x[active], y[active], start[active]
+            fooled = torch.zeros_like(ya, dtype=torch.bool)
+            for step in range(n_iters):
+                live = (~fooled).nonzero().squeeze(1)
+                passes += live.numel()
+                grad, logits = input_grad(model, xa[live], ya[live], delta[live])
+                if step > 0:  # logits at a feasible point (the start is not box-projected)
+                    fooled[live] |= logits.argmax(1) != ya[live]
+                delta[live] = project(xa[live], delta[live] + alpha * torch.sign(grad), eps)
+            fooled |= _predict(model, xa + delta) != ya
+            robust[active[fooled]] = False
+        n_robust += int(robust.sum())
+        n_total += len(y)
+        if progress is not None:
+            progress(len(y))
+    return RobustEval(n_clean / n_total, n_robust / n_total, n_total, passes)
+
+
+def seeded_robust_accuracy(model: nn.Module, batches, eps: float, n_iters: int, n_restarts: int, seed: int,
+                           progress: Callable | None = None) -> RobustEval:
+    """robust_accuracy with step eps/4 from a freshly seeded RNG: train.py's final evaluation and
+    eval.py give the same numbers for the same points, batch size, seed and device."""
+    torch.manual_seed(seed)
+    return robust_accuracy(model, batches, eps, eps / 4, n_iters, n_restarts, progress)
+
+
+# ----------------------------------------------------------------------------- periodic evaluation
+def _accuracy_and_deltas(model, batches, eps, alpha, n_iters, random_start):
+    correct, n, deltas = 0, 0, []
+    for x, y in batches:
+        delta = pgd_attack(model, x, y, eps, alpha, n_iters, random_start=random_start)
+        correct += int((_predict(model, x + delta) == y).sum())
+        n += len(y)
+        deltas.append(delta)
+    return correct / max(n, 1), deltas
+
+
+def _grads(model, batches, eps, clamp_rule, at_random_point):
+    grads = []
+    for x, y in batches:
+        delta = uniform_delta(x, eps) if at_random_point else torch.zeros_like(x)
+        grads.append(input_grad(model, x, y, delta, clamp_rule=clamp_rule)[0])
+    return grads
+
+
+def _mean_cos(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
+    cos = torch.cat([per_example_cos(a, b) for a, b in zip(first, second)])
+    return float(cos.mean()) if cos.numel() else float("nan")
+
+
+def periodic_metrics(model: nn.Module, test_batches, train_batches, eps: float, alpha: float,
+                     attack_iters: int, clamp_rule: str) -> dict[str, float]:
+    """The reference's periodic evaluation (SPEC §3.1 item 9), in its order of random draws.
+
+    Test subset: clean, FGSM (one step of eps from zero) and PGD-`attack_iters` (step alpha, one
+    random restart) accuracy, and cos_fgsm_pgd between their deltas; training subset: PGD accuracy
+    (for early stopping); then cos_x_eta between input gradients at clamp(x) and clamp(x + eta).
+    The caller sets eval mode (and the training precision).
+    """
+    test_clean, _ = _accuracy_and_deltas(model, test_batches, eps, alpha, 0, True)
+    test_fgsm, fgsm_deltas = _accuracy_and_deltas(model, test_batches, eps, eps, 1, False)
+    test_pgd, pgd_deltas = _accuracy_and_deltas(model, test_batches, eps, alpha, attack_iters, True)
+    train_pgd, _ = _accuracy_and_deltas(model, train_batches, eps, alpha, attack_iters, True)
+    grad_x = _grads(model, test_batches, eps, clamp_rule, at_random_point=False)
+    grad_eta = _grads(model, test_batches, eps, clamp_rule, at_random_point=True)
+    return {"test_clean_acc": test_clean, "test_fgsm_acc": test_fgsm, "test_pgd_acc": test_pgd,
+            "train_pgd_acc": train_pgd, "cos_x_eta": _mean_cos(grad_x, grad_eta),
+            "cos_fgsm_pgd": _mean_cos(fgsm_deltas, pgd_deltas)}
+
+
+def cos_x_eta(model: nn.Module, batches, eps: float, clamp_rule: str) -> float:
+    """Mean cosine between input gradients at clamp(x) and clamp(x + eta), eta ~ U[-eps, eps]^d."""
+    grad_x = _grads(model, batches, eps, clamp_rule, at_random_point=False)
+    grad_eta = _grads(model, batches, eps, clamp_rule, at_random_point=True)
+    return _mean_cos(grad_x, grad_eta)
+
+
+# --------------------------------------------------------------------------------- learning rate
+def lr_at(t: float, schedule: str, lr_max: float, epochs: int) -> float:
+    """Learning rate at fractional epoch t (t = epoch - 1 + (i + 1) / len(loader); SPEC §3.1 item 3).
+
+    cyclic: linear 0 -> lr_max at floor(2E/5) epochs -> 0 at E (0 for t <= 0).
+    piecewise: lr_max, then /10 from t/E >= 0.5 and /100 from t/E >= 0.75.
+    """
+    if schedule == "cyclic":
+        return float(np.interp([t], [0, epochs * 2 // 5, epochs], [0, lr_max, 0])[0])
+    if schedule == "piecewise":
+        frac = t / epochs
+        return lr_max if frac < 0.5 else lr_max / 10 if frac < 0.75 else lr_max / 100
+    raise ValueError(f"unknown lr schedule '{schedule}'")
+
+
+# ------------------------------------------------------------------------------------- precision
+class Autocast(nn.Module):
+    """Runs the wrapped model's forward under torch.autocast and returns fp32 logits.
+
+    float16 on CUDA, bfloat16 on the CPU, so the CPU exercises the same mixed-precision path.
+    Only forwards are autocast; backward passes (and double backprop) run outside it.
+    """
+
+    def __init__(self, model: nn.Module, device_type: str):
+        super().__init__()
+        self.model = model
+        self.device_type = device_type
+        self.dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=self.dtype):
+            return self.model(x).float()
+
+
+def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
+    """'auto' -> cuda if available else cpu; --gpu N picks cuda:N. Raises ValueError without CUDA."""
+    if spec == "auto":
+        spec = f"cuda:{gpu or 0}" if torch.cuda.is_available() else "cpu"
+    elif spec == "cuda" and gpu:
+        spec = f"cuda:{gpu}"
+    device = torch.device(spec)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec} asked for CUDA, but this machine has none; use --device cpu")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible; pick another --gpu")
+    return device
+
+
+# ---------------------------------------------------------------------------------------- file I/O
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes data to a temporary file beside path, then renames it over path."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a temporary file and a rename: a killed run never leaves a torn file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The whole lines of a JSON-lines file (a torn last line is ignored)."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            if line.endswith("\n"):
+                rows.append(json.loads(line))
+    return rows
+
+
+def append_jsonl(path: str, obj: dict) -> None:
+    """Appends one whole line in a single write call."""
+    with open(path, "a") as f:
+        f.write(json.dumps(obj, sort_keys=True) + "\n")
+        f.flush()
+
+
+def truncate_jsonl(path: str, n_lines: int) -> None:
+    """Keeps the first n_lines whole lines (drops lines written after a checkpoint and torn ones)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.endswith("\n")][:n_lines]
+    atomic_write_bytes(path, "".join(lines).encode())
+
+
+class RunLocked(Exception):
+    """Another live process holds the run's lock."""
+
+
+class RunLock:
+    """An exclusive lock file (run_dir/.lock holding 'host pid'); a dead process's lock is taken over."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, ".lock")
+        self.held = False
+
+    def acquire(self) -> None:
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and self._alive(*owner):
+                    raise RunLocked(f"pid {owner[1]} on {owner[0]}") from None
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path)  # stale: its process is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            self.held = True
+            return
+        raise RunLocked("another process took the lock at the same moment")
+
+    def _owner(self) -> tuple[str, int] | None:
+        try:
+            host, pid = open(self.path).read().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None  # unreadable or half-written: treated as stale
+
+    @staticmethod
+    def _alive(host: str, pid: int) -> bool:
+        if host != socket.gethostname():
+            return True  # cannot check another machine's processes: assume it runs
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def release(self) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self.held = False
