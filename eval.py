@@ -15,10 +15,10 @@ import json
 import os
 import sys
 
+import data
 import torch
 from tqdm import tqdm
 
-import data
 import models
 import utils
 from train import OneLineParser
@@ -67,8 +67,8 @@ def check_flags(args) -> str | None:
         (args.batch_size_eval >= 1, "--batch_size_eval must be >= 1"),
         (args.attack_iters >= 0 and args.n_restarts >= 1, "--attack_iters must be >= 0 and --n_restarts >= 1"),
         (args.attack_init == "random" or args.n_restarts == 1,
-         f"--n_restarts {args.n_restarts} without a random start repeats the same attack; "
-         "use --attack_init random or --n_restarts 1"),
+         (f"--n_restarts {args.n_restarts} without a random start repeats the same attack; "
+          "use --attack_init random or --n_restarts 1")),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -91,7 +91,8 @@ def evaluate(args) -> dict:
     batches = data.Batches(split, args.batch_size_eval, shuffle=False, drop_last=False, n=n_eval, device=device)
     forward = utils.Autocast(model, device.type) if args.half_prec else model
     eps = args.eps / 255
-    with tqdm(total=n_eval, desc=f"PGD-{args.attack_iters}-{args.n_restarts}", unit="img", file=sys.stderr) as bar:
+    with tqdm(total=n_eval, desc=f"PGD-{args.attack_iters}-{args.n_restarts}", unit="img", file=sys.stderr,
+              disable=None) as bar:
         if args.attack_init == "random":
             result = utils.seeded_robust_accuracy(forward, batches, eps, args.attack_iters, args.n_restarts,
                                                   args.seed, progress=bar.update)

@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 MODELS = ("resnet18", "cnn")
 
@@ -189,7 +189,7 @@ def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; check --model_path") from None
-    except Exception as exc:  # truncated, corrupt or not a torch file
+    except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or not a torch file: any reader error
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path} ({first_line[:120]}); "
                               "is it a complete .pth file?") from None

@@ -20,19 +20,20 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-import numpy as np
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
 import models
 import utils
 
@@ -206,8 +207,8 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.n_layers >= 1 and cfg.n_filters_cnn >= 1, "--n_layers and --n_filters_cnn must be >= 1"),
         (cfg.n_final_eval != 0, "--n_final_eval 0 evaluates nothing: give a positive number or -1 for all"),
         (cfg.n_eval_every_k_iter >= cfg.batch_size,
-         f"--n_eval_every_k_iter {cfg.n_eval_every_k_iter} is below --batch_size {cfg.batch_size}: the "
-         "early-stopping subset (whole training batches) would be empty; raise it or lower --batch_size"),
+         (f"--n_eval_every_k_iter {cfg.n_eval_every_k_iter} is below --batch_size {cfg.batch_size}: the "
+          "early-stopping subset (whole training batches) would be empty; raise it or lower --batch_size")),
         (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
         (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
@@ -386,6 +387,25 @@ class NonFiniteLoss(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class TestHooks:
+    """Fault injection for the tests, off unless these environment variables are set:
+    GRADALIGN_TEST_KILL_AT (SIGKILL this process at that global iteration) and
+    GRADALIGN_TEST_NAN_AT (make the loss of that iteration NaN)."""
+    kill_at: int = -1
+    nan_at: int = -1
+
+    @classmethod
+    def from_env(cls) -> TestHooks:
+        return cls(int(os.environ.get("GRADALIGN_TEST_KILL_AT", "-1")),
+                   int(os.environ.get("GRADALIGN_TEST_NAN_AT", "-1")))
+
+    def apply(self, iteration: int, loss: torch.Tensor) -> torch.Tensor:
+        if iteration == self.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return loss * float("nan") if iteration == self.nan_at else loss
+
+
 @dataclass
 class RunState:
     """Everything the loop carries across epochs; saved at each epoch's end for resuming."""
@@ -453,14 +473,21 @@ def train(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: Run
           log: RunLog, device: torch.device) -> None:
     """Epochs state.next_epoch..E (epoch 0: one iteration, no optimiser step), evaluating every
     eval_iter_freq iterations and saving a resumable state at each epoch's end."""
+    n_iters = len(loaders.train)
+    done = 0 if state.next_epoch == 0 else 1 + (state.next_epoch - 1) * n_iters
+    with tqdm(total=1 + cfg.epochs * n_iters, initial=done, desc="train", unit="it", dynamic_ncols=True,
+              leave=False, disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
+        train_epochs(cfg, model, loaders, run_dir, state, opt, scaler, log, device, bar)
+
+
+def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: RunState, opt, scaler,
+                 log: RunLog, device: torch.device, bar: tqdm) -> None:
     fwd_model = utils.Autocast(model, device.type) if cfg.half_prec else model
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     n_iters = len(loaders.train)
-    total = 1 + cfg.epochs * n_iters
-    done = 0 if state.next_epoch == 0 else 1 + (state.next_epoch - 1) * n_iters
-    bar = tqdm(total=total, initial=done, desc="train", unit="it", dynamic_ncols=True, leave=False)
     st = StepState(free_delta=state.free_delta)
-    start = mark = time.time()  # training time is counted between host syncs (evaluations, epoch ends)
+    hooks = TestHooks.from_env()
+    clock = Clock(state)
     for epoch in range(state.next_epoch, cfg.epochs + 1):
         stats = Stats(device)
         x_prev = y_prev = None
@@ -473,31 +500,51 @@ def train(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: Run
             opt.param_groups[0]["lr"] = lr
             st.warm = warmup_factor(cfg, state.iteration)
             loss = train_step(fwd_model, opt, scaler, x, y, cfg, st, stats, update=epoch > 0)
-            bad = ~torch.isfinite(loss) & (state.first_bad_iter < 0)
-            state.first_bad_iter = torch.where(bad, state.iteration, state.first_bad_iter)
+            loss = hooks.apply(state.iteration, loss)
+            state.first_bad_iter = torch.where(~torch.isfinite(loss) & (state.first_bad_iter < 0),
+                                               state.iteration, state.first_bad_iter)
             if state.iteration % cfg.eval_iter_freq == 0:
                 check_finite(state)  # syncs: the training work so far has finished
-                state.train_seconds += time.time() - mark
-                train_means = stats.means()
-                metrics = periodic_evaluation(model, fwd_model, loaders, cfg)
-                record = {"epoch": epoch, "iteration": state.iteration, "lr": lr, **train_means, **metrics,
-                          "train_minutes": state.train_seconds / 60, "elapsed_s": time.time() - start}
+                clock.stop_training()
+                record = {"epoch": epoch, "iteration": state.iteration, "lr": lr, **stats.means(),
+                          **periodic_evaluation(model, fwd_model, loaders, cfg), **clock.times()}
                 utils.append_jsonl(metrics_path, record)
                 log(format_record(record))
-                if metrics["train_pgd_acc"] > state.best_acc:  # strictly higher: ties keep the earlier
-                    state.best_acc = metrics["train_pgd_acc"]
-                    state.best_state = copy.deepcopy(model.state_dict())
+                keep_if_best(state, model, record["train_pgd_acc"])
                 stats = Stats(device)
-                mark = time.time()
+                clock.start_training()
             state.iteration += 1
             x_prev, y_prev = x, y
             bar.update(1)
         check_finite(state)
-        state.train_seconds += time.time() - mark
+        clock.stop_training()
         state.next_epoch, state.free_delta = epoch + 1, st.free_delta
         save_resume_state(run_dir, state, model, opt, scaler, loaders.train.generator, metrics_path)
-        mark = time.time()
-    bar.close()
+        clock.start_training()
+
+
+class Clock:
+    """Training time, counted between host syncs (evaluations, epoch ends), so CUDA's asynchronous
+    launches are not mistaken for finished work; evaluation time is left out."""
+
+    def __init__(self, state: RunState):
+        self.state, self.start, self.mark = state, time.time(), time.time()
+
+    def stop_training(self) -> None:
+        self.state.train_seconds += time.time() - self.mark
+
+    def start_training(self) -> None:
+        self.mark = time.time()
+
+    def times(self) -> dict:
+        return {"train_minutes": self.state.train_seconds / 60, "elapsed_s": time.time() - self.start}
+
+
+def keep_if_best(state: RunState, model: nn.Module, train_pgd_acc: float) -> None:
+    """Early stopping: 'best' is replaced only on a strictly higher training PGD accuracy."""
+    if train_pgd_acc > state.best_acc:
+        state.best_acc = train_pgd_acc
+        state.best_state = copy.deepcopy(model.state_dict())
 
 
 def format_record(r: dict) -> str:
@@ -543,7 +590,8 @@ def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: D
     model = copy.deepcopy(model).float().eval()
     model.load_state_dict(state_dict)
     n_iters, n_restarts = cfg.final_attack
-    with tqdm(total=loaders.n_final, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False) as bar:
+    with tqdm(total=loaders.n_final, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
+              disable=None) as bar:
         result = utils.seeded_robust_accuracy(model, loaders.test_final, cfg.eps_frac, n_iters, n_restarts,
                                               cfg.seed, progress=bar.update)
     cos = utils.cos_x_eta(model, loaders.test_final, cfg.eps_frac, cfg.clamp_grad)
@@ -553,7 +601,8 @@ def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: D
 def git_commit() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
+                             check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None

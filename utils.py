@@ -13,13 +13,13 @@ import json
 import os
 import socket
 import tempfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 CLAMP_RULES = ("zero", "half")
 
@@ -386,7 +386,8 @@ class RunLock:
 
     def _owner(self) -> tuple[str, int] | None:
         try:
-            host, pid = open(self.path).read().split()
+            with open(self.path) as f:
+                host, pid = f.read().split()
             return host, int(pid)
         except (OSError, ValueError):
             return None  # unreadable or half-written: treated as stale
