@@ -82,7 +82,7 @@ def evaluate(args) -> dict:
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
     models.load_state(model, state)
-    model = model.to(device).eval()
+    model = utils.to_device(model, device).eval()
     split = data.load_split(args.dataset, args.data_dir, train=args.set == "train", download=args.download)
     n_eval = len(split) if args.n_eval < 0 else args.n_eval
     if n_eval > len(split):

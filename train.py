@@ -632,7 +632,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     log = RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
-                               cfg.n_filters_cnn).to(device).train()
+                               cfg.n_filters_cnn)
+    model = utils.to_device(model, device).train()
     opt = make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.half_prec and device.type == "cuda")
     state = load_resume_state(run_dir, model, opt, scaler, loaders.train.generator, device)

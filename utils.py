@@ -290,6 +290,16 @@ def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
     return device
 
 
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """Moves the model; on CUDA also channels_last weights and cuDNN autotuning (speed only: the
+    reference's cuDNN was not deterministic either)."""
+    model = model.to(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 # ---------------------------------------------------------------------------------------- file I/O
 def atomic_write_bytes(path: str, data: bytes) -> None:
     """Writes data to a temporary file beside path, then renames it over path."""
