@@ -68,6 +68,10 @@ class _SVHN(datasets.SVHN):
 
 
 class _MNIST(datasets.MNIST):
+    @property
+    def raw_folder(self) -> str:  # torchvision derives it from the class name
+        return os.path.join(self.root, "MNIST", "raw")
+
     def _check_exists(self) -> bool:
         prefix = "train" if self.train else "t10k"
         return all(os.path.isfile(os.path.join(self.raw_folder, f"{prefix}-{kind}-ubyte"))

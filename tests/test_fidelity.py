@@ -4,9 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,23 +12,8 @@ import torch.nn.functional as F
 import models
 import train
 import utils
+from tests.fixtures import write_cifar10
 from tests.test_train import TINY, read_metrics, run_train
-
-
-def write_tiny_cifar10(root, n_per_batch: int = 2, n_test: int = 4) -> None:
-    """CIFAR-10 python pickles with n_per_batch images in each of the 5 training batches."""
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder, exist_ok=True)
-    rng = np.random.default_rng(0)
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else n_per_batch
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump(entry, f)
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
 
 
 # ---------------------------------------------------------------------------------- BatchNorm stats
@@ -42,7 +25,7 @@ def write_tiny_cifar10(root, n_per_batch: int = 2, n_test: int = 4) -> None:
     (["--attack", "fgsm", "--minibatch_replay", "2"], 2),
 ])
 def test_batchnorm_running_stats_are_updated_by_exactly_the_reference_forwards(tmp_path, flags, forwards):
-    write_tiny_cifar10(tmp_path / "data")  # 10 training images: batch 5 -> 2 iterations per epoch
+    write_cifar10(tmp_path / "data", [[1, 2]] * 5, [3, 4, 5, 6])  # 10 images: batch 5 -> 2 iterations/epoch
     args = ["--dataset", "cifar10", "--model", "resnet18", "--data_dir", str(tmp_path / "data"), "--epochs", "1",
             "--batch_size", "5", "--n_eval_every_k_iter", "5", "--batch_size_eval", "4", "--attack_iters", "1",
             "--n_final_eval", "2", "--device", "cpu", "--debug", "--out_dir", str(tmp_path / "runs"), *flags]

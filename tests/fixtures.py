@@ -1,0 +1,46 @@
+"""Writers of tiny datasets in the real on-disk formats (CIFAR-10 pickles, SVHN .mat, MNIST IDX)."""
+from __future__ import annotations
+
+import os
+import pickle
+import struct
+
+import numpy as np
+
+
+def write_cifar10(root, train_labels: list[list[int]], test_labels: list[int], seed: int = 0) -> None:
+    """root/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}; one label list per batch."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name, labels in zip(names, [*train_labels, test_labels]):
+        entry = {"data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8), "labels": list(labels)}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+
+def write_svhn(root, train_labels: list[int], test_labels: list[int], seed: int = 0) -> None:
+    """root/{train,test}_32x32.mat with X (32, 32, 3, N) uint8 and y (N, 1), 10 standing for digit 0."""
+    from scipy.io import savemat
+    os.makedirs(root, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, labels in (("train", train_labels), ("test", test_labels)):
+        x = rng.integers(0, 256, (32, 32, 3, len(labels)), dtype=np.uint8)
+        savemat(os.path.join(root, f"{split}_32x32.mat"), {"X": x, "y": np.array(labels, dtype=np.uint8)[:, None]})
+
+
+def write_mnist(root, n_train: int, n_test: int, seed: int = 0) -> None:
+    """root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte, uncompressed IDX files."""
+    folder = os.path.join(root, "MNIST", "raw")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        with open(os.path.join(folder, f"{prefix}-images-idx3-ubyte"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
+        with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
