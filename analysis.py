@@ -52,7 +52,7 @@ def plot_filters(model: models.CNN, path: str) -> None:
     weights = model.first_layer_filters().detach()
     fig, axes = plt.subplots(1, len(weights), figsize=(1.6 * len(weights), 2), squeeze=False)
     for ax, w in zip(axes[0], weights):
-        ax.imshow(w.mean(0), cmap="coolwarm", vmin=-weights.abs().max(), vmax=weights.abs().max())
+        ax.imshow(w.mean(0).numpy(), cmap="coolwarm", vmin=-weights.abs().max(), vmax=weights.abs().max())
         ax.set_title(f"|w|={w.norm():.2f}", fontsize=8)
         ax.axis("off")
     fig.suptitle("first-layer filters (last weights)")
@@ -69,9 +69,9 @@ def plot_feature_maps(model: models.CNN, image: torch.Tensor, eps: float, path: 
     n = len(on_image)
     fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5), squeeze=False)
     for j in range(n):
-        axes[0, j].imshow(image.mean(0), cmap="gray")
-        axes[1, j].imshow(on_image[j], cmap="viridis")
-        axes[2, j].imshow(on_noise[j], cmap="viridis")
+        axes[0, j].imshow(image.mean(0).numpy(), cmap="gray")
+        axes[1, j].imshow(on_image[j].numpy(), cmap="viridis")
+        axes[2, j].imshow(on_noise[j].numpy(), cmap="viridis")
         axes[1, j].set_title(f"filter {j}: max {on_image[j].max():.2f}", fontsize=7)
         axes[2, j].set_title(f"noise: max {on_noise[j].max():.2f}", fontsize=7)
         for i in range(3):
@@ -88,7 +88,7 @@ def plot_filter_norms(rows: list[dict], path: str) -> None:
     if rows:
         norms = torch.tensor([r["filter_norms"] for r in rows])
         for j in range(norms.shape[1]):
-            ax.plot([r["iteration"] for r in rows], norms[:, j], label=f"filter {j}")
+            ax.plot([r["iteration"] for r in rows], norms[:, j].numpy(), label=f"filter {j}")
         ax.legend(fontsize=7)
     ax.set_xlabel("iteration")
     ax.set_ylabel("filter L2 norm")
