@@ -1,0 +1,382 @@
+"""Tables and figures of a sweep: the paper's Tables 4-5, Fig. 1/8 (robust accuracy vs eps) and
+Fig. 2/11 (training curves), from run directories written by train.py.
+
+    python report.py runs/ [more roots] --out reports/ [--curves RUN_DIR ...] [--runs-glob 'cifar10_*']
+
+A run directory is any folder under a root holding config.json; runs without final.json (unfinished or
+failed) are listed as skipped. Runs are grouped by dataset, model, method and eps; each group's seeds
+give mean and std (population std, ddof=0) of the final clean and PGD accuracy, in percent, for the
+last and the early-stopped ('best') weights. Writes OUT/report.md, OUT/report.csv (one row per group),
+OUT/robust_vs_eps_<dataset>_<model>.png, and OUT/curves.png with --curves. Groups whose evaluation
+protocol differs from the paper's (1000 test points, PGD-50-10, no --debug) or within the group are
+flagged with a dagger and explained under the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+STD_DDOF = 0  # population std over seeds, as numpy's np.std
+PAPER_PROTOCOL = {"n_eval": 1000, "attack_iters": 50, "n_restarts": 10}
+# The paper's row order; other methods follow alphabetically.
+METHOD_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradAlign", "Free-AT (m=8)",
+                "PGD-2", "PGD-10"]
+# Config keys that do not change results (or are the group key / seed); the others must agree in a group.
+NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
+                "data_dir", "out_dir", "download", "overwrite", "data_on_device", "batch_size_eval", "fname",
+                "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval"}
+CSV_COLUMNS = ["dataset", "model", "method", "eps", "n_seeds", "seeds", "n_eval", "attack_iters", "n_restarts",
+               "last_clean_mean", "last_clean_std", "last_pgd_mean", "last_pgd_std",
+               "best_clean_mean", "best_clean_std", "best_pgd_mean", "best_pgd_std", "n_best",
+               "cos_x_eta_mean", "cos_x_eta_std", "train_minutes_mean", "flags"]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory: its config.json, and final.json when it has finished (else None)."""
+    path: str
+    config: dict
+    final: dict | None
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.path))
+
+
+# ------------------------------------------------------------------------------------------ reading
+def read_json(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    """The periodic evaluations of a run (metrics.jsonl), skipping a torn last line."""
+    records = []
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return records
+
+
+def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
+    """Every folder under the roots (a root may itself be a run) that holds a readable config.json and
+    whose name matches the glob pattern, sorted by path."""
+    runs = {}
+    for root in roots:
+        for folder, _, files in os.walk(root):
+            if "config.json" not in files or not fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
+                continue
+            config = read_json(os.path.join(folder, "config.json"))
+            if config is not None:
+                runs[os.path.realpath(folder)] = Run(folder, config, read_json(os.path.join(folder, "final.json")))
+    return sorted(runs.values(), key=lambda r: r.path)
+
+
+# -------------------------------------------------------------------------------------- aggregating
+def method_name(config: dict) -> str:
+    """The paper's name of a run's training method, from its config (train.py's flags)."""
+    attack, init = config.get("attack", "fgsm"), config.get("attack_init", "random")
+    lam, m = float(config.get("grad_align_cos_lambda", 0.0)), int(config.get("minibatch_replay", 1))
+    k = config.get("pgd_train_n_iters", 10)
+    if attack == "fgsm" and m > 1:
+        name = f"Free-AT (m={m})"  # Free-AT ignores attack_init
+    elif attack == "fgsm":
+        name = "FGSM" if init == "zero" else "FGSM-RS"
+    elif attack == "pgd":
+        name = f"PGD-{k}" if init == "zero" else f"PGD-{k}-RS"
+    elif attack == "pgd_corner":
+        name = f"PGD-{k} corner" if init == "zero" else f"PGD-{k}-RS corner"
+    else:
+        name = {"random_corner": "Random corner", "none": "Standard"}.get(attack, attack)
+    if m > 1 and attack != "fgsm":
+        name += f" (m={m})"
+    return f"{name} + GradAlign" if lam > 0 else name
+
+
+def model_name(config: dict) -> str:
+    """resnet18, or cnn-<layers>x<filters> for the small CNN."""
+    if config.get("model") == "cnn":
+        return f"cnn-{config.get('n_layers', 1)}x{config.get('n_filters_cnn', 16)}"
+    return str(config.get("model", "resnet18"))
+
+
+def group_key(run: Run) -> tuple[str, str, str, float]:
+    c = run.config
+    return (str(c.get("dataset")), model_name(c), method_name(c), float(c.get("eps", 8)))
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and std (ddof=STD_DDOF) of the values; NaN for an empty list."""
+    if not values:
+        return float("nan"), float("nan")
+    return float(np.mean(values)), float(np.std(values, ddof=STD_DDOF))
+
+
+def one_or_all(values: list) -> int | str:
+    """The common value, or 'a/b' listing them when they differ."""
+    distinct = sorted(set(values), key=str)
+    return distinct[0] if len(distinct) == 1 else "/".join(str(v) for v in distinct)
+
+
+def protocol_flags(runs: list[Run]) -> list[str]:
+    """Why a group's numbers are not comparable with the paper's, or not with each other."""
+    flags = []
+    for key, paper in PAPER_PROTOCOL.items():
+        values = sorted({r.final.get(key) for r in runs}, key=str)
+        if values != [paper]:
+            flags.append(f"{key} {'/'.join(map(str, values))} (paper: {paper})")
+    if any(r.config.get("debug") for r in runs):
+        flags.append("debug runs")
+    differing = sorted(k for k in set().union(*(r.config for r in runs)) - NOT_COMPARED
+                       if len({json.dumps(r.config.get(k), sort_keys=True) for r in runs}) > 1)
+    if differing:
+        flags.append("settings differ within the group: " + ", ".join(differing))
+    repeated = sorted(s for s, n in Counter(r.config.get("seed") for r in runs).items() if n > 1)
+    if repeated:
+        flags.append(f"seeds counted more than once: {repeated}")
+    n_best = sum("best" in r.final for r in runs)
+    if 0 < n_best < len(runs):
+        flags.append(f"early-stopped weights evaluated in {n_best} of {len(runs)} runs")
+    return flags
+
+
+def aggregate(runs: list[Run]) -> list[dict]:
+    """One row per (dataset, model, method, eps) over the finished runs: counts, mean and std of the
+    accuracies in percent (last and early-stopped weights), final cos_x_eta, and protocol flags."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.final is not None:
+            groups.setdefault(group_key(run), []).append(run)
+    rows = []
+    for (dataset, model, method, eps), members in groups.items():
+        finals = [r.final for r in members]
+        best = [f["best"] for f in finals if "best" in f]
+        row = {"dataset": dataset, "model": model, "method": method, "eps": eps, "n_seeds": len(members),
+               "seeds": " ".join(str(r.config.get("seed")) for r in sorted(members, key=lambda r: r.config.get("seed"))),
+               "n_eval": one_or_all([f.get("n_eval") for f in finals]),
+               "attack_iters": one_or_all([f.get("attack_iters") for f in finals]),
+               "n_restarts": one_or_all([f.get("n_restarts") for f in finals]), "n_best": len(best)}
+        for prefix, results in (("last", [f["last"] for f in finals]), ("best", best)):
+            for metric in ("clean", "pgd"):
+                mean, std = mean_std([100 * r[f"{metric}_acc"] for r in results])
+                row[f"{prefix}_{metric}_mean"], row[f"{prefix}_{metric}_std"] = mean, std
+        row["cos_x_eta_mean"], row["cos_x_eta_std"] = mean_std(
+            [f["last"]["cos_x_eta"] for f in finals if f["last"].get("cos_x_eta") is not None])
+        row["train_minutes_mean"] = mean_std([f["train_minutes"] for f in finals if "train_minutes" in f])[0]
+        row["flags"] = "; ".join(protocol_flags(members))
+        rows.append(row)
+    return sorted(rows, key=lambda r: (r["dataset"], r["model"], method_rank(r["method"]), r["eps"]))
+
+
+# ----------------------------------------------------------------------------------------- writing
+def fmt_eps(eps: float) -> str:
+    return f"{eps:g}"
+
+
+def cell(row: dict | None, column: str, common: tuple) -> str:
+    """'mean ± std', with [seeds×points] when those differ from the table's usual, † when flagged."""
+    if row is None or np.isnan(row[f"{column}_mean"]):
+        return "–"
+    n = row["n_best"] if column.startswith("best") else row["n_seeds"]
+    text = f"{row[f'{column}_mean']:.1f} ± {row[f'{column}_std']:.1f}"
+    if (n, row["n_eval"]) != common:
+        text += f" [{n}×{row['n_eval']}]"
+    return text + (" †" if row["flags"] else "")
+
+
+TABLES = [("last_pgd", "Robust accuracy, last weights"), ("last_clean", "Clean accuracy, last weights"),
+          ("best_pgd", "Robust accuracy, early-stopped weights"), ("best_clean", "Clean accuracy, early-stopped weights")]
+
+
+def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
+    """The report as Markdown: per dataset and model, tables of methods (rows) by eps (columns)."""
+    out = ["# Results", "",
+           f"Accuracy in % on the first test points, mean ± std over seeds (population std, ddof={STD_DDOF}).", ""]
+    for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
+        part = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
+        methods = sorted({r["method"] for r in part}, key=method_rank)
+        eps_values = sorted({r["eps"] for r in part})
+        by_key = {(r["method"], r["eps"]): r for r in part}
+        common = Counter((r["n_seeds"], r["n_eval"]) for r in part).most_common(1)[0][0]
+        attack = Counter(f"PGD-{r['attack_iters']}-{r['n_restarts']}" for r in part).most_common(1)[0][0]
+        legend = (f"Each cell: {common[0]} seeds × {common[1]} test points, robust accuracy under {attack}, "
+                  "unless marked [seeds×points]; † marks a protocol difference (notes below).")
+        out += [f"## {dataset}, {model}", "", legend, ""]
+        for column, title in TABLES:
+            if not any(r["n_best"] for r in part) and column.startswith("best"):
+                continue
+            out += [f"### {title}", "", "| method | " + " | ".join(f"eps {fmt_eps(e)}" for e in eps_values) + " |",
+                    "|---|" + "---|" * len(eps_values)]
+            out += [f"| {m} | " + " | ".join(cell(by_key.get((m, e)), column, common) for e in eps_values) + " |"
+                    for m in methods]
+            out.append("")
+        notes = [f"- {r['method']}, eps {fmt_eps(r['eps'])}: {r['flags']}" for r in part if r["flags"]]
+        if notes:
+            out += ["Notes (†):", "", *notes, ""]
+    if skipped:
+        out += ["## Skipped (no final.json)", "", *[f"- {name}" for name in skipped], ""]
+    return "\n".join(out)
+
+
+def write_markdown(rows: list[dict], path: str, skipped: list[str] | None = None) -> str:
+    with open(path, "w") as f:
+        f.write(markdown(rows, skipped))
+    return path
+
+
+def write_csv(rows: list[dict], path: str) -> str:
+    """One row per group; accuracies in %, NaN as an empty field."""
+    def value(v):
+        if isinstance(v, float):
+            return "" if np.isnan(v) else f"{v:.4f}"
+        return v
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: value(row[k]) for k in CSV_COLUMNS})
+    return path
+
+
+# ----------------------------------------------------------------------------------------- figures
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", text).strip("_")
+
+
+def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
+    """Fig. 1 / Fig. 8: robust accuracy (%) vs eps per method, a band of ±1 std over seeds; one PNG per
+    dataset and model, with a second panel for the early-stopped weights when they were evaluated."""
+    plt = pyplot()
+    paths = []
+    for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
+        part = [r for r in rows if (r["dataset"], r["model"]) == (dataset, model)]
+        panels = [("last_pgd", "last weights")] + ([("best_pgd", "early-stopped weights")]
+                                                   if any(r["n_best"] for r in part) else [])
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+        for ax, (column, title) in zip(axes[0], panels):
+            for method in sorted({r["method"] for r in part}, key=method_rank):
+                mine = [r for r in part if r["method"] == method and not np.isnan(r[f"{column}_mean"])]
+                if not mine:
+                    continue
+                eps = np.array([r["eps"] for r in mine])
+                mean = np.array([r[f"{column}_mean"] for r in mine])
+                std = np.array([r[f"{column}_std"] for r in mine])
+                line, = ax.plot(eps, mean, marker="o", label=method)
+                ax.fill_between(eps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)", ylabel="PGD accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, f"robust_vs_eps_{slug(dataset)}_{slug(model)}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+CURVE_PANELS = [("train_pgd_acc", "PGD accuracy, training subset (%)", 100),
+                ("test_pgd_acc", "PGD accuracy, test subset (%)", 100),
+                ("test_fgsm_acc", "FGSM accuracy, test subset (%)", 100),
+                ("cos_x_eta", "cos(grad at x, grad at x + eta)", 1),
+                ("cos_fgsm_pgd", "cos(FGSM delta, PGD delta)", 1)]
+
+
+def curve_label(run_dir: str) -> str:
+    c = read_json(os.path.join(run_dir, "config.json"))
+    if c is None:
+        return os.path.basename(os.path.normpath(run_dir))
+    return f"{method_name(c)}, eps {float(c.get('eps', 8)):g}, seed {c.get('seed')}"
+
+
+def plot_curves(run_dirs: list[str], path: str) -> str:
+    """Fig. 2 / Fig. 11: metrics.jsonl of each run vs the training iteration, one colour per run; a
+    sixth panel shows the first-layer filter norms when the runs logged them (the CNN)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8))
+    axes = axes.ravel()
+    any_norms = False
+    for i, run_dir in enumerate(run_dirs):
+        records = read_metrics(run_dir)
+        color = f"C{i % 10}"
+        it = [r["iteration"] for r in records]
+        for ax, (key, title, scale) in zip(axes, CURVE_PANELS):
+            ax.plot(it, [scale * r[key] if r.get(key) is not None else np.nan for r in records], color=color,
+                    marker="o", markersize=2, label=curve_label(run_dir))
+            ax.set(title=title, xlabel="iteration")
+        norms = [r["filter_norms"] for r in records if r.get("filter_norms")]
+        if norms and len(norms) == len(records):
+            axes[5].plot(it, norms, color=color, linewidth=1)
+            any_norms = True
+    axes[5].set(title="first-layer filter L2 norms (CNN)", xlabel="iteration")
+    axes[5].set_visible(any_norms)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------- CLI
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("roots", nargs="*", help="folders holding run directories (searched recursively)")
+    p.add_argument("--out", default="reports", help="output folder")
+    p.add_argument("--curves", nargs="+", default=[], metavar="RUN_DIR", help="runs whose training curves to plot")
+    p.add_argument("--runs-glob", dest="runs_glob", default="*", help="only run directories whose name matches")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.roots and not args.curves:
+        build_parser().error("give at least one ROOT or --curves RUN_DIR")
+    os.makedirs(args.out, exist_ok=True)
+    runs = collect_runs(args.roots, args.runs_glob)
+    skipped = [r.name for r in runs if r.final is None]
+    rows = aggregate(runs)
+    if args.roots:
+        print(markdown(rows, skipped))
+        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped),
+                   write_csv(rows, os.path.join(args.out, "report.csv"))]
+        written += plot_robust_vs_eps(rows, args.out)
+        print(f"{len(runs) - len(skipped)} finished runs in {len(rows)} groups, {len(skipped)} skipped")
+    else:
+        written = []
+    if args.curves:
+        written.append(plot_curves(args.curves, os.path.join(args.out, "curves.png")))
+    print("wrote " + ", ".join(written))
+    return 0 if rows or args.curves else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

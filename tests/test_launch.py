@@ -1,0 +1,105 @@
+"""launch.py: real digits runs end to end (locally and through submitit's local executor), failures
+reported by run name with train.py's exit code, and the device each command gets."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import launch
+import report
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ("--dataset digits --model cnn --n_filters_cnn 4 --epochs 1 --batch_size 350 --n_eval_every_k_iter 350 "
+        "--eval_iter_freq 2 --attack_iters 2 --n_final_eval 64 --batch_size_eval 64 --debug --device cpu --eps 76 "
+        "--clamp_grad half")
+
+
+def command(out_dir, *extra: str) -> str:
+    return f"python train.py {TINY} --out_dir {shlex.quote(str(out_dir))} {' '.join(extra)}"
+
+
+def run_name(out_dir, *extra: str) -> str:
+    """The run name of command(out_dir, *extra), derived here independently of launch.py."""
+    cfg, defaults = train.parse_config(shlex.split(command(out_dir, *extra))[2:])
+    return train.run_name(cfg, defaults)
+
+
+def launch_py(tmp_path, lines: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    commands = tmp_path / "commands.txt"
+    commands.write_text("\n".join(lines) + "\n")
+    return subprocess.run([sys.executable, "launch.py", str(commands), "--log_dir", str(tmp_path / "logs"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # parallel runs share the cores
+
+
+def test_local_sweep_end_to_end_with_a_failing_command(tmp_path):
+    out = tmp_path / "runs"
+    good = [command(out, "--seed 0"), command(out, "--seed 1")]
+    bad = command(out, "--eps -1")
+    done = launch_py(tmp_path, ["# two seeds and a bad eps", *good, "", bad], "--jobs", "2")
+    assert done.returncode == 1, done.stdout + done.stderr
+    names = [run_name(out, "--seed 0"), run_name(out, "--seed 1")]
+    bad_name = names[0].replace("eps76", "eps-1")
+    assert f"FAILED {bad_name}: exit 2 (bad input)" in done.stdout
+    assert "3 runs: 2 ok, 1 failed" in done.stdout
+    for name in names:
+        assert f"{name}: ok" in done.stdout
+        assert os.path.getsize(tmp_path / "logs" / f"{name}.log") > 0
+    assert "outside [0, 255]" in (tmp_path / "logs" / f"{bad_name}.log").read_text()
+
+    runs = report.collect_runs([str(out)])
+    assert sorted(r.name for r in runs) == sorted(names) and all(r.final for r in runs)
+    (row,) = report.aggregate(runs)
+    assert (row["method"], row["n_seeds"], row["seeds"], row["n_eval"]) == ("FGSM-RS", 2, "0 1", 64)
+    assert "debug runs" in row["flags"]
+    assert report.main([str(out), "--out", str(tmp_path / "report")]) == 0
+    assert os.path.getsize(tmp_path / "report" / "report.csv") > 0
+
+    # Relaunching skips the finished runs (train.py does) and succeeds.
+    final = out / names[0] / "final.json"
+    before = final.stat().st_mtime_ns
+    again = launch_py(tmp_path, good, "--jobs", "2")
+    assert again.returncode == 0 and "2 runs: 2 ok, 0 failed" in again.stdout
+    assert final.stat().st_mtime_ns == before
+
+
+def test_nan_loss_is_reported_as_such(tmp_path):
+    out = tmp_path / "runs"
+    done = launch_py(tmp_path, [command(out)], env={"GRADALIGN_TEST_NAN_AT": "1"})
+    assert done.returncode == 1
+    assert f"FAILED {run_name(out)}: exit 4 (the training loss became NaN or inf)" in done.stdout
+
+
+def test_submitit_local_executor_runs_a_job(tmp_path):
+    out = tmp_path / "runs"
+    done = launch_py(tmp_path, [command(out, "--seed 3")], "--slurm", "--submitit_local", "--gpus_per_job", "0",
+                     "--cpus_per_job", "1", "--mem_gb", "1", "--time_min", "10")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "submitted 1 jobs" in done.stdout and "1 runs: 1 ok, 0 failed" in done.stdout
+    final = json.loads((out / run_name(out, "--seed 3") / "final.json").read_text())
+    assert final["n_eval"] == 64
+    assert any(name.endswith("_result.pkl") for name in os.listdir(tmp_path / "logs" / "submitit"))
+
+
+def test_devices_go_round_robin_over_the_gpus(tmp_path):
+    commands = launch.read_commands([command(tmp_path, f"--seed {s}").replace(" --device cpu", "") for s in range(3)]
+                                    + ["# a comment", "   ", command(tmp_path, "--seed 9")])
+    tasks = launch.make_tasks(commands, str(tmp_path), n_gpus=2)
+    assert [t.argv[-1] for t in tasks[:3]] == ["--device=cuda:0", "--device=cuda:1", "--device=cuda:0"]
+    assert tasks[3].argv[-2:] == ["--seed", "9"]  # it names its device (cpu): left alone
+    assert all(t.argv[0] == sys.executable for t in tasks)
+    assert tasks[1].name == run_name(tmp_path, "--seed 1") and tasks[1].log_path.endswith(f"{tasks[1].name}.log")
+    cpu = launch.make_tasks(commands[:1], str(tmp_path), n_gpus=0)
+    assert cpu[0].argv[-1] == "--device=cpu"
+    assert launch.make_tasks(commands[:1], str(tmp_path), n_gpus=None)[0].argv[-1] != "--device=cpu"
+
+
+def test_unparseable_commands_get_a_numbered_name(tmp_path):
+    (task,) = launch.make_tasks([["python", "train.py", "--attack", "nope"]], str(tmp_path), n_gpus=0)
+    assert task.name == "cmd0000" and task.run_dir is None
+    assert launch.describe(-9) == "killed by signal SIGKILL"
+    assert launch.describe(3) == "in progress elsewhere (locked)"

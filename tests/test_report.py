@@ -1,0 +1,177 @@
+"""report.py on synthetic run directories with known numbers (config.json as train.py writes it)."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+import report
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PAPER = ["--half_prec", "--eval_early_stopped_model", "--n_final_eval=1000", "--batch_size_eval=1024"]
+FGSM = ["--attack=fgsm", "--attack_init=zero"]
+GRADALIGN = ["--attack=fgsm", "--attack_init=zero", "--lr_max=0.30", "--grad_align_cos_lambda=0.2"]
+
+
+def config_of(argv: list[str]) -> dict:
+    """config.json's content for these train.py flags."""
+    cfg, defaults = train.parse_config(argv)
+    return {**dataclasses.asdict(cfg), "run_name": train.run_name(cfg, defaults), "argv": argv}
+
+
+def write_run(root, argv: list[str], final: dict | None, metrics: list[dict] = ()) -> str:
+    config = config_of(argv)
+    run_dir = os.path.join(root, config["run_name"])
+    os.makedirs(run_dir)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(config, f)
+    if final is not None:
+        with open(os.path.join(run_dir, "final.json"), "w") as f:
+            json.dump(final, f)
+    with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in metrics)
+    return run_dir
+
+
+def final_of(clean: float, pgd: float, best: tuple[float, float] | None = None, n_eval: int = 1000,
+             cos: float = 0.9) -> dict:
+    final = {"last": {"clean_acc": clean, "pgd_acc": pgd, "cos_x_eta": cos}, "n_eval": n_eval, "attack_iters": 50,
+             "n_restarts": 10, "eps": 8, "train_minutes": 1.5, "best_train_pgd_acc": 0.3}
+    if best is not None:
+        final["best"] = {"clean_acc": best[0], "pgd_acc": best[1], "cos_x_eta": cos}
+    return final
+
+
+def metrics_of(n: int, collapse_at: int) -> list[dict]:
+    return [{"epoch": i // 2, "iteration": 200 * i, "lr": 0.1, "train_loss": 1.0, "train_reg": 0.0, "train_acc": 0.5,
+             "train_pgd_acc": 0.4 if i < collapse_at else 0.0, "test_clean_acc": 0.8, "test_fgsm_acc": 0.5,
+             "test_pgd_acc": 0.4 if i < collapse_at else 0.0, "cos_x_eta": 0.95 if i < collapse_at else 0.1,
+             "cos_fgsm_pgd": 0.9, "grad_norm_x": 1.0, "delta_l2": 1.0, "train_minutes": i, "elapsed_s": 60 * i}
+            for i in range(n)]
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """FGSM and FGSM + GradAlign at eps 8 and 16, seeds 0-2 (clean 80/82/84%, PGD 0/1/2% + offsets), one
+    extra GradAlign run at 16 evaluated on 500 points, one unfinished run, one run of another dataset."""
+    root = tmp_path / "runs"
+    for m, method in enumerate((FGSM, GRADALIGN)):
+        for eps in (8, 16):
+            for seed in range(3):
+                offset = 0.1 * m + 0.01 * (eps == 16)
+                write_run(root, [*method, f"--eps={eps}", f"--seed={seed}", *PAPER],
+                          final_of(0.80 + 0.02 * seed, offset + 0.01 * seed, best=(0.7, 0.3 + 0.03 * seed),
+                                   cos=0.1 * (seed + 1)),
+                          metrics_of(5, collapse_at=3 if m == 0 else 99))
+    write_run(root, [*GRADALIGN, "--eps=16", "--seed=3", *PAPER], final_of(0.5, 0.5, best=(0.5, 0.5), n_eval=500))
+    write_run(root, [*FGSM, "--eps=8", "--seed=4", *PAPER], None, metrics_of(2, 99))
+    write_run(root, ["--dataset=svhn", *FGSM, "--eps=4", "--seed=0", *PAPER], final_of(0.9, 0.5))
+    return root
+
+
+def test_aggregate_means_stds_and_counts(sweep):
+    runs = report.collect_runs([str(sweep)])
+    assert len(runs) == 15 and sum(r.final is None for r in runs) == 1
+    rows = {(r["dataset"], r["method"], r["eps"]): r for r in report.aggregate(runs)}
+    assert set(rows) == {("cifar10", m, e) for m in ("FGSM", "FGSM + GradAlign") for e in (8.0, 16.0)} | {
+        ("svhn", "FGSM", 4.0)}
+    row = rows["cifar10", "FGSM", 8.0]
+    assert (row["n_seeds"], row["seeds"], row["n_eval"], row["attack_iters"], row["n_restarts"]) == (3, "0 1 2", 1000,
+                                                                                                       50, 10)
+    assert row["model"] == "resnet18"
+    assert row["last_clean_mean"] == pytest.approx(82.0)
+    assert row["last_clean_std"] == pytest.approx(math.sqrt(8 / 3))  # ddof=0 over 80, 82, 84
+    assert row["last_pgd_mean"] == pytest.approx(1.0)
+    assert row["last_pgd_std"] == pytest.approx(math.sqrt(2 / 3))
+    assert row["best_pgd_mean"] == pytest.approx(33.0) and row["best_clean_std"] == pytest.approx(0.0)
+    assert row["cos_x_eta_mean"] == pytest.approx(0.2)
+    assert row["n_best"] == 3 and row["flags"] == ""
+    assert rows["cifar10", "FGSM + GradAlign", 8.0]["last_pgd_mean"] == pytest.approx(11.0)
+    assert rows["cifar10", "FGSM", 16.0]["last_pgd_mean"] == pytest.approx(2.0)
+
+
+def test_a_run_with_another_protocol_is_flagged(sweep):
+    rows = {(r["method"], r["eps"]): r for r in report.aggregate(report.collect_runs([str(sweep)]))}
+    row = rows["FGSM + GradAlign", 16.0]
+    assert row["n_seeds"] == 4 and row["n_eval"] == "1000/500"
+    assert "n_eval 1000/500 (paper: 1000)" in row["flags"]
+    assert row["last_clean_mean"] == pytest.approx((80 + 82 + 84 + 50) / 4)
+    assert rows["FGSM + GradAlign", 8.0]["flags"] == ""
+
+
+def test_flags_settings_that_differ_within_a_group(tmp_path):
+    write_run(tmp_path, [*FGSM, "--seed=0", *PAPER], final_of(0.8, 0.4))
+    write_run(tmp_path, [*FGSM, "--seed=1", "--lr_max=0.1", "--debug", *PAPER], final_of(0.8, 0.4))
+    write_run(tmp_path, [*FGSM, "--seed=2", *PAPER], {**final_of(0.8, 0.4), "attack_iters": 10, "n_restarts": 3})
+    (row,) = report.aggregate(report.collect_runs([str(tmp_path)]))
+    for text in ("settings differ within the group: lr_max", "debug runs", "attack_iters 10/50", "n_restarts 10/3"):
+        assert text in row["flags"]
+
+
+@pytest.mark.parametrize(("argv", "name"), [
+    (["--attack=fgsm", "--attack_init=zero"], "FGSM"),
+    (["--attack=fgsm", "--attack_init=random"], "FGSM-RS"),
+    (["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2"], "FGSM + GradAlign"),
+    (["--attack=fgsm", "--attack_init=random", "--grad_align_cos_lambda=0.2"], "FGSM-RS + GradAlign"),
+    (["--attack=fgsm", "--attack_init=zero", "--minibatch_replay=8", "--fgsm_alpha=1.0"], "Free-AT (m=8)"),
+    (["--attack=pgd", "--attack_init=zero", "--pgd_train_n_iters=2"], "PGD-2"),
+    (["--attack=pgd", "--attack_init=zero", "--pgd_train_n_iters=10"], "PGD-10"),
+    (["--attack=pgd", "--attack_init=random", "--pgd_train_n_iters=10"], "PGD-10-RS"),
+    (["--attack=pgd_corner", "--attack_init=zero", "--pgd_train_n_iters=2"], "PGD-2 corner"),
+    (["--attack=random_corner", "--grad_align_cos_lambda=1"], "Random corner + GradAlign"),
+    (["--attack=none"], "Standard"),
+])
+def test_method_names(argv, name):
+    assert report.method_name(config_of(argv)) == name
+
+
+def test_model_names():
+    assert report.model_name(config_of([])) == "resnet18"
+    assert report.model_name(config_of(["--model=cnn", "--n_filters_cnn=4"])) == "cnn-1x4"
+
+
+def test_cli_writes_markdown_csv_and_figures(sweep, tmp_path, capsys):
+    out = tmp_path / "reports"
+    fgsm_run = next(p for p in sweep.iterdir() if "cifar10_resnet18_fgsm_zero_eps8_lam0_" in p.name and "seed0" in p.name)
+    assert report.main([str(sweep), "--out", str(out), "--curves", str(fgsm_run)]) == 0
+    printed = capsys.readouterr().out
+    assert "82.0 ± 1.6" in printed and "Skipped" in printed
+    md = (out / "report.md").read_text()
+    assert "| FGSM | 1.0 ± 0.8 | 2.0 ± 0.8 |" in md  # robust accuracy, last weights, eps 8 and 16
+    assert "[4×1000/500] †" in md and "n_eval 1000/500 (paper: 1000)" in md
+    assert "3 seeds × 1000 test points" in md and "PGD-50-10" in md and "ddof=0" in md
+    assert "cifar10_resnet18_fgsm_zero_eps8_lam0_" in md.split("## Skipped")[1]  # the unfinished run
+    with open(out / "report.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    row = next(r for r in rows if (r["dataset"], r["method"], r["eps"]) == ("cifar10", "FGSM", "8.0000"))
+    assert (row["n_seeds"], row["n_eval"], row["attack_iters"], row["n_restarts"]) == ("3", "1000", "50", "10")
+    assert float(row["last_clean_mean"]) == pytest.approx(82.0)
+    assert float(row["cos_x_eta_mean"]) == pytest.approx(0.2)
+    pngs = ["robust_vs_eps_cifar10_resnet18.png", "robust_vs_eps_svhn_resnet18.png", "curves.png"]
+    for name in pngs:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    assert os.path.getsize(out / "report.md") > 0
+
+
+def test_runs_glob_selects_runs(sweep, tmp_path):
+    runs = report.collect_runs([str(sweep)], "svhn_*")
+    assert [r.config["dataset"] for r in runs] == ["svhn"]
+    assert report.main([str(sweep), "--out", str(tmp_path / "r"), "--runs-glob", "nothing*"]) == 1
+
+
+def test_importing_runs_nothing(tmp_path):
+    """Importing report.py and launch.py writes nothing, prints nothing and loads neither torch nor pyplot."""
+    code = "import sys, report, launch; print(sorted({'torch', 'matplotlib.pyplot'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.stdout == "[]\n" and out.stderr == ""
+    assert os.listdir(tmp_path) == []
