@@ -9,6 +9,7 @@ eval mode, and every delta they return satisfies |delta|_inf <= eps and 0 <= x +
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import socket
@@ -323,18 +324,9 @@ def atomic_write_json(path: str, obj) -> None:
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save through a temporary file and a rename: a killed run never leaves a torn file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def read_jsonl(path: str) -> list[dict]:

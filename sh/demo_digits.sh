@@ -17,7 +17,7 @@ METHODS=${METHODS:-"fgsm fgsm_rs gradalign pgd10"}
 JOBS=${JOBS:-2}
 OUT=${OUT:-runs/demo_digits}
 REPORT=${REPORT:-reports/demo_digits}
-COMMON="--dataset=digits --model=cnn --n_filters_cnn=8 --epochs=100 --lr_max=0.005 --clamp_grad=half --device=cpu --out_dir=$OUT"
+COMMON="--dataset=digits --model=cnn --n_filters_cnn=8 --epochs=100 --lr_max=0.005 --eval_iter_freq=50 --clamp_grad=half --device=cpu --out_dir=$OUT"
 
 method_flags() {  # $1 method, $2 eps (1/255 units)
   case $1 in
@@ -38,4 +38,7 @@ commands() {
 if [ "${DRY_RUN:-0}" = 1 ]; then commands "$@"; exit 0; fi
 # One thread per run: JOBS runs share the cores.
 commands "$@" | OMP_NUM_THREADS=1 python launch.py --jobs "$JOBS" --log_dir "$OUT/logs"
-python report.py "$OUT" --out "$REPORT"
+# Training curves (Fig. 2 in miniature) of seed 0 at the largest eps.
+largest=$(printf '%s\n' $EPS | sort -g | tail -1)
+curves=$(ls -d "$OUT"/digits_cnn_*_eps${largest}_*seed0 2>/dev/null || true)
+python report.py "$OUT" --out "$REPORT" ${curves:+--curves $curves}
