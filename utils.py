@@ -161,7 +161,7 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
         robust = _predict(model, x) == y
         n_clean += int(robust.sum())
         for _ in range(n_restarts):
-            start = uniform_delta(x, eps)
+            start = uniform_delta(x, eps) if n_iters > 0 else torch.zeros_like(x)  # as pgd_attack
             active = robust.nonzero().squeeze(1)
             if active.numel() == 0:
                 continue
