@@ -52,6 +52,18 @@ method_flags() {
   esac
 }
 
+# eps_grid DATASET: every (seed, method, eps) command of an eps sweep on DATASET, in that loop order.
+eps_grid() {
+  local seed method eps
+  for seed in $SEEDS; do
+    for method in $METHODS; do
+      for eps in $EPS; do
+        emit "--dataset=$1 $(method_flags "$method" "$eps") --eps=$eps $COMMON --seed=$seed"
+      done
+    done
+  done
+}
+
 # emit FLAGS: prints one train.py command line, the extra arguments appended.
 emit() { printf 'python train.py %s%s\n' "$*" "$EXTRA_ARGS"; }
 

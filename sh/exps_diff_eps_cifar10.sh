@@ -28,16 +28,7 @@ gradalign_lambda() {
   decimals3 "$1" "0.02 * 10 ^ (e / 8)"
 }
 
-commands() {
-  local seed method eps
-  for seed in $SEEDS; do
-    for method in $METHODS; do
-      for eps in $EPS; do
-        emit "--dataset=cifar10 $(method_flags "$method" "$eps") --eps=$eps $COMMON --seed=$seed"
-      done
-    done
-  done
-}
+commands() { eps_grid cifar10; }
 
 collect_extra "$@"
 check_methods

@@ -20,16 +20,7 @@ COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_sto
 # GradAlign's lambda at eps: exp(eps * ln(1.6) / 8 + ln(2.5^2 / 4)) (2.500 at 8, 3.162 at 12), 3 decimals.
 gradalign_lambda() { decimals3 "$1" "exp(e * log(1.6) / 8 + log(2.5 ^ 2 / 4))"; }
 
-commands() {
-  local seed method eps
-  for seed in $SEEDS; do
-    for method in $METHODS; do
-      for eps in $EPS; do
-        emit "--dataset=svhn $(method_flags "$method" "$eps") --eps=$eps $COMMON --seed=$seed"
-      done
-    done
-  done
-}
+commands() { eps_grid svhn; }
 
 collect_extra "$@"
 check_methods
