@@ -1,0 +1,445 @@
+"""Cost of each training method and of the PGD-50-10 evaluation, measured in this process.
+
+    python bench.py                   # CPU-sized: cnn batch 128 on 8x8 digits, resnet18 batch 32 (< 3 min, 2 cores)
+    python bench.py --device cuda     # GPU-sized: cnn batch 512, resnet18 batch 128, real PGD-50-10 on 1024 images
+
+Training: one call of train.train_step (the real step, optimiser update included) for FGSM, FGSM-RS,
+FGSM+GradAlign, PGD-2, PGD-10 and Free-AT, in units of one forward+backward (parameter gradients,
+train mode) of the same model on the same batch at the same precision. Every timed function runs
+once per round, in turn, so a change in machine load hits all of them alike; a unit count is the
+median over rounds of (step time / forward+backward time of that round).
+Evaluation: utils.seeded_robust_accuracy (the final evaluation's code) on a cnn trained on digits
+for a few seconds with train.main, and on an untrained resnet18 (random images labelled with its own
+predictions, so every example is attacked): images/s, forward+backward passes per example (the
+reference attacks every example in every restart: steps x restarts of them), the robust accuracy
+and the floor that accuracy implies (an example that stays robust costs every pass).
+On CUDA also the peak memory of each (torch.cuda.max_memory_allocated after a reset). On the CPU a
+time budget (--budget_s, 150 s) caps the timing rounds, so a busy machine gives fewer rounds, not a
+longer run.
+Prints a table and writes --out (bench.json).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import data
+import models
+import train
+import utils
+
+# Training methods: the flags that select them in train.py, and the forward+backward passes one step
+# makes (attack / monitoring pass at x / training pass; GradAlign adds grad2 and a double backprop).
+METHODS: dict[str, tuple[str, list[str], str]] = {
+    "fgsm": ("FGSM", ["--attack", "fgsm", "--attack_init", "zero"], "2"),
+    "fgsm_rs": ("FGSM-RS", ["--attack", "fgsm", "--attack_init", "random"], "2"),
+    "gradalign": ("FGSM+GradAlign", ["--attack", "fgsm", "--attack_init", "zero", "--grad_align_cos_lambda", "0.2"],
+                  "3+dbl"),
+    "pgd2": ("PGD-2", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "2",
+                       "--pgd_alpha_train", "4"], "2+1+1"),
+    "pgd10": ("PGD-10", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "10",
+                         "--pgd_alpha_train", "1.6"], "10+1+1"),
+    "free_at": ("Free-AT (m=8)", ["--attack", "fgsm", "--minibatch_replay", "8", "--fgsm_alpha", "1.0"], "2"),
+}
+INPUT_SHAPES = {"cnn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the cnn benches on digits-shaped input
+N_CLASSES = 10
+EVAL_RESERVE_S = 25.0  # of the CPU time budget, kept for the evaluations (digits training included)
+BENCH_LR = 1e-4  # learning rate of the timed steps: small, so repeated updates keep the weights finite
+
+# Measured by the team with the authors' code on the same 2-core CPU (PreAct ResNet-18).
+REFERENCE = {
+    "units_per_step": {"resnet18": {"fgsm": [1.3, 2.0], "gradalign": [3.2, 3.8]}},
+    "eval_pgd_50_10": {"grad_passes_per_example": 500, "forwards_per_example": 10,
+                       "note": "the authors' evaluation attacks every example in every restart: "
+                               "10 restarts x 50 steps = 500 forward+backward passes, plus 10 forwards"},
+}
+
+# The digits cnn that the evaluation attacks: ~50% PGD-50-10 accuracy after a few seconds of training.
+DIGITS_EPS = 48  # 1/255 units
+DIGITS_TRAIN = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "16", "--attack", "pgd",
+                "--attack_init", "random", "--pgd_train_n_iters", "5", "--pgd_alpha_train", "20",
+                "--eps", str(DIGITS_EPS), "--clamp_grad", "half", "--lr_max", "0.01", "--debug"]
+
+
+@dataclass(frozen=True)
+class EvalSize:
+    """One evaluation: n_eval points in batches of batch_size, PGD-n_iters-n_restarts with eps/4 steps."""
+    n_eval: int
+    batch_size: int
+    n_iters: int
+    n_restarts: int
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The command line resolved for the device: every size the benchmark uses."""
+    device: str
+    models: tuple[str, ...]
+    batch_sizes: dict[str, int]     # training batch of each model
+    evals: dict[str, EvalSize]      # evaluation of each model
+    digits_epochs: int              # training epochs of the evaluated digits cnn
+    repeats: int                    # timed rounds (fewer if the time budget runs out; at least one)
+    warmup: int                     # untimed calls of each function first
+    min_sample_s: float             # a timed sample repeats a call until it lasts this long
+    budget_s: float                 # seconds for the whole benchmark (0: no limit); bounds the rounds
+    half_prec: bool
+    threads: int
+    out: str
+    quick: bool
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    a = p.add_argument
+    a("--device", default="auto", help="auto (cuda if available; the default), cpu, cuda or cuda:N")
+    a("--models", nargs="+", default=["cnn", "resnet18"], choices=models.MODELS, help="default: cnn resnet18")
+    a("--batch_size", type=int, default=None,
+      help="training batch of every model (default: cnn 128 / resnet18 32 on CPU, 512 / 128 on CUDA)")
+    a("--repeats", type=int, default=None, help="timed rounds (default 5; 1 with --quick)")
+    a("--budget_s", type=float, default=None,
+      help="seconds for the whole run, spent mostly on timing rounds: fewer rounds when the machine is slow "
+           "or busy (default 150 on CPU, no limit on CUDA or with --quick)")
+    a("--half_prec", action="store_true", help="training steps as train.py --half_prec (fp16 autocast on CUDA, "
+      "bf16 on CPU); the evaluation stays fp32, as train.py's final one")
+    a("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own choice)")
+    a("--out", default="bench.json", help="where the numbers go (default bench.json)")
+    a("--quick", action="store_true", help="tiny sizes and one round (for the tests)")
+    return p
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        device = utils.resolve_device(args.device)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if (args.batch_size is not None and args.batch_size < 1) or (args.repeats is not None and args.repeats < 1):
+        parser.error("--batch_size and --repeats must be >= 1")
+    cuda = device.type == "cuda"
+    n_digits_test = len(data.load_split("digits", "", train=False))
+    if args.quick:
+        batch_sizes = {"cnn": 16, "resnet18": 2}
+        evals = {"cnn": EvalSize(64, 64, 5, 2), "resnet18": EvalSize(2, 2, 2, 1)}
+        digits_epochs = 2
+    elif cuda:
+        batch_sizes = {"cnn": 512, "resnet18": 128}
+        evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(1024, 1024, 50, 10)}
+        digits_epochs = 15
+    else:
+        batch_sizes = {"cnn": 128, "resnet18": 32}
+        evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(32, 32, 5, 2)}
+        digits_epochs = 15
+    if args.batch_size is not None:
+        batch_sizes = dict.fromkeys(batch_sizes, args.batch_size)
+    repeats = args.repeats or (1 if args.quick else 5)
+    budget_s = args.budget_s if args.budget_s is not None else 0.0 if cuda or args.quick else 150.0
+    return Settings(device=str(device), models=tuple(dict.fromkeys(args.models)), batch_sizes=batch_sizes,
+                    evals=evals, digits_epochs=digits_epochs, repeats=repeats, warmup=3 if cuda else 1,
+                    min_sample_s=0.0 if args.quick else 0.05, budget_s=budget_s, half_prec=args.half_prec,
+                    threads=args.threads, out=args.out, quick=args.quick)
+
+
+# ------------------------------------------------------------------------------------------- timing
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / calls
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, s: Settings,
+                     deadline: float = math.inf) -> dict[str, list[float]]:
+    """Seconds per call of each function, one sample per round: after s.warmup untimed calls each,
+    up to s.repeats rounds time every function in turn; a round that would end after `deadline`
+    (a time.perf_counter() value) is not started, but one always runs. A sample averages enough
+    calls to last s.min_sample_s."""
+    calls, round_s = {}, 0.0
+    for name, fn in fns.items():
+        last = min(seconds_per_call(fn, device, 1) for _ in range(max(s.warmup, 1)))
+        calls[name] = max(1, math.ceil(s.min_sample_s / max(last, 1e-9)))
+        round_s += calls[name] * last
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(s.repeats):
+        if r > 0 and time.perf_counter() + round_s > deadline:
+            break
+        start = time.perf_counter()
+        for name, fn in fns.items():
+            samples[name].append(seconds_per_call(fn, device, calls[name]))
+        round_s = time.perf_counter() - start
+    return samples
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak allocated CUDA memory during one call (model, optimiser state and batch included); None on CPU."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+# ---------------------------------------------------------------------------------- training steps
+def method_config(model_name: str, method: str, batch_size: int, s: Settings) -> train.Config:
+    """train.py's frozen config for one method, through its own parser and checks."""
+    argv = ["--model", model_name, "--dataset", "digits" if model_name == "cnn" else "cifar10",
+            "--batch_size", str(batch_size), "--n_eval_every_k_iter", str(max(256, batch_size)),
+            "--eps", "8", "--device", s.device, *METHODS[method][1]]
+    return train.parse_config(argv + (["--half_prec"] if s.half_prec else []))[0]
+
+
+def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """The unit: one forward and backward (parameter gradients) of the batch, as a training pass makes."""
+    def call() -> None:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+    return call
+
+
+def training_step(model: nn.Module, opt, scaler, x, y, cfg: train.Config, device) -> Callable[[], torch.Tensor]:
+    """One real train.train_step with the optimiser update; Free-AT's delta persists across calls."""
+    state, stats = train.StepState(), train.Stats(device)
+
+    def call() -> torch.Tensor:
+        return train.train_step(model, opt, scaler, x, y, cfg, state, stats, update=True)
+    return call
+
+
+def device_settings(model: nn.Module, device: torch.device) -> dict:
+    """What the code under test set up (utils.to_device decides channels_last and cuDNN autotuning)."""
+    convs = [p for p in model.parameters() if p.dim() == 4]
+    if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs):
+        channels_last = True
+    elif any(p.is_contiguous() and not p.is_contiguous(memory_format=torch.channels_last) for p in convs):
+        channels_last = False
+    else:
+        channels_last = None  # every weight has one input channel or 1x1 kernels: both layouts coincide
+    out = {"channels_last_weights": channels_last, "channels_last_inputs": False,
+           "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        out.update(cudnn_benchmark=torch.backends.cudnn.benchmark, cudnn_tf32=torch.backends.cudnn.allow_tf32,
+                   matmul_tf32=torch.backends.cuda.matmul.allow_tf32)
+    return out
+
+
+def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: float = math.inf) -> dict:
+    """Step cost of every method for one model, in forward+backward units of the same batch."""
+    torch.manual_seed(0)
+    batch_size, shape = s.batch_sizes[model_name], INPUT_SHAPES[model_name]
+    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).train()
+    fwd_model = utils.Autocast(model, device.type) if s.half_prec else model
+    x = torch.rand(batch_size, *shape, device=device)
+    y = torch.randint(0, N_CLASSES, (batch_size,), device=device)
+    fns = {"unit": forward_backward(fwd_model, x, y)}
+    for method in METHODS:
+        cfg = method_config(model_name, method, batch_size, s)
+        opt = train.make_optimizer(cfg, model)
+        opt.param_groups[0]["lr"] = BENCH_LR
+        scaler = torch.amp.GradScaler(device.type, enabled=s.half_prec and device.type == "cuda")
+        fns[method] = training_step(fwd_model, opt, scaler, x, y, cfg, device)
+    samples = time_interleaved(fns, device, s, deadline)
+    unit = samples["unit"]
+    result = {"batch_size": batch_size, "input_shape": list(shape), "settings": device_settings(model, device),
+              "rounds": len(unit),
+              "unit_ms": 1e3 * statistics.median(unit), "unit_samples_ms": [1e3 * t for t in unit],
+              "unit_peak_mib": peak_memory_mib(fns["unit"], device), "methods": {}}
+    for method, (label, flags, passes) in METHODS.items():
+        steps = samples[method]
+        result["methods"][method] = {
+            "label": label, "flags": flags, "passes": passes,
+            "units": statistics.median(t / u for t, u in zip(steps, unit)),
+            "ms": 1e3 * statistics.median(steps), "samples_ms": [1e3 * t for t in steps],
+            "peak_mib": peak_memory_mib(fns[method], device),
+            "reference_units": REFERENCE["units_per_step"].get(model_name, {}).get(method)}
+    return result
+
+
+# -------------------------------------------------------------------------------------- evaluation
+def train_digits_cnn(s: Settings, device: torch.device) -> tuple[nn.Module, float, float]:
+    """A cnn PGD-5-trained on digits with train.main (quietly, in a temporary folder).
+    Returns (model in eval mode, eps in [0, 1] units, training seconds)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [*DIGITS_TRAIN, "--epochs", str(s.digits_epochs), "--n_final_eval", "64", "--out_dir", tmp,
+                "--device", s.device]
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+            code = train.main(argv)
+        seconds = time.perf_counter() - start
+        if code != 0:
+            raise RuntimeError(f"train.main exited with {code} training the digits cnn: {err.getvalue().strip()}")
+        cfg, defaults = train.parse_config(argv)
+        state = models.read_checkpoint(os.path.join(tmp, train.run_name(cfg, defaults), "model.pth"), "last")
+    model = models.build_model("cnn", N_CLASSES, INPUT_SHAPES["cnn"], cfg.n_layers, cfg.n_filters_cnn)
+    models.load_state(model, state)
+    return utils.to_device(model, device).eval(), cfg.eps_frac, seconds
+
+
+def timed_robust_accuracy(model: nn.Module, batches, eps: float, size: EvalSize, device: torch.device) -> dict:
+    """Runs the final evaluation's attack once; its speed, cost per example and accuracies, and how
+    many batch sizes the model saw (early exit shrinks the batches; with cudnn.benchmark on, cuDNN
+    autotunes each new size)."""
+    sizes: set[int] = set()
+    hook = model.register_forward_pre_hook(lambda _module, inputs: sizes.add(inputs[0].shape[0]))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        synchronize(device)
+        start = time.perf_counter()
+        result = utils.seeded_robust_accuracy(model, batches, eps, size.n_iters, size.n_restarts, seed=0)
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    finally:
+        hook.remove()
+    full = size.n_iters * size.n_restarts
+    passes = result.grad_passes / result.n_eval
+    return {**asdict(size), "attack": f"PGD-{size.n_iters}-{size.n_restarts}", "eps": eps, "seconds": seconds,
+            "images_per_s": result.n_eval / seconds, "clean_acc": result.clean_acc, "robust_acc": result.pgd_acc,
+            "passes_per_example": passes, "reference_passes_per_example": full,
+            "floor_passes_per_example": full * result.pgd_acc,
+            "pass_examples_per_s": result.grad_passes / seconds,
+            "images_per_s_without_early_exit": result.grad_passes / seconds / full,
+            "distinct_batch_sizes": len(sizes),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark if device.type == "cuda" else None,
+            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
+    """cnn: the trained digits model on the first test points; resnet18: untrained, on random images
+    labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
+    size = s.evals[model_name]
+    if model_name == "cnn":
+        model, eps, train_s = train_digits_cnn(s, device)
+        split = data.load_split("digits", "", train=False)
+        batches = data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval, device=device)
+        return {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
+                "train_seconds": train_s, **timed_robust_accuracy(model, batches, eps, size, device)}
+    torch.manual_seed(0)
+    shape = INPUT_SHAPES[model_name]
+    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).eval()
+    x = torch.rand(size.n_eval, *shape, device=device)
+    with torch.no_grad():
+        y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
+    batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
+    return {"data": "random images labelled by the untrained model", "train_seconds": 0.0,
+            **timed_robust_accuracy(model, batches, 8 / 255, size, device)}
+
+
+# ------------------------------------------------------------------------------------------ output
+def format_steps(results: dict, cuda: bool) -> str:
+    header = f"{'model':9} {'method':15} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
+    header += f" {'peak MiB':>9}" if cuda else ""
+    lines = [header, "-" * len(header)]
+    for model_name, r in results.items():
+        line = f"{model_name:9} {'fwd+bwd unit':15} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7} {'':>9}"
+        lines.append(line + (f" {r['unit_peak_mib']:9.0f}" if cuda else ""))
+        for m in r["methods"].values():
+            ref = m["reference_units"]
+            ref_text = f"{ref[0]:.1f}-{ref[1]:.1f}" if ref else "-"
+            line = f"{model_name:9} {m['label']:15} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7} {ref_text:>9}"
+            lines.append(line + (f" {m['peak_mib']:9.0f}" if cuda else ""))
+    return "\n".join(lines)
+
+
+def format_eval(model_name: str, e: dict) -> str:
+    text = (f"{model_name}: {e['attack']} on {e['n_eval']} points ({e['data']}): {e['images_per_s']:.1f} images/s, "
+            f"{e['passes_per_example']:.1f} fwd+bwd passes per example (reference {e['reference_passes_per_example']}, "
+            f"floor {e['floor_passes_per_example']:.1f} = {e['reference_passes_per_example']} x robust acc "
+            f"{e['robust_acc']:.3f}: an example that stays robust needs every pass), clean acc {e['clean_acc']:.3f}; "
+            f"{e['images_per_s_without_early_exit']:.1f} images/s if every example took every pass")
+    if e["peak_mib"] is not None:
+        text += (f"; peak {e['peak_mib']:.0f} MiB; {e['distinct_batch_sizes']} distinct batch sizes "
+                 f"(cudnn.benchmark {e['cudnn_benchmark']}: each new size is autotuned)")
+    return text
+
+
+def cpu_busy_fraction(seconds: float = 0.5) -> float | None:
+    """Fraction of all CPU time that other processes used over `seconds` (Linux /proc/stat; else None)."""
+    def read() -> list[int]:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:]]
+    try:
+        before = read()
+        time.sleep(seconds)
+        after = read()
+    except (OSError, ValueError):
+        return None
+    delta = [b - a for a, b in zip(before, after)]
+    idle = delta[3] + (delta[4] if len(delta) > 4 else 0)  # idle + iowait
+    return 1.0 - idle / max(sum(delta), 1)
+
+
+def environment(device: torch.device) -> dict:
+    return {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "cpu", "torch": torch.__version__, "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "cpu_busy_at_start": cpu_busy_fraction()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    s = parse_settings(argv)
+    threads = torch.get_num_threads()
+    if s.threads > 0:
+        torch.set_num_threads(s.threads)
+    try:
+        run(s)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside a test process
+    return 0
+
+
+def run(s: Settings) -> None:
+    device = torch.device(s.device)
+    start = time.perf_counter()
+    env = environment(device)
+    busy = env["cpu_busy_at_start"]
+    if device.type == "cpu" and busy is not None and busy > 0.2:
+        print(f"note: other processes used {busy:.0%} of the {env['cpu_count']} cores before the start: times are "
+              "inflated and noisy (the functions are timed in turn, which limits the bias of the ratios)")
+    # The budget, less a reserve for the evaluations, is shared by the models still to time.
+    steps_end = start + s.budget_s - EVAL_RESERVE_S if s.budget_s > 0 else math.inf
+    steps = {}
+    for i, model_name in enumerate(s.models):
+        deadline = time.perf_counter() + (steps_end - time.perf_counter()) / (len(s.models) - i)
+        steps[model_name] = bench_steps(model_name, s, device, deadline)
+    sizes = ", ".join(f"{m} {r['batch_size']}" for m, r in steps.items())
+    print(f"training step cost on {env['device_name']} (torch {env['torch']}, {torch.get_num_threads()} threads, "
+          f"{'mixed' if s.half_prec else 'fp32'} precision; batch sizes {sizes}; unit = one forward+backward of "
+          "the same batch; passes = the step's forward+backward passes: attack + monitoring pass at x + training, "
+          "dbl = GradAlign's double backprop; Free-AT: per iteration)")
+    print(format_steps(steps, device.type == "cuda"))
+    for model_name, r in steps.items():
+        rounds = f"{r['rounds']} timed round(s)" + (f" of {s.repeats} (time budget)" if r["rounds"] < s.repeats else "")
+        print(f"{model_name}: {rounds}; settings {r['settings']}")
+    evals = {}
+    for model_name in s.models:
+        evals[model_name] = bench_eval(model_name, s, device)
+        print(format_eval(model_name, evals[model_name]))
+    report = {**env, "settings": asdict(s), "steps": steps, "eval": evals,
+              "reference": REFERENCE, "wall_seconds": time.perf_counter() - start}
+    utils.atomic_write_json(s.out, report)
+    print(f"wrote {s.out} ({report['wall_seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
