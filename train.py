@@ -27,13 +27,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import data
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import data
 import models
 import utils
 
@@ -332,24 +332,28 @@ PERTURB: dict[str, Callable[..., Perturbation]] = {
 # ---------------------------------------------------------------------------------- one iteration
 class Stats:
     """Training sums since the last evaluation, kept on the device (no host sync per step)."""
-    NAMES = ("train_loss", "train_reg", "train_acc", "grad_norm_x", "delta_l2")
+    NAMES = ("train_loss", "train_reg", "train_acc", "delta_l2", "grad_norm_x")
 
     def __init__(self, device: torch.device):
         self.sums = torch.zeros(len(self.NAMES), device=device)
-        self.n = 0
+        self.n = self.n_grad = 0
 
     def add(self, loss, reg, logits, y, grad, delta_feasible) -> None:
+        """grad: the input gradient of the step (None when the step computed none)."""
         b = len(y)
-        row = torch.stack([loss.detach().float() * b, reg.detach().float() * b,
-                           (logits.argmax(1) == y).sum().float(),
-                           grad.detach().flatten(1).float().norm(dim=1).sum(),
-                           delta_feasible.flatten(1).norm(dim=1).sum()])
-        self.sums += row
+        grad_norm = grad.detach().flatten(1).float().norm(dim=1).sum() if grad is not None else loss.new_zeros(())
+        self.sums += torch.stack([loss.detach().float() * b, reg.detach().float() * b,
+                                  (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
+                                  grad_norm.float()])
         self.n += b
+        self.n_grad += b if grad is not None else 0
 
-    def means(self) -> dict[str, float]:
-        values = (self.sums / max(self.n, 1)).tolist()
-        return dict(zip(self.NAMES, values))
+    def means(self) -> dict[str, float | None]:
+        """Per-example means; grad_norm_x is None when no step computed an input gradient."""
+        values = self.sums.tolist()
+        means = {name: v / max(self.n, 1) for name, v in zip(self.NAMES, values)}
+        means["grad_norm_x"] = values[-1] / self.n_grad if self.n_grad else None
+        return means
 
 
 def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, stats: Stats,
@@ -363,8 +367,12 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     pert = PERTURB[cfg.attack](model, x, y, cfg, st)
     if pert.attack_grad is not None:
         grad1 = pert.attack_grad  # detached: no double backprop through the FGSM gradient
-    else:  # monitoring gradient at x; with GradAlign its graph is kept (double backprop through both)
-        grad1, _ = utils.input_grad(model, x, y, torch.zeros_like(x), create_graph=lam > 0)
+    elif lam > 0:  # monitoring gradient at x, its graph kept: double backprop through both gradients
+        grad1, _ = utils.input_grad(model, x, y, torch.zeros_like(x), create_graph=True)
+    else:  # the monitoring forward still updates BatchNorm's statistics; its gradient is not needed
+        with torch.no_grad():
+            model(x)
+        grad1 = None
     logits = model(x + pert.delta)
     loss = F.cross_entropy(logits, y)
     reg = torch.zeros((), device=x.device)

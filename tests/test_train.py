@@ -66,6 +66,8 @@ def test_every_method_writes_the_run_files(tmp_path, method, lam):
     assert keys <= set(rows[-1])
     for row in rows:
         assert not any(math.isnan(v) for v in row.values() if isinstance(v, float)), row
+    no_input_grad = lam == "0" and METHODS[method][1] not in ("fgsm",)  # forward-only monitoring pass
+    assert all((r["grad_norm_x"] is None) == no_input_grad for r in rows[1:])
     if lam == "0":
         assert all(r["train_reg"] == 0 for r in rows)
     else:
