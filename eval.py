@@ -15,10 +15,10 @@ import json
 import os
 import sys
 
-import data
 import torch
 from tqdm import tqdm
 
+import data
 import models
 import utils
 from train import OneLineParser
