@@ -49,9 +49,9 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     "gradalign": ("FGSM+GradAlign", ["--attack", "fgsm", "--attack_init", "zero", "--grad_align_cos_lambda", "0.2"],
                   "3+dbl"),
     "pgd2": ("PGD-2", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "2",
-                       "--pgd_alpha_train", "4"], "2+1+1"),
+                       "--pgd_alpha_train", "4"], "2+f+1"),
     "pgd10": ("PGD-10", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "10",
-                         "--pgd_alpha_train", "1.6"], "10+1+1"),
+                         "--pgd_alpha_train", "1.6"], "10+f+1"),
     "free_at": ("Free-AT (m=8)", ["--attack", "fgsm", "--minibatch_replay", "8", "--fgsm_alpha", "1.0"], "2"),
 }
 INPUT_SHAPES = {"cnn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the cnn benches on digits-shaped input
@@ -425,7 +425,7 @@ def run(s: Settings) -> None:
     sizes = ", ".join(f"{m} {r['batch_size']}" for m, r in steps.items())
     print(f"training step cost on {env['device_name']} (torch {env['torch']}, {torch.get_num_threads()} threads, "
           f"{'mixed' if s.half_prec else 'fp32'} precision; batch sizes {sizes}; unit = one forward+backward of "
-          "the same batch; passes = the step's forward+backward passes: attack + monitoring pass at x + training, "
+          "the same batch; passes = the step's forward+backward passes: attack + monitoring pass at x (f: forward only) + training, "
           "dbl = GradAlign's double backprop; Free-AT: per iteration)")
     print(format_steps(steps, device.type == "cuda"))
     for model_name, r in steps.items():
