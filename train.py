@@ -681,18 +681,18 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, defaults = parse_config(argv)
+    name = run_name(cfg, defaults)
+    run_dir = os.path.join(cfg.out_dir, name)
+    final_path = os.path.join(run_dir, "final.json")
+    if os.path.exists(final_path) and not cfg.overwrite:  # before loading any data: relaunched sweeps are cheap
+        print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
+        return 0
     try:
         device = utils.resolve_device(cfg.device, cfg.gpu)
         loaders = load_data(cfg, device)
     except (ValueError, data.DataMissingError) as exc:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    name = run_name(cfg, defaults)
-    run_dir = os.path.join(cfg.out_dir, name)
-    final_path = os.path.join(run_dir, "final.json")
-    if os.path.exists(final_path) and not cfg.overwrite:
-        print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
-        return 0
     os.makedirs(run_dir, exist_ok=True)
     lock = utils.RunLock(run_dir)
     try:
