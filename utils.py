@@ -369,22 +369,32 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
+        """Takes the lock or raises RunLocked. The lock file is written in full beside it and then
+        hard-linked into place, so a lock that exists always names its owner."""
         me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and self._alive(*owner):
-                    raise RunLocked(f"pid {owner[1]} on {owner[0]}") from None
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path)  # stale: its process is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
-            self.held = True
-            return
-        raise RunLocked("another process took the lock at the same moment")
+        mine = f"{self.path}.{os.getpid()}"
+        with open(mine, "w") as f:
+            f.write(me)
+        try:
+            for _ in range(2):
+                try:
+                    os.link(mine, self.path)  # atomic: fails if the lock exists
+                except FileExistsError:
+                    owner = self._owner()
+                    if owner is not None and self._alive(*owner):
+                        raise RunLocked(f"pid {owner[1]} on {owner[0]}") from None
+                    self._remove_if_owned_by(owner)  # stale: its process is gone
+                    continue
+                self.held = True
+                return
+            raise RunLocked("another process took the lock at the same moment")
+        finally:
+            os.remove(mine)
+
+    def _remove_if_owned_by(self, owner: tuple[str, int] | None) -> None:
+        if self._owner() == owner:  # not replaced by a live process meanwhile
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
 
     def _owner(self) -> tuple[str, int] | None:
         try:

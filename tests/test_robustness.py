@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -91,15 +92,25 @@ def test_a_dead_processs_lock_is_taken_over(tmp_path):
     assert os.path.exists(os.path.join(run_dir, "final.json"))
 
 
-def test_two_simultaneous_launches_train_once(tmp_path):
-    args = [sys.executable, "train.py", *RUN, "--epochs", "8", "--out_dir", str(tmp_path)]
-    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
-    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
-    codes = sorted(code for code, _ in results)
-    assert codes == [0, 3], results
-    loser = next(err for code, err in results if code == 3)
-    assert "in progress" in loser and "pid" in loser
+def test_a_second_launch_during_a_run_exits_3_and_touches_nothing(tmp_path):
+    args = [sys.executable, "train.py", *RUN, "--epochs", "200", "--out_dir", str(tmp_path)]
+    first = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = os.path.join(run_dir_of(tmp_path, "--epochs", "200"), ".lock")
+        deadline = time.time() + 120
+        while not os.path.exists(lock) and time.time() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None and os.path.exists(lock)
+        before = sorted(os.listdir(os.path.dirname(lock)))
+        second = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert first.poll() is None  # the first was still training the whole time
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 3, second.stderr
+    assert "in progress" in second.stderr and f"pid {first.pid}" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1
+    assert set(before) <= set(os.listdir(os.path.dirname(lock)))  # nothing of the first run removed
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b'{"last": 1}', "truncated"])
@@ -132,3 +143,16 @@ def test_eval_rejects_restarts_without_random_start(tmp_path):
     proc = subprocess.run([sys.executable, "eval.py", "--dataset", "digits", "--model", "cnn", "--model_path", "x",
                            "--attack_init", "zero", "--n_restarts", "10"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "random start" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_run_lock_is_exclusive_and_released(tmp_path):
+    import utils
+    first, second = utils.RunLock(str(tmp_path)), utils.RunLock(str(tmp_path))
+    first.acquire()
+    with pytest.raises(utils.RunLocked, match=str(os.getpid())):
+        second.acquire()
+    assert os.listdir(tmp_path) == [".lock"]  # no temporary file left behind
+    first.release()
+    second.acquire()
+    second.release()
+    assert os.listdir(tmp_path) == []
