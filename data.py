@@ -2,12 +2,13 @@
 
 Images are kept as uint8 (N, C, H, W) tensors and turned into float32 in [0, 1] batch by batch
 (x = images / scale). Augmentation (zero-padded random crop, horizontal flip) runs on whole batches
-with torch ops, on the device where the data live: the same distribution as torchvision's
-RandomCrop(padding=p) + RandomHorizontalFlip(0.5), without PIL or worker processes.
+with torch ops: the same distribution as torchvision's RandomCrop(H, padding=p) followed by
+RandomHorizontalFlip(0.5), without PIL or worker processes.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from torchvision import datasets
 
 @dataclass(frozen=True)
 class DatasetInfo:
+    """What training needs to know about a dataset before reading it."""
     n_classes: int
     shape: tuple[int, int, int]  # (C, H, W) of one image
     crop_padding: int            # random-crop padding in pixels (0: no crop)
@@ -33,7 +35,7 @@ DATASETS: dict[str, DatasetInfo] = {
     "digits": DatasetInfo(10, (1, 8, 8), 0, False, 1400),
 }
 BINARY_CLASSES = (4, 8)  # deer -> 0, ship -> 1
-N_DIGITS_TRAIN = 1400
+N_DIGITS_TRAIN = 1400    # the first 1400 of scikit-learn's 1797 digits; the last 397 are the test split
 
 
 class DataMissingError(Exception):
@@ -42,7 +44,7 @@ class DataMissingError(Exception):
 
 @dataclass(frozen=True)
 class Split:
-    """One split: uint8 images (N, C, H, W) and int64 labels (N,); pixel = images / scale."""
+    """One split: uint8 images (N, C, H, W) and int64 labels (N,) on the CPU; pixel = images / scale."""
     images: torch.Tensor
     labels: torch.Tensor
     scale: float
@@ -59,7 +61,7 @@ class _CIFAR10(datasets.CIFAR10):
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
 
     def _load_meta(self) -> None:
-        self.classes = []  # class names are not needed
+        self.classes = []  # class names (batches.meta, md5-checked) are not needed
 
 
 class _SVHN(datasets.SVHN):
@@ -68,44 +70,58 @@ class _SVHN(datasets.SVHN):
 
 
 class _MNIST(datasets.MNIST):
+    # torchvision names the folders after the class; keep MNIST's own layout for the subclass.
     @property
-    def raw_folder(self) -> str:  # torchvision derives it from the class name
+    def raw_folder(self) -> str:
         return os.path.join(self.root, "MNIST", "raw")
 
-    def _check_exists(self) -> bool:
-        prefix = "train" if self.train else "t10k"
-        return all(os.path.isfile(os.path.join(self.raw_folder, f"{prefix}-{kind}-ubyte"))
-                   for kind in ("images-idx3", "labels-idx1"))
+    @property
+    def processed_folder(self) -> str:
+        return os.path.join(self.root, "MNIST", "processed")
+
+    def _check_exists(self) -> bool:  # torchvision checks existence only, but of both splits
+        return all(os.path.isfile(path) for path in _mnist_files(self.root, self.train))
 
 
-def _expected_path(name: str, data_dir: str) -> str:
+def _mnist_files(root: str, train: bool) -> list[str]:
+    prefix = "train" if train else "t10k"
+    return [os.path.join(root, "MNIST", "raw", f"{prefix}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+
+
+def _source(name: str, data_dir: str, train: bool) -> tuple[str, str]:
+    """(the dataset's name in messages, the path it is expected at)."""
     if name.startswith("cifar10"):
-        return os.path.join(data_dir, "cifar-10-batches-py")
+        return "CIFAR-10", os.path.join(data_dir, "cifar-10-batches-py")
     if name == "svhn":
-        return os.path.join(data_dir, "{train,test}_32x32.mat")
-    return os.path.join(data_dir, "MNIST", "raw")
+        return "SVHN", os.path.join(data_dir, f"{'train' if train else 'test'}_32x32.mat")
+    return "MNIST", " and ".join(_mnist_files(data_dir, train))
 
 
-def _read_torchvision(name: str, data_dir: str, train: bool, download: bool):
-    """(images uint8 NCHW numpy, labels int64 numpy) through torchvision's readers."""
+def _download(name: str, data_dir: str, train: bool) -> None:
+    """torchvision's own download, md5-verified (a no-op when verified files are already there)."""
     if name.startswith("cifar10"):
-        if download:
-            datasets.CIFAR10(data_dir, train=train, download=True)
-        ds = _CIFAR10(data_dir, train=train)
-        return np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2)), np.asarray(ds.targets, dtype=np.int64)
-    if name == "svhn":
-        split = "train" if train else "test"
-        if download:
-            datasets.SVHN(data_dir, split=split, download=True)
-        ds = _SVHN(data_dir, split=split)
-        return ds.data, ds.labels.astype(np.int64)
-    if download:
+        datasets.CIFAR10(data_dir, train=train, download=True)
+    elif name == "svhn":
+        datasets.SVHN(data_dir, split="train" if train else "test", download=True)
+    else:
         datasets.MNIST(data_dir, train=train, download=True)
-    ds = _MNIST(data_dir, train=train)
-    return ds.data.numpy()[:, None], ds.targets.numpy().astype(np.int64)
 
 
-def _binary(images: np.ndarray, labels: np.ndarray, grey: bool):
+def _read(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 (N, C, H, W), labels int64 (N,)) through torchvision's readers."""
+    if name.startswith("cifar10"):
+        ds = _CIFAR10(data_dir, train=train)
+        images, labels = ds.data.transpose(0, 3, 1, 2), ds.targets  # (N, 32, 32, 3) -> (N, 3, 32, 32)
+    elif name == "svhn":
+        ds = _SVHN(data_dir, split="train" if train else "test")
+        images, labels = ds.data, ds.labels  # already (N, 3, 32, 32), label 10 already mapped to 0
+    else:
+        ds = _MNIST(data_dir, train=train)
+        images, labels = ds.data.numpy()[:, None], ds.targets.numpy()
+    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64).reshape(-1)
+
+
+def _binary(images: np.ndarray, labels: np.ndarray, grey: bool) -> tuple[np.ndarray, np.ndarray]:
     """Deer (4) -> 0 and ship (8) -> 1, other classes dropped, order kept; grey: floored channel mean."""
     keep = np.isin(labels, BINARY_CLASSES)
     images, labels = images[keep], (labels[keep] == BINARY_CLASSES[1]).astype(np.int64)
@@ -115,41 +131,58 @@ def _binary(images: np.ndarray, labels: np.ndarray, grey: bool):
 
 
 def _digits(train: bool) -> Split:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # slow import, only when asked for
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.uint8))[:, None]  # values 0..16
+    images = torch.from_numpy(bunch.images.astype(np.uint8))[:, None]  # integer values 0..16
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     part = slice(0, N_DIGITS_TRAIN) if train else slice(N_DIGITS_TRAIN, None)
     return Split(images[part].contiguous(), labels[part].contiguous(), 16.0)
 
 
-def load_split(name: str, data_dir: str, train: bool, download: bool = False) -> Split:
-    """The training or test split of a dataset (see DATASETS), read from data_dir.
+def _one_line(exc: Exception) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
 
-    Raises ValueError for an unknown name and DataMissingError when the files are absent.
+
+def load_split(name: str, data_dir: str, train: bool, download: bool = False) -> Split:
+    """The training or test split of a dataset (see DATASETS), read from data_dir (unused by digits).
+
+    download: first fetch the files with torchvision (md5-verified). Raises ValueError for an unknown
+    name and DataMissingError (one line, with the fix) when the files are absent or cannot be fetched.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset '{name}': choose one of {', '.join(DATASETS)}")
     if name == "digits":
         return _digits(train)
+    label, expected = _source(name, os.path.abspath(data_dir), train)
+    if download:
+        try:
+            _download(name, data_dir, train)
+        except (OSError, RuntimeError) as exc:
+            raise DataMissingError(f"{label} could not be downloaded to {os.path.abspath(data_dir)} "
+                                   f"({_one_line(exc)}); put the files at {expected} and point --data_dir "
+                                   "(or DATA_DIR) at them") from None
     try:
-        images, labels = _read_torchvision(name, data_dir, train, download)
-    except RuntimeError as exc:
-        if "not found" not in str(exc).lower() and "corrupted" not in str(exc).lower():
+        images, labels = _read(name, data_dir, train)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        if "not found" not in str(exc).lower():
             raise
-        raise DataMissingError(
-            f"{name} not found under {os.path.abspath(data_dir)} (expected {_expected_path(name, data_dir)}); "
-            "put the files there, point --data_dir (or DATA_DIR) at them, or pass --download") from None
+        raise DataMissingError(f"{label} not found under {os.path.abspath(data_dir)} (expected {expected}); "
+                               "put the dataset there, point --data_dir (or DATA_DIR) at it, or pass --download"
+                               ) from None
     if name.startswith("cifar10_binary"):
         images, labels = _binary(images, labels, grey=name.endswith("_gs"))
     return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), 255.0)
 
 
 def check_model_input(model_name: str, shape: tuple[int, int, int]) -> None:
-    """Raises ValueError when the architecture cannot take images of this (C, H, W) shape."""
-    channels, height, width = shape
+    """Raises ValueError when the architecture cannot take images of this (C, H, W) shape.
+
+    resnet18 (PreAct, avg_pool2d(4) before a 512-input linear layer) needs 3 channels and a square
+    side in 25..56 (a 4..7 final feature map); cnn takes any shape.
+    """
     if model_name != "resnet18":
         return
+    channels, height, width = shape
     if channels != 3:
         raise ValueError(f"resnet18 needs 3-channel images; these have {channels} channel(s): use --model cnn")
     if height != width or not 25 <= height <= 56:
@@ -159,59 +192,81 @@ def check_model_input(model_name: str, shape: tuple[int, int, int]) -> None:
 class Batches:
     """Batches (x, y) of a Split: x float32 (B, C, H, W) in [0, 1] and y int64 (B,), on `device`.
 
-    shuffle: a new permutation per pass, from `generator`; drop_last: only whole batches;
+    shuffle: a new permutation per pass (per __iter__), from `generator`; drop_last: only whole batches;
     n: only the first n examples (None or -1: all); crop_padding / hflip: augmentation per example.
-    store_on_device keeps the uint8 dataset on `device` (the GPU-resident dataset); otherwise it stays
-    on the CPU (pinned when the device is CUDA) and each batch is copied without blocking.
-    The generator lives where the data live; `.generator` is its handle for saving and resuming.
+    store_on_device: the uint8 dataset is moved once to `device` (a GPU-resident dataset) and batches are
+    drawn and augmented there. Otherwise it stays on the CPU; each uint8 batch is gathered there, pinned
+    (CUDA) and copied without blocking, then converted and augmented on `device`.
+    All random numbers come from `.generator`, which lives where the data live (default: seeded with
+    torch.initial_seed()); its state is what a resumed run restores.
     """
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, drop_last: bool, crop_padding: int = 0,
                  hflip: bool = False, n: int | None = None, device: str | torch.device = "cpu",
                  store_on_device: bool = False, generator: torch.Generator | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, not {batch_size}")
         self.device = torch.device(device)
-        self.n = len(split) if n is None or n < 0 else min(n, len(split))
         home = self.device if store_on_device else torch.device("cpu")
-        images, labels = split.images[: self.n], split.labels[: self.n]
-        if home.type == "cpu" and self.device.type == "cuda":
-            images, labels = images.pin_memory(), labels.pin_memory()
-        self.images, self.labels = images.to(home), labels.to(home)
+        self.n = len(split) if n is None or n < 0 else min(n, len(split))
+        self.images, self.labels = split.images[: self.n].to(home), split.labels[: self.n].to(home)
+        self.transfer = home.type != self.device.type  # copy each batch from the CPU to the device
         self.scale, self.batch_size = split.scale, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.crop_padding, self.hflip = crop_padding, hflip
-        self.generator = generator or torch.Generator(device=home).manual_seed(torch.initial_seed())
+        if generator is None:
+            generator = torch.Generator(device=home).manual_seed(torch.initial_seed())
+        if generator.device.type != home.type:
+            raise ValueError(f"the generator is on {generator.device} but the data are stored on {home}: "
+                             f"create it with torch.Generator(device='{home}')")
+        self.generator = generator
 
     def __len__(self) -> int:
         return self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
 
-    def __iter__(self):
-        home = self.images.device
-        order = (torch.randperm(self.n, generator=self.generator, device=home) if self.shuffle
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        home, bs, gen = self.images.device, self.batch_size, self.generator
+        order = (torch.randperm(self.n, generator=gen, device=home) if self.shuffle
                  else torch.arange(self.n, device=home))
-        for b in range(len(self)):
-            idx = order[b * self.batch_size:(b + 1) * self.batch_size]
-            x = self.images[idx].float() / self.scale
+        for start in range(0, len(self) * bs, bs):
+            idx = order[start:start + bs]
+            x, y = self.images[idx], self.labels[idx]
+            offsets = flips = None  # drawn where the data live, always in this order
             if self.crop_padding:
-                x = random_crop(x, self.crop_padding, self.generator)
+                offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, len(y)), generator=gen, device=home)
             if self.hflip:
-                x = random_hflip(x, self.generator)
-            yield (x.to(self.device, non_blocking=True),
-                   self.labels[idx].to(self.device, non_blocking=True))
+                flips = torch.rand(len(y), generator=gen, device=home) < 0.5
+            if self.transfer:
+                x, y = self._to_device(x), self._to_device(y)
+                offsets = None if offsets is None else self._to_device(offsets)
+                flips = None if flips is None else self._to_device(flips)
+            x = x.float() / self.scale
+            if offsets is not None:
+                x = batch_crop(x, self.crop_padding, offsets)
+            if flips is not None:
+                x = batch_flip_lr(x, flips)
+            yield x, y
 
 
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-example random crop of the zero-padded batch (B, C, H, W), offsets uniform in [0, 2p]."""
-    b, _, h, w = x.shape
+def batch_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
+    """Crops each image of x (B, C, H, W) out of its zero-padded copy (padding p on every side).
+
+    offsets: int64 (2, B) in [0, 2p], rows then columns; offset p is the original image.
+    """
+    b, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, b), generator=generator, device=x.device)
     rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
-    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    channels = torch.arange(c, device=x.device)[None, :, None, None]
     return padded[batch, channels, rows, cols]
 
 
-def random_hflip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flips each image (B, C, H, W) left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator, device=x.device) < 0.5
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+def batch_flip_lr(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Flips left-right the images of x (B, C, H, W) where the bool mask flips (B,) is True."""
+    return torch.where(flips[:, None, None, None], x.flip(3), x)
