@@ -98,18 +98,205 @@ def grad_align_reg(grad1: torch.Tensor, grad2: torch.Tensor, lam: float) -> torc
     return lam * (1.0 - mean_cos)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def directional_fd_surrogate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
+                             direction: torch.Tensor, h: float, clamp_rule: str | None = None) -> torch.Tensor:
+    """A scalar whose parameter gradient approximates that of sum_i <direction_i, grad_i>, where grad_i
+    is example i's input gradient of the summed cross-entropy at x + delta (as input_grad computes it),
+    without double backprop.
+
+    Each direction_i (detached) is split into its norm n_i and unit vector u_i; the directional
+    derivative <u_i, grad_i> is replaced by the central difference (l_i(x + delta + h u_i) -
+    l_i(x + delta - h u_i)) / (2 h), with l_i the example's cross-entropy (the forward sees the points
+    clamped under `clamp_rule`, or raw when None). Error O(h^2) where the loss is smooth; h in [0, 1]
+    input units. Costs two forward+backward passes of the batch; the two forwards run in the model's
+    current mode (train mode updates BatchNorm's running statistics twice).
+    """
+    v = direction.detach().flatten(1).float()
+    norm = v.norm(dim=1)
+    unit = (v / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(1)).view_as(delta).to(x.dtype)
+    base = x + delta.detach()
+    losses = []
+    for sign in (1.0, -1.0):
+        point = base + sign * h * unit
+        logits = model(point if clamp_rule is None else box_clamp(point, clamp_rule))
+        losses.append(F.cross_entropy(_at_least_fp32(logits), y, reduction="none"))
+    return (norm * (losses[0] - losses[1])).sum() / (2 * h)
+
+
+def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1: torch.Tensor,
+                      grad2: torch.Tensor, delta2: torch.Tensor, lam: float, h: float, *,
+                      delta1: torch.Tensor | None = None, clamp_rule1: str | None = None) -> torch.Tensor:
+    """GradAlign's regulariser with a finite-difference parameter gradient instead of double backprop.
+
+    Value: exactly grad_align_reg(grad1, grad2, lam) (the gradients are used detached). Parameter
+    gradient: by the chain rule d reg / d theta = sum_j <d reg / d grad_j, d grad_j / d theta>; each
+    term is the parameter gradient of <v_j, grad_j> with v_j = d reg / d grad_j held fixed, and
+    directional_fd_surrogate approximates it with a central difference of step h (in [0, 1] input
+    units) along v_j. grad2 is the input gradient at x + delta2 (no clamp), as train.py computes it;
+    grad1 gets its term only when delta1 is given (grad1 at x + delta1 under clamp_rule1), otherwise it
+    is treated as a constant, as the detached FGSM gradient is. Shapes (B, C, H, W).
+    Cost: 2 forward+backward passes per differentiated gradient, no double backprop. For a smooth
+    network the error of the gradient vanishes as h -> 0 (until rounding dominates). A ReLU network
+    differs: double backprop treats its kinks as flat, while the difference sees every kink within h of
+    a point, so the two agree only for h below the distance to the nearest kink (about 1e-5 and
+    float64 on a small CNN); at the h that fp32 allows, this is a smoothed variant, not the same gradient.
+    """
+    g1 = grad1.detach().float().requires_grad_(delta1 is not None)
+    g2 = grad2.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        value = grad_align_reg(g1, g2, lam)
+        wrt = [g2] + ([g1] if delta1 is not None else [])
+        dirs = torch.autograd.grad(value, wrt)
+    surrogate = directional_fd_surrogate(model, x, y, delta2, dirs[0], h)
+    if delta1 is not None:
+        surrogate = surrogate + directional_fd_surrogate(model, x, y, delta1, dirs[1], h, clamp_rule1)
+    return value.detach() + (surrogate - surrogate.detach())
+
+
+# -------------------------------------------------------------------------------------------------- ELLE
+def elle_error(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """ELLE's local-linearity error (Abad Rocamora et al., ICLR 2024, arXiv 2401.11618), a scalar tensor.
+
+    Threat model: the L-inf ball of radius eps (in [0, 1] units) intersected with the box [0, 1]. For
+    each example, x_a and x_b are drawn uniformly from the eps-ball around x and projected onto the box,
+    a ~ U[0, 1], and x_c = a x_a + (1 - a) x_b (in the ball and the box, both being convex). The error
+    is mean_i (l(x_c) - a l(x_a) - (1 - a) l(x_b))^2, with l the per-example cross-entropy (or
+    loss_fn(logits, y) -> (B,)). The three points go through the model in one forward of 3B examples;
+    the result carries the graph of that forward only: its parameter gradient needs no double
+    backprop. It is 0 for a loss that is affine in the input, > 0 for a curved one.
+    """
+    b = len(x)
+    ends = x.repeat(2, *([1] * (x.dim() - 1)))
+    ends = torch.clamp(ends + torch.empty_like(ends).uniform_(-eps, eps), 0.0, 1.0)
+    a = torch.rand((b,) + (1,) * (x.dim() - 1), device=x.device, dtype=x.dtype)
+    x_c = a * ends[:b] + (1 - a) * ends[b:]
+    logits = _at_least_fp32(model(torch.cat([ends, x_c])))
+    yy = y.repeat(3)
+    losses = F.cross_entropy(logits, yy, reduction="none") if loss_fn is None else loss_fn(logits, yy)
+    la, lb, lc = losses[:b], losses[b:2 * b], losses[2 * b:]
+    a = a.flatten().to(losses.dtype)
+    return ((lc - a * la - (1 - a) * lb) ** 2).mean()
+
+
+@dataclass
+class ElleAdaptive:
+    """ELLE-A's lambda: lam_max when the error spikes, otherwise the previous lambda times `decay`.
+
+    A spike is an error above mean + sensitivity * std of every earlier error of the run (population
+    std; at least 3 earlier errors are needed), lambda starts at 0, and the paper's values are
+    decay 0.99 and sensitivity 2. The running mean and std (Welford) are tensors on the error's
+    device: update() makes no host synchronisation.
+    """
+    lam_max: float
+    decay: float = 0.99
+    sensitivity: float = 2.0
+    count: int = 0
+    lam: torch.Tensor | None = None
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+
+    def update(self, error: torch.Tensor) -> torch.Tensor:
+        """Sets lambda from this step's error (a detached scalar), then adds the error to the
+        statistics; returns the lambda for this step (a 0-dim tensor)."""
+        error = error.detach().float()
+        if self.lam is None:
+            self.lam, self.mean, self.m2 = (torch.zeros_like(error) for _ in range(3))
+        std = torch.sqrt(self.m2 / max(self.count, 1))
+        spike = (error > self.mean + self.sensitivity * std) & (self.count > 2)
+        self.lam = torch.where(spike, torch.full_like(error, self.lam_max), self.decay * self.lam)
+        self.count += 1
+        diff = error - self.mean
+        self.mean = self.mean + diff / self.count
+        self.m2 = self.m2 + diff * (error - self.mean)
+        return self.lam
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "lam": self.lam, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.lam, self.mean, self.m2 = state["count"], state["lam"], state["mean"], state["m2"]
+
+
 # --------------------------------------------------------------------------------------------- attacks
 def fgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torch.Tensor, eps: float,
-                step: float, clamp_rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+                step: float, clamp_rule: str, *, create_graph: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One FGSM step from delta0 (training: FGSM, FGSM-RS and Free-AT; SPEC §3.1 item 6).
 
     The gradient is taken at clamp(x + delta0) under `clamp_rule`; the step is step * sign(grad)
     (step = fgsm_alpha * eps), clipped to [-eps, eps] and projected onto the box.
-    Returns (delta, grad at delta0), both detached.
+    Returns (delta, grad at delta0); delta is detached, and so is grad unless create_graph keeps its
+    graph (GradAlign backpropagating through this gradient too).
     """
-    grad, _ = input_grad(model, x, y, delta0, clamp_rule=clamp_rule)
-    delta = torch.clamp(delta0.detach() + step * torch.sign(grad), -eps, eps)
+    grad, _ = input_grad(model, x, y, delta0, clamp_rule=clamp_rule, create_graph=create_graph)
+    delta = torch.clamp(delta0.detach() + step * torch.sign(grad.detach()), -eps, eps)
     return torch.clamp(x + delta, 0.0, 1.0) - x, grad
+
+
+def zero_smallest(grad: torch.Tensor, q: float) -> torch.Tensor:
+    """ZeroGrad's filter: in each example of grad (B, ...), the floor(q * d) coordinates of smallest
+    |value| (d coordinates per example; ties broken by position) are set to 0, the rest kept.
+
+    q in [0, 1): 0 returns grad unchanged. Shapes and dtype are kept; no host synchronisation.
+    """
+    if not 0.0 <= q < 1.0:
+        raise ValueError(f"ZeroGrad's quantile must be in [0, 1) (got {q})")
+    flat = grad.flatten(1)
+    k = int(q * flat.shape[1])
+    if k == 0:
+        return grad
+    smallest = flat.abs().topk(k, dim=1, largest=False, sorted=False).indices
+    return flat.scatter(1, smallest, 0.0).view_as(grad)
+
+
+def zerograd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torch.Tensor, eps: float,
+                    step: float, q: float, clamp_rule: str, *, create_graph: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ZeroGrad (Golgooni et al., arXiv 2103.15476): FGSM whose small gradient coordinates do not move.
+
+    Threat model: L-inf ball of radius eps (in [0, 1] units) intersected with the box [0, 1].
+    The gradient g is taken at clamp(x + delta0) under `clamp_rule`, as in fgsm_attack; in each example
+    the floor(q * d) coordinates with the smallest |g| are zeroed (zero_smallest), and the step is
+    step * sign(filtered g) (a zeroed coordinate keeps its delta0 value), clipped to [-eps, eps] and
+    projected onto the box. x, delta0: (B, C, H, W); q in [0, 1).
+    Returns (delta, g at delta0 before filtering): |delta|_inf <= eps and 0 <= x + delta <= 1; delta
+    is detached, g too unless create_graph.
+    """
+    grad, _ = input_grad(model, x, y, delta0, clamp_rule=clamp_rule, create_graph=create_graph)
+    kept = zero_smallest(grad.detach(), q)
+    delta = torch.clamp(delta0.detach() + step * torch.sign(kept), -eps, eps)
+    return torch.clamp(x + delta, 0.0, 1.0) - x, grad
+
+
+def nfgsm_noise(x: torch.Tensor, eps: float, noise_mult: float) -> torch.Tensor:
+    """N-FGSM's start: U[-k eps, k eps]^d noise shaped like x (k = noise_mult), projected onto the box
+    (0 <= x + noise <= 1) but not onto any eps-ball. From the global torch RNG."""
+    noise = torch.empty_like(x).uniform_(-noise_mult * eps, noise_mult * eps)
+    return torch.clamp(x + noise, 0.0, 1.0) - x
+
+
+def nfgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, noise_mult: float,
+                 step: float, *, create_graph: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """N-FGSM (de Jorge et al., NeurIPS 2022, arXiv 2202.01181): noise, one signed step, no projection.
+
+    Threat model trained on: NOT the eps-ball. Start eta = nfgsm_noise(x, eps, noise_mult) (so
+    |eta|_inf <= noise_mult * eps, default 2 eps), gradient g of the cross-entropy at x + eta (a point
+    already in the box, so no clamp in the forward), delta = eta + step * sign(g) (step = alpha * eps,
+    alpha 1 in the paper), projected onto the box only. So |delta|_inf <= noise_mult * eps + step
+    (3 eps with the paper's settings) and 0 <= x + delta <= 1. eps, step in [0, 1] units; x (B, C, H, W).
+    Returns (delta, g at eta, eta); delta and eta are detached, g too unless create_graph.
+    """
+    eta = nfgsm_noise(x, eps, noise_mult)
+    grad, _ = input_grad(model, x, y, eta, create_graph=create_graph)
+    eta = eta.detach()
+    delta = eta + step * torch.sign(grad.detach())
+    return torch.clamp(x + delta, 0.0, 1.0) - x, grad, eta
 
 
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
