@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import models
 import utils
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -234,7 +235,6 @@ def test_grad_align_fd_on_a_relu_cnn():
     # A ReLU network's double backprop treats the kinks as flat; the finite difference sees a kink
     # whenever one lies within h of a point. So the two agree once h is below the distance to every
     # kink (float64 here, h 1e-5), and the surrogate never backprops through a backward pass.
-    import models
     torch.manual_seed(8)
     model = models.build_model("cnn", 10, (1, 8, 8), 1, 4).double()
     x, y = torch.rand(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
