@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import io
 import os
 import shlex
@@ -74,8 +73,7 @@ def run_dir_of(args: list[str]) -> str | None:
             namespace = parser.parse_args(args)
     except SystemExit:
         return None
-    cfg = train.Config(**vars(namespace))
-    defaults = {f.name: parser.get_default(f.name) for f in dataclasses.fields(train.Config)}
+    cfg, defaults = train.config_and_defaults(parser, namespace)
     return os.path.join(cfg.out_dir, train.run_name(cfg, defaults))
 
 

@@ -37,7 +37,7 @@ import data
 import models
 import utils
 
-ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none")
+ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none", "nfgsm")
 EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 2, 3, 4
 RESUME_FILE = "resume.pt"
 
@@ -62,12 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", type=int, default=30, help="training epochs (plus the one-iteration epoch 0)")
     a("--lr_schedule", default="cyclic", choices=("cyclic", "piecewise"))
     a("--lr_max", type=float, default=0.2, help="peak learning rate")
-    a("--attack", default="fgsm", choices=ATTACKS, help="training attack (Free-AT: fgsm with --minibatch_replay>1)")
+    a("--attack", default="fgsm", choices=ATTACKS,
+      help="training attack (Free-AT: fgsm with --minibatch_replay>1; nfgsm: N-FGSM, trains outside the eps-ball)")
     a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
     a("--attack_iters", type=int, default=10, help="PGD steps of the periodic evaluation")
     a("--pgd_train_n_iters", type=int, default=10, help="PGD steps for --attack pgd training")
     a("--pgd_alpha_train", type=float, default=2.0, help="PGD training step in 1/255 units")
-    a("--fgsm_alpha", type=float, default=1.25, help="FGSM step as a multiple of eps")
+    a("--fgsm_alpha", type=float, default=None,
+      help="FGSM step as a multiple of eps (default 1.25; 1.0 for --attack nfgsm, as in its paper)")
     a("--minibatch_replay", type=int, default=1, help="m of Free-AT: each batch is replayed m times")
     a("--weight_decay", type=float, default=5e-4)
     a("--attack_init", default="random", choices=("zero", "random"), help="start of FGSM/PGD training")
@@ -95,6 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="retrain even if the run has finished")
     a("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
       help="keep the dataset on the GPU and augment there (default: on for CUDA)")
+    # --- successor methods and GradAlign variants (README, "Other fast adversarial training methods")
+    a("--nfgsm_noise_mult", type=float, default=2.0,
+      help="N-FGSM: the start noise is U[-k eps, k eps], k = this (the paper's k = 2)")
+    a("--zerograd_q", type=float, default=0.0,
+      help="ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM gradient before "
+           "the sign (0: off; the paper's 0.35); needs --attack fgsm")
+    a("--elle_lambda", type=float, default=0.0,
+      help="ELLE's lambda on the local-linearity error (0: off); with --elle_adaptive it is ELLE-A's lambda_max")
+    a("--elle_adaptive", action="store_true",
+      help="ELLE-A: lambda starts at 0, jumps to --elle_lambda when the error spikes, decays by 0.99 otherwise")
+    a("--grad_align_grad1", default="auto", choices=("auto", "detached", "graph"),
+      help="GradAlign: backprop through the first gradient too (graph) or not (detached); auto = detached "
+           "for fgsm/nfgsm (the FGSM gradient is reused), graph for the other attacks (as the reference)")
+    a("--grad_align_every", type=int, default=1, help="GradAlign: apply the regulariser every k-th iteration only")
+    a("--grad_align_fd", type=float, default=0.0,
+      help="GradAlign: finite-difference step h (in [0, 1] input units) replacing double backprop (0: exact)")
     return p
 
 
@@ -136,6 +154,13 @@ class Config:
     out_dir: str
     overwrite: bool
     data_on_device: bool | None
+    nfgsm_noise_mult: float
+    zerograd_q: float
+    elle_lambda: float
+    elle_adaptive: bool
+    grad_align_grad1: str
+    grad_align_every: int
+    grad_align_fd: float
 
     @property
     def eps_frac(self) -> float:
@@ -155,6 +180,13 @@ class Config:
         return self.attack == "fgsm" and self.minibatch_replay > 1
 
     @property
+    def grad1_graph(self) -> bool:
+        """Whether GradAlign backprops through its first gradient (the attack's for fgsm/nfgsm)."""
+        if self.grad_align_grad1 == "auto":
+            return self.attack not in ("fgsm", "nfgsm")
+        return self.grad_align_grad1 == "graph"
+
+    @property
     def final_attack(self) -> tuple[int, int]:
         """(PGD steps, restarts) of the final evaluation: 50x10, or 10x3 with --debug."""
         return (10, 3) if self.debug else (50, 10)
@@ -166,7 +198,11 @@ NAME_FIELDS = {"epochs": "ep", "lr_schedule": "", "lr_max": "lr", "batch_size": 
                "fgsm_alpha": "fa", "minibatch_replay": "mr", "pgd_train_n_iters": "pgdk",
                "pgd_alpha_train": "pgda", "attack_iters": "ai", "n_layers": "nl", "n_filters_cnn": "nf",
                "eval_iter_freq": "eif", "n_eval_every_k_iter": "nek", "n_final_eval": "nfe",
-               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-"}
+               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-",
+               "nfgsm_noise_mult": "nk", "zerograd_q": "zq", "elle_lambda": "elle", "elle_adaptive": "ellea",
+               "grad_align_grad1": "g1", "grad_align_every": "gaev", "grad_align_fd": "gafd"}
+# Flags whose default depends on --attack (every other default is the parser's).
+ATTACK_DEFAULTS = {"fgsm_alpha": (1.25, {"nfgsm": 1.0})}
 
 
 def run_name(cfg: Config, defaults: dict) -> str:
@@ -185,12 +221,22 @@ def run_name(cfg: Config, defaults: dict) -> str:
 def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
     """Parses and checks the flags that need no data; exits with code 2 on a bad one."""
     parser = build_parser()
-    cfg = Config(**vars(parser.parse_args(argv)))
+    cfg, defaults = config_and_defaults(parser, parser.parse_args(argv))
     problem = check_flags(cfg)
     if problem:
         parser.error(problem)
-    defaults = {f.name: parser.get_default(f.name) for f in dataclasses.fields(Config)}
     return cfg, defaults
+
+
+def config_and_defaults(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> tuple[Config, dict]:
+    """The Config of parsed flags and the default of every setting for this attack (ATTACK_DEFAULTS)."""
+    values = vars(namespace).copy()
+    defaults = {f.name: parser.get_default(f.name) for f in dataclasses.fields(Config)}
+    for name, (default, per_attack) in ATTACK_DEFAULTS.items():
+        defaults[name] = per_attack.get(values["attack"], default)
+        if values[name] is None:
+            values[name] = defaults[name]
+    return Config(**values), defaults
 
 
 def check_flags(cfg: Config) -> str | None:
@@ -212,6 +258,21 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
         (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
+        (cfg.nfgsm_noise_mult >= 0, f"--nfgsm_noise_mult must be >= 0 (got {cfg.nfgsm_noise_mult:g}); the paper uses 2"),
+        (cfg.attack == "nfgsm" or cfg.nfgsm_noise_mult == 2.0, "--nfgsm_noise_mult needs --attack nfgsm"),
+        (0 <= cfg.zerograd_q < 1, f"--zerograd_q must be in [0, 1) (got {cfg.zerograd_q:g}); the paper uses 0.35"),
+        (cfg.zerograd_q == 0 or (cfg.attack == "fgsm" and cfg.minibatch_replay == 1),
+         "--zerograd_q needs --attack fgsm without --minibatch_replay (ZeroGrad filters the FGSM step)"),
+        (cfg.elle_lambda >= 0, f"--elle_lambda must be >= 0 (got {cfg.elle_lambda:g})"),
+        (not cfg.elle_adaptive or cfg.elle_lambda > 0,
+         "--elle_adaptive needs --elle_lambda > 0 (ELLE-A's lambda_max; the paper uses 4000)"),
+        (cfg.elle_lambda == 0 or cfg.grad_align_cos_lambda == 0,
+         "--elle_lambda and --grad_align_cos_lambda are two regularisers: use one of them"),
+        (cfg.grad_align_every >= 1, f"--grad_align_every must be >= 1 (got {cfg.grad_align_every})"),
+        (cfg.grad_align_fd >= 0, f"--grad_align_fd must be >= 0 (got {cfg.grad_align_fd:g}); try 0.001"),
+        (cfg.grad_align_cos_lambda > 0 or (cfg.grad_align_grad1 == "auto" and cfg.grad_align_every == 1
+                                           and cfg.grad_align_fd == 0),
+         "--grad_align_grad1, --grad_align_every and --grad_align_fd need --grad_align_cos_lambda > 0"),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -276,14 +337,21 @@ def warmup_factor(cfg: Config, iteration: int) -> float:
 @dataclass
 class Perturbation:
     delta: torch.Tensor
-    attack_grad: torch.Tensor | None  # fgsm: the input gradient at its start point (GradAlign's grad1)
+    attack_grad: torch.Tensor | None  # fgsm/nfgsm: the input gradient at its start point (GradAlign's grad1)
+    start: torch.Tensor | None = None  # that start point's delta, and the clamp rule of its forward
+    start_clamp: str | None = None
 
 
 @dataclass
 class StepState:
-    """What a training step reads besides the batch: the warm-up and Free-AT's persistent delta."""
+    """What a training step reads besides the batch: the warm-up, Free-AT's persistent delta, the
+    global iteration (GradAlign every k-th), ELLE-A's lambda rule, and whether this step's attack
+    gradient must keep its graph (GradAlign through both gradients)."""
     warm: float = 1.0
     free_delta: torch.Tensor | None = None
+    iteration: int = 0
+    elle: utils.ElleAdaptive | None = None
+    grad1_graph: bool = False
 
 
 def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
@@ -296,10 +364,23 @@ def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
     else:
         delta0 = torch.zeros_like(x) if cfg.attack_init == "zero" else utils.uniform_delta(x, eps)
     step = st.warm * cfg.fgsm_alpha * eps  # SVHN warms the step multiplier only
-    delta, grad = utils.fgsm_attack(model, x, y, delta0, eps, step, cfg.clamp_grad)
+    if cfg.zerograd_q > 0:  # ZeroGrad
+        delta, grad = utils.zerograd_attack(model, x, y, delta0, eps, step, cfg.zerograd_q, cfg.clamp_grad,
+                                            create_graph=st.grad1_graph)
+    else:
+        delta, grad = utils.fgsm_attack(model, x, y, delta0, eps, step, cfg.clamp_grad, create_graph=st.grad1_graph)
     if cfg.free_at:
         st.free_delta = delta
-    return Perturbation(delta, grad)
+    return Perturbation(delta, grad, delta0, cfg.clamp_grad)
+
+
+def perturb_nfgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
+    """N-FGSM: noise of k eps, one step of fgsm_alpha * eps, box-clamped only (outside the eps-ball);
+    SVHN warms eps."""
+    eps = st.warm * cfg.eps_frac
+    delta, grad, eta = utils.nfgsm_attack(model, x, y, eps, cfg.nfgsm_noise_mult, cfg.fgsm_alpha * eps,
+                                          create_graph=st.grad1_graph)
+    return Perturbation(delta, grad, eta, None)
 
 
 def perturb_pgd(model, x, y, cfg: Config, st: StepState) -> Perturbation:
@@ -326,7 +407,7 @@ def perturb_none(model, x, y, cfg: Config, st: StepState) -> Perturbation:
 
 PERTURB: dict[str, Callable[..., Perturbation]] = {
     "fgsm": perturb_fgsm, "pgd": perturb_pgd, "pgd_corner": perturb_pgd_corner,
-    "random_corner": perturb_random_corner, "none": perturb_none}
+    "random_corner": perturb_random_corner, "none": perturb_none, "nfgsm": perturb_nfgsm}
 
 
 # ---------------------------------------------------------------------------------- one iteration
@@ -361,14 +442,19 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     """One iteration of SPEC §3.1 items 6-8; returns the total loss (a 0-dim tensor, not synced).
 
     Train-mode forwards, in the reference's order (they all update BatchNorm's running stats):
-    the attack's, the monitoring pass at x (non-fgsm attacks), the training forward, grad2's.
+    the attack's, the monitoring pass at x (non-fgsm attacks), the training forward, grad2's. The
+    regulariser is GradAlign's (on every --grad_align_every-th iteration) or ELLE's (one forward of
+    three random points per example, after the training forward).
     """
     lam = cfg.grad_align_cos_lambda
+    align = lam > 0 and st.iteration % cfg.grad_align_every == 0  # GradAlign on this iteration
+    st.grad1_graph = align and cfg.grad1_graph and cfg.grad_align_fd == 0
     pert = PERTURB[cfg.attack](model, x, y, cfg, st)
     if pert.attack_grad is not None:
-        grad1 = pert.attack_grad  # detached: no double backprop through the FGSM gradient
-    elif lam > 0:  # monitoring gradient at x, its graph kept: double backprop through both gradients
-        grad1, _ = utils.input_grad(model, x, y, torch.zeros_like(x), create_graph=True)
+        grad1 = pert.attack_grad  # the attack's gradient: detached unless --grad_align_grad1 graph
+    elif align:  # monitoring gradient at x, by default with its graph: double backprop through both gradients
+        pert.start, pert.start_clamp = torch.zeros_like(x), None
+        grad1, _ = utils.input_grad(model, x, y, pert.start, create_graph=st.grad1_graph)
     else:  # the monitoring forward still updates BatchNorm's statistics; its gradient is not needed
         with torch.no_grad():
             model(x)
@@ -376,9 +462,11 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     logits = model(x + pert.delta)
     loss = F.cross_entropy(logits, y)
     reg = torch.zeros((), device=x.device)
-    if lam > 0:
-        grad2, _ = utils.input_grad(model, x, y, utils.uniform_delta(x, cfg.eps_frac), create_graph=True)
-        reg = utils.grad_align_reg(grad1, grad2, lam)
+    if align:
+        reg = grad_align_term(model, x, y, cfg, grad1, pert)
+    elif cfg.elle_lambda > 0:
+        error = utils.elle_error(model, x, y, st.warm * cfg.eps_frac)
+        reg = (st.elle.update(error) if st.elle is not None else cfg.elle_lambda) * error
     total = loss + reg
     if update:
         opt.zero_grad(set_to_none=True)
@@ -388,6 +476,19 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     with torch.no_grad():
         stats.add(total, reg, logits, y, grad1, torch.clamp(x + pert.delta, 0.0, 1.0) - x)
     return total.detach()
+
+
+def grad_align_term(model, x, y, cfg: Config, grad1: torch.Tensor, pert: Perturbation) -> torch.Tensor:
+    """GradAlign's regulariser for this step: grad2 at x + eta, eta ~ U[-eps, eps]^d; its parameter
+    gradient by double backprop, or by finite differences of step --grad_align_fd."""
+    eta = utils.uniform_delta(x, cfg.eps_frac)
+    if cfg.grad_align_fd == 0:
+        grad2, _ = utils.input_grad(model, x, y, eta, create_graph=True)
+        return utils.grad_align_reg(grad1, grad2, cfg.grad_align_cos_lambda)
+    grad2, _ = utils.input_grad(model, x, y, eta)
+    graph1 = cfg.grad1_graph
+    return utils.grad_align_reg_fd(model, x, y, grad1, grad2, eta, cfg.grad_align_cos_lambda, cfg.grad_align_fd,
+                                   delta1=pert.start if graph1 else None, clamp_rule1=pert.start_clamp)
 
 
 # ------------------------------------------------------------------------------------ the run itself
@@ -424,6 +525,7 @@ class RunState:
     train_seconds: float
     first_bad_iter: torch.Tensor  # -1, or the first iteration whose loss was not finite
     free_delta: torch.Tensor | None = None
+    elle: dict | None = None  # ELLE-A's lambda and error statistics (utils.ElleAdaptive.state_dict)
 
 
 class RunLog:
@@ -494,6 +596,10 @@ def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, sta
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     n_iters = len(loaders.train)
     st = StepState(free_delta=state.free_delta)
+    if cfg.elle_adaptive:
+        st.elle = utils.ElleAdaptive(lam_max=cfg.elle_lambda)
+        if state.elle is not None:
+            st.elle.load_state_dict(state.elle)
     hooks = TestHooks.from_env()
     clock = Clock(state)
     for epoch in range(state.next_epoch, cfg.epochs + 1):
@@ -507,6 +613,7 @@ def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, sta
             lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs)
             opt.param_groups[0]["lr"] = lr
             st.warm = warmup_factor(cfg, state.iteration)
+            st.iteration = state.iteration
             loss = train_step(fwd_model, opt, scaler, x, y, cfg, st, stats, update=epoch > 0)
             loss = hooks.apply(state.iteration, loss)
             state.first_bad_iter = torch.where(~torch.isfinite(loss) & (state.first_bad_iter < 0),
@@ -527,6 +634,7 @@ def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, sta
         check_finite(state)
         clock.stop_training()
         state.next_epoch, state.free_delta = epoch + 1, st.free_delta
+        state.elle = st.elle.state_dict() if st.elle is not None else None
         save_resume_state(run_dir, state, model, opt, scaler, loaders.train.generator, metrics_path)
         clock.start_training()
 
@@ -569,6 +677,7 @@ def save_resume_state(run_dir, state: RunState, model, opt, scaler, generator, m
         "opt": opt.state_dict(), "scaler": scaler.state_dict(), "best_state": state.best_state,
         "best_acc": state.best_acc, "train_seconds": state.train_seconds, "free_delta": state.free_delta,
         "first_bad_iter": state.first_bad_iter, "metrics_lines": len(utils.read_jsonl(metrics_path)),
+        "elle": state.elle,
         "rng": rng_state(generator)}, os.path.join(run_dir, RESUME_FILE))
 
 
@@ -588,7 +697,14 @@ def load_resume_state(run_dir, model, opt, scaler, generator, device) -> RunStat
     return RunState(next_epoch=saved["next_epoch"], iteration=saved["iteration"], best_state=saved["best_state"],
                     best_acc=saved["best_acc"], train_seconds=saved["train_seconds"],
                     first_bad_iter=saved["first_bad_iter"].to(device),
-                    free_delta=None if free_delta is None else free_delta.to(device))
+                    free_delta=None if free_delta is None else free_delta.to(device),
+                    elle=_to_device(saved.get("elle"), device))
+
+
+def _to_device(state: dict | None, device: torch.device) -> dict | None:
+    if state is None:
+        return None
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
 
 
 # -------------------------------------------------------------------------------- final evaluation
