@@ -4,15 +4,19 @@
 #   DRY_RUN=1 sh/exps_diff_eps_cifar10.sh                      # print the 480 commands
 #   JOBS=4 sh/exps_diff_eps_cifar10.sh --data_dir=/data --out_dir=runs/cifar10
 #   METHODS="fgsm gradalign" EPS="8 16" SEEDS=0 sh/exps_diff_eps_cifar10.sh
-# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at; the other variables are in sh/commands.sh.
+# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at (the default: the paper's), and nfgsm zerograd
+# elle elle_a (successors, each with its paper's settings: sh/commands.sh), e.g.
+#   METHODS="nfgsm elle_a zerograd" EPS="8 16" sh/exps_diff_eps_cifar10.sh --data_dir=/data
+# The other variables are in sh/commands.sh.
 # Commands run from the repository root (relative paths in the flags are relative to it). Relaunching
 # skips finished runs: train.py exits at once when the run's final.json exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/commands.sh
 
-ALL_METHODS="fgsm fgsm_rs gradalign pgd2 pgd10 free_at"
-METHODS=${METHODS:-$ALL_METHODS}
+PAPER_METHODS="fgsm fgsm_rs gradalign pgd2 pgd10 free_at"
+ALL_METHODS="$PAPER_METHODS nfgsm zerograd elle elle_a"
+METHODS=${METHODS:-$PAPER_METHODS}
 EPS=${EPS:-$(seq -s " " 1 16)}
 EPOCHS=30 LR_MAX=0.2 GA_LR_MAX=0.30 FREE_EPOCHS=96 FREE_LR_MAX=0.04
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"
