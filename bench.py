@@ -4,7 +4,8 @@
     python bench.py --device cuda     # GPU-sized: cnn batch 512, resnet18 batch 128, real PGD-50-10 on 1024 images
 
 Training: one call of train.train_step (the real step, optimiser update included) for FGSM, FGSM-RS,
-FGSM+GradAlign, PGD-2, PGD-10 and Free-AT, in units of one forward+backward (parameter gradients,
+FGSM+GradAlign, PGD-2, PGD-10, Free-AT, N-FGSM, ZeroGrad, ELLE-A and GradAlign with its finite-difference
+gradient, in units of one forward+backward (parameter gradients,
 train mode) of the same model on the same batch at the same precision. Every timed function runs
 once per round, in turn, so a change in machine load hits all of them alike; a unit count is the
 median over rounds of (step time / forward+backward time of that round).
@@ -53,6 +54,14 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     "pgd10": ("PGD-10", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "10",
                          "--pgd_alpha_train", "1.6"], "10+f+1"),
     "free_at": ("Free-AT (m=8)", ["--attack", "fgsm", "--minibatch_replay", "8", "--fgsm_alpha", "1.0"], "2"),
+    # successor methods (ELLE: a pass over three points per example, 3 units of batch size B)
+    "nfgsm": ("N-FGSM", ["--attack", "nfgsm"], "2"),
+    "zerograd": ("ZeroGrad", ["--attack", "fgsm", "--attack_init", "random", "--fgsm_alpha", "2", "--zerograd_q", "0.35"],
+                 "2"),
+    "elle_a": ("ELLE-A", ["--attack", "fgsm", "--attack_init", "zero", "--fgsm_alpha", "1", "--elle_lambda", "4000",
+                          "--elle_adaptive"], "2+3"),
+    "gradalign_fd": ("FGSM + GradAlign (FD)", ["--attack", "fgsm", "--attack_init", "zero", "--grad_align_cos_lambda",
+                                               "0.2", "--grad_align_fd", "0.001"], "3+2"),
 }
 INPUT_SHAPES = {"cnn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the cnn benches on digits-shaped input
 N_CLASSES = 10
@@ -221,9 +230,13 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
 def training_step(model: nn.Module, opt, scaler, x, y, cfg: train.Config, device) -> Callable[[], torch.Tensor]:
     """One real train.train_step with the optimiser update; Free-AT's delta persists across calls."""
     state, stats = train.StepState(), train.Stats(device)
+    if cfg.elle_adaptive:
+        state.elle = utils.ElleAdaptive(lam_max=cfg.elle_lambda)
 
     def call() -> torch.Tensor:
-        return train.train_step(model, opt, scaler, x, y, cfg, state, stats, update=True)
+        loss = train.train_step(model, opt, scaler, x, y, cfg, state, stats, update=True)
+        state.iteration += 1
+        return loss
     return call
 
 
@@ -348,16 +361,16 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------ output
 def format_steps(results: dict, cuda: bool) -> str:
-    header = f"{'model':9} {'method':15} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
+    header = f"{'model':9} {'method':22} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
     header += f" {'peak MiB':>9}" if cuda else ""
     lines = [header, "-" * len(header)]
     for model_name, r in results.items():
-        line = f"{model_name:9} {'fwd+bwd unit':15} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7} {'':>9}"
+        line = f"{model_name:9} {'fwd+bwd unit':22} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7} {'':>9}"
         lines.append(line + (f" {r['unit_peak_mib']:9.0f}" if cuda else ""))
         for m in r["methods"].values():
             ref = m["reference_units"]
             ref_text = f"{ref[0]:.1f}-{ref[1]:.1f}" if ref else "-"
-            line = f"{model_name:9} {m['label']:15} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7} {ref_text:>9}"
+            line = f"{model_name:9} {m['label']:22} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7} {ref_text:>9}"
             lines.append(line + (f" {m['peak_mib']:9.0f}" if cuda else ""))
     return "\n".join(lines)
 

@@ -31,7 +31,12 @@ PAPER_PROTOCOL = {"n_eval": 1000, "attack_iters": 50, "n_restarts": 10}
 OWN_PROTOCOL = {"digits": {"n_eval": 397, "attack_iters": 50, "n_restarts": 10}}
 # The paper's row order; other methods follow alphabetically.
 METHOD_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradAlign", "Free-AT (m=8)",
-                "PGD-2", "PGD-10"]
+                "PGD-2", "PGD-10", "N-FGSM", "ZeroGrad", "ELLE", "ELLE-A"]
+# Forward+backward passes of one training step, as bench.py counts them (f: a forward only; dbl: a
+# double backprop; ELLE's 3 are one pass over three points per example). bench.py measures their cost.
+PASSES_PER_STEP = {"FGSM": "2", "FGSM-RS": "2", "FGSM + GradAlign": "3+dbl", "FGSM-RS + GradAlign": "3+dbl",
+                   "Free-AT (m=8)": "2", "N-FGSM": "2", "ZeroGrad": "2", "ELLE": "2+3", "ELLE-A": "2+3",
+                   "FGSM + GradAlign (FD)": "3+2"}
 # Config keys that do not change results (or are the group key / seed); the others must agree in a group.
 NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
                 "data_dir", "out_dir", "download", "overwrite", "data_on_device", "batch_size_eval", "fname",
@@ -97,7 +102,12 @@ def method_name(config: dict) -> str:
     attack, init = config.get("attack", "fgsm"), config.get("attack_init", "random")
     lam, m = float(config.get("grad_align_cos_lambda", 0.0)), int(config.get("minibatch_replay", 1))
     k = config.get("pgd_train_n_iters", 10)
-    if attack == "fgsm" and m > 1:
+    if attack == "fgsm" and float(config.get("zerograd_q", 0.0)) > 0:
+        name = "ZeroGrad"
+    elif attack == "nfgsm":
+        noise, alpha = float(config.get("nfgsm_noise_mult", 2.0)), float(config.get("fgsm_alpha", 1.0))
+        name = "N-FGSM" if (noise, alpha) == (2.0, 1.0) else f"N-FGSM (k={noise:g}, alpha={alpha:g})"
+    elif attack == "fgsm" and m > 1:
         name = f"Free-AT (m={m})"  # Free-AT ignores attack_init
     elif attack == "fgsm":
         name = "FGSM" if init == "zero" else "FGSM-RS"
@@ -109,7 +119,32 @@ def method_name(config: dict) -> str:
         name = {"random_corner": "Random corner", "none": "Standard"}.get(attack, attack)
     if m > 1 and attack != "fgsm":
         name += f" (m={m})"
-    return f"{name} + GradAlign" if lam > 0 else name
+    if float(config.get("elle_lambda", 0.0)) > 0:
+        elle = "ELLE-A" if config.get("elle_adaptive") else "ELLE"
+        return elle if name == "FGSM" else f"{name} + {elle}"
+    if lam > 0:
+        return name + " + GradAlign" + grad_align_variant(config)
+    return name
+
+
+def grad_align_variant(config: dict) -> str:
+    """' (...)' naming GradAlign's non-default variant settings, or ''."""
+    parts = []
+    if config.get("grad_align_grad1", "auto") != "auto":
+        parts.append(f"grad1 {config['grad_align_grad1']}")
+    if int(config.get("grad_align_every", 1)) > 1:
+        parts.append(f"every {config['grad_align_every']}")
+    if float(config.get("grad_align_fd", 0.0)) > 0:
+        parts.append("FD")
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def passes_per_step(method: str) -> str:
+    """A method's forward+backward passes per training step (PASSES_PER_STEP; PGD-k: k, a forward, 1)."""
+    pgd = re.fullmatch(r"PGD-(\d+)(-RS)?", method)
+    if pgd:
+        return f"{pgd.group(1)}+f+1"
+    return PASSES_PER_STEP.get(method, "?")
 
 
 def model_name(config: dict) -> str:
@@ -187,6 +222,8 @@ def aggregate(runs: list[Run]) -> list[dict]:
         row["cos_x_eta_mean"], row["cos_x_eta_std"] = mean_std(
             [f["last"]["cos_x_eta"] for f in finals if f["last"].get("cos_x_eta") is not None])
         row["train_minutes_mean"] = mean_std([f["train_minutes"] for f in finals if "train_minutes" in f])[0]
+        row["train_s_per_epoch_mean"] = mean_std([60 * r.final["train_minutes"] / max(int(r.config.get("epochs", 1)), 1)
+                                                  for r in members if "train_minutes" in r.final])[0]
         row["flags"] = "; ".join(protocol_flags(members))
         rows.append(row)
     return sorted(rows, key=lambda r: (r["dataset"], r["model"], method_rank(r["method"]), r["eps"]))
@@ -214,8 +251,54 @@ TABLES = [("last_pgd", "Robust accuracy, last weights"), ("last_clean", "Clean a
           ("cos_x_eta", "Gradient alignment cos(grad at x, grad at x + eta) of the last weights (final.json)")]
 
 
-def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
-    """The report as Markdown: per dataset and model, tables of methods (rows) by eps (columns)."""
+def bench_units(bench: dict | None, model: str) -> dict[str, float]:
+    """Measured units per step of each method (by its name, spaces ignored) for this model from
+    bench.py's bench.json (models cnn-LxF match bench's cnn); empty without one."""
+    if not bench:
+        return {}
+    steps = bench.get("steps", {}).get(model.split("-")[0], {}).get("methods", {})
+    return {m["label"].replace(" ", ""): m["units"] for m in steps.values()}
+
+
+def plain(row: dict | None, column: str) -> str:
+    """'mean ± std' of a column, or '–'."""
+    if row is None or np.isnan(row[f"{column}_mean"]):
+        return "–"
+    digits = 3 if column == "cos_x_eta" else 1
+    return f"{row[f'{column}_mean']:.{digits}f} ± {row[f'{column}_std']:.{digits}f}"
+
+
+def cost_table(part: list[dict], methods: list[str], eps_values: list[float], bench: dict | None) -> list[str]:
+    """Robustness vs cost: per method, its passes per step, measured training seconds per epoch (mean
+    over its runs; relative to FGSM's when FGSM ran), units per step from bench.json when given, the
+    robust accuracy at each eps, and clean accuracy and cos_x_eta at the largest eps."""
+    by_key = {(r["method"], r["eps"]): r for r in part}
+    seconds = {m: float(np.nanmean([by_key[m, e]["train_s_per_epoch_mean"] for e in eps_values if (m, e) in by_key]))
+               for m in methods}
+    units = bench_units(bench, part[0]["model"])
+    top = eps_values[-1]
+    head = ["method", "passes/step", "s/epoch", "× FGSM"] + (["units/step (bench.py)"] if units else [])
+    head += [f"robust, eps {fmt_eps(e)}" for e in eps_values] + [f"clean, eps {fmt_eps(top)}",
+                                                                 f"cos_x_eta, eps {fmt_eps(top)}"]
+    legend = ("Passes: forward+backward passes per training step (f: forward only, dbl: double backprop); "
+              "s/epoch: measured training time of these runs (evaluation excluded; the machine's load counts).")
+    lines = ["### Robustness vs cost", "", legend, "", "| " + " | ".join(head) + " |",
+             "|---|" + "---|" * (len(head) - 1)]
+    fgsm = seconds.get("FGSM", float("nan"))
+    for m in methods:
+        row = [m, passes_per_step(m), f"{seconds[m]:.2f}", "–" if np.isnan(fgsm) else f"{seconds[m] / fgsm:.1f}"]
+        if units:
+            u = units.get(m.replace(" ", ""))
+            row.append(f"{u:.2f}" if u is not None else "–")
+        row += [plain(by_key.get((m, e)), "last_pgd") for e in eps_values]
+        row += [plain(by_key.get((m, top)), "last_clean"), plain(by_key.get((m, top)), "cos_x_eta")]
+        lines.append("| " + " | ".join(row) + " |")
+    return [*lines, ""]
+
+
+def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | None = None) -> str:
+    """The report as Markdown: per dataset and model, tables of methods (rows) by eps (columns), and
+    the robustness-vs-cost table."""
     out = ["# Results", "",
            f"Accuracy in % on the first test points, mean ± std over seeds (population std, ddof={STD_DDOF}).", ""]
     for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
@@ -236,6 +319,7 @@ def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
             out += [f"| {m} | " + " | ".join(cell(by_key.get((m, e)), column, common) for e in eps_values) + " |"
                     for m in methods]
             out.append("")
+        out += cost_table(part, methods, eps_values, bench)
         notes = [f"- {r['method']}, eps {fmt_eps(r['eps'])}: {r['flags']}" for r in part if r["flags"]]
         if notes:
             out += ["Notes (†):", "", *notes, ""]
@@ -244,9 +328,9 @@ def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
     return "\n".join(out)
 
 
-def write_markdown(rows: list[dict], path: str, skipped: list[str] | None = None) -> str:
+def write_markdown(rows: list[dict], path: str, skipped: list[str] | None = None, bench: dict | None = None) -> str:
     with open(path, "w") as f:
-        f.write(markdown(rows, skipped))
+        f.write(markdown(rows, skipped, bench))
     return path
 
 
@@ -358,6 +442,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="reports", help="output folder")
     p.add_argument("--curves", nargs="+", default=[], metavar="RUN_DIR", help="runs whose training curves to plot")
     p.add_argument("--runs-glob", dest="runs_glob", default="*", help="only run directories whose name matches")
+    p.add_argument("--bench", default=None, metavar="BENCH_JSON",
+                   help="bench.py's output: adds its measured units per step to the robustness-vs-cost table")
     return p
 
 
@@ -369,9 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = collect_runs(args.roots, args.runs_glob)
     skipped = [r.name for r in runs if r.final is None]
     rows = aggregate(runs)
+    bench = read_json(args.bench) if args.bench else None
+    if args.bench and bench is None:
+        build_parser().error(f"--bench {args.bench}: not a readable JSON file; run python bench.py first")
     if args.roots:
-        print(markdown(rows, skipped))
-        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped),
+        print(markdown(rows, skipped, bench))
+        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped, bench),
                    write_csv(rows, os.path.join(args.out, "report.csv"))]
         written += plot_robust_vs_eps(rows, args.out)
         print(f"{len(runs) - len(skipped)} finished runs in {len(rows)} groups, {len(skipped)} skipped")

@@ -128,6 +128,16 @@ def test_flags_settings_that_differ_within_a_group(tmp_path):
     (["--attack=pgd_corner", "--attack_init=zero", "--pgd_train_n_iters=2"], "PGD-2 corner"),
     (["--attack=random_corner", "--grad_align_cos_lambda=1"], "Random corner + GradAlign"),
     (["--attack=none"], "Standard"),
+    (["--attack=nfgsm"], "N-FGSM"),
+    (["--attack=nfgsm", "--nfgsm_noise_mult=1"], "N-FGSM (k=1, alpha=1)"),
+    (["--attack=fgsm", "--zerograd_q=0.35", "--fgsm_alpha=2"], "ZeroGrad"),
+    (["--attack=fgsm", "--attack_init=zero", "--elle_lambda=1000"], "ELLE"),
+    (["--attack=fgsm", "--attack_init=zero", "--elle_lambda=4000", "--elle_adaptive"], "ELLE-A"),
+    (["--attack=nfgsm", "--elle_lambda=4000", "--elle_adaptive"], "N-FGSM + ELLE-A"),
+    (["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2", "--grad_align_fd=0.001"],
+     "FGSM + GradAlign (FD)"),
+    (["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2", "--grad_align_grad1=graph",
+      "--grad_align_every=4"], "FGSM + GradAlign (grad1 graph, every 4)"),
 ])
 def test_method_names(argv, name):
     assert report.method_name(config_of(argv)) == name
@@ -175,3 +185,34 @@ def test_importing_runs_nothing(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.stdout == "[]\n" and out.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+def test_passes_per_step_agree_with_bench():
+    import bench  # imports torch: only in this test
+    for label, _, passes in bench.METHODS.values():
+        name = {"FGSM+GradAlign": "FGSM + GradAlign"}.get(label, label)
+        assert report.passes_per_step(name) == passes, label
+    assert report.passes_per_step("PGD-7") == "7+f+1"
+
+
+def test_robustness_vs_cost_table(tmp_path):
+    nfgsm = ["--attack=nfgsm"]
+    for seed in range(2):
+        for eps in (8, 16):
+            fast = {**final_of(0.8, 0.2 + 0.1 * seed, cos=0.5), "train_minutes": 1.0}
+            slow = {**final_of(0.7, 0.4 + 0.1 * seed, cos=0.9), "train_minutes": 3.0}
+            write_run(tmp_path / "runs", [*FGSM, f"--eps={eps}", f"--seed={seed}", *PAPER], fast)
+            write_run(tmp_path / "runs", [*nfgsm, f"--eps={eps}", f"--seed={seed}", *PAPER], slow)
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text(json.dumps({"steps": {"resnet18": {"methods": {
+        "fgsm": {"label": "FGSM", "units": 1.7}, "nfgsm": {"label": "N-FGSM", "units": 1.8}}}}}))
+    out = tmp_path / "reports"
+    assert report.main([str(tmp_path / "runs"), "--out", str(out), "--bench", str(bench_json)]) == 0
+    md = (out / "report.md").read_text()
+    table = md.split("### Robustness vs cost")[1]
+    # 30 epochs: 60 s / 30 = 2 s per epoch for FGSM, 6 s for N-FGSM, three times FGSM's
+    assert "| FGSM | 2 | 2.00 | 1.0 | 1.70 | 25.0 ± 5.0 | 25.0 ± 5.0 | 80.0 ± 0.0 | 0.500 ± 0.000 |" in table
+    assert "| N-FGSM | 2 | 6.00 | 3.0 | 1.80 | 45.0 ± 5.0 | 45.0 ± 5.0 | 70.0 ± 0.0 | 0.900 ± 0.000 |" in table
+    assert "robust_vs_eps_cifar10_resnet18.png" in os.listdir(out)
+    with pytest.raises(SystemExit):
+        report.main([str(tmp_path / "runs"), "--out", str(out), "--bench", str(tmp_path / "missing.json")])
