@@ -158,3 +158,43 @@ def test_without_dry_run_the_commands_go_to_the_launcher(tmp_path):
     assert (tmp_path / "args").read_text().split() == ["launch.py", "--jobs", "3", "--log_dir", "/tmp/l"]
     lines = (tmp_path / "stdin").read_text().splitlines()
     assert lines == [" ".join(a) for a in dry_run(CNN, "--out_dir=x", SEEDS="0")]
+
+
+def test_successor_methods_with_their_papers_settings():
+    commands = dry_run(CIFAR, METHODS="nfgsm zerograd elle elle_a", EPS="8 16", SEEDS="0")
+    by_key = {}
+    for argv in commands:
+        f = flags(argv)
+        cfg, _ = train.parse_config(argv[2:])  # every command passes train.py's checks
+        method = ("nfgsm" if f["--attack"] == "nfgsm" else "zerograd" if "--zerograd_q" in f
+                  else "elle_a" if "--elle_adaptive" in f else "elle")
+        by_key[method, f["--eps"]] = (f, cfg)
+        assert {k: f[k] for k in ("--epochs", "--lr_max", "--n_final_eval")} == {
+            "--epochs": "30", "--lr_max": "0.2", "--n_final_eval": "1000"}
+    assert len(by_key) == 8
+    for eps in ("8", "16"):
+        cfg = by_key["nfgsm", eps][1]
+        assert (cfg.fgsm_alpha, cfg.nfgsm_noise_mult) == (1.0, 2.0)
+        cfg = by_key["zerograd", eps][1]
+        assert (cfg.attack_init, cfg.fgsm_alpha, cfg.zerograd_q) == ("random", 2.0, 0.35)
+        cfg = by_key["elle_a", eps][1]
+        assert (cfg.attack_init, cfg.fgsm_alpha, cfg.elle_lambda, cfg.elle_adaptive) == ("zero", 1.0, 4000, True)
+    assert by_key["elle", "8"][1].elle_lambda == 1000 and by_key["elle", "16"][1].elle_lambda == 5000
+    # the default sweep stays the paper's six methods
+    assert len(dry_run(CIFAR, SEEDS="0", EPS="8")) == 6
+
+
+def test_compare_digits_uses_the_demo_recipe():
+    demo = [flags(a) for a in dry_run("sh/demo_digits.sh", SEEDS="0", EPS="76.5")]
+    compare = [flags(a) for a in dry_run("sh/compare_digits.sh", SEEDS="0", EPS="76.5")]
+    assert len(compare) == 6
+    recipe = ("--dataset", "--model", "--n_filters_cnn", "--epochs", "--lr_max", "--eval_iter_freq", "--clamp_grad",
+              "--eps", "--seed")
+    for f in compare:
+        assert {k: f[k] for k in recipe} == {k: demo[0][k] for k in recipe}
+    # the methods both scripts run are the same runs
+    shared = [f for f in compare if f["--attack"] == "pgd" or "--fgsm_alpha" not in f and "--zerograd_q" not in f]
+    for f in shared:
+        assert {k: v for k, v in f.items() if k != "--out_dir"} in [
+            {k: v for k, v in d.items() if k != "--out_dir"} for d in demo]
+    assert {f["--attack"] for f in compare} == {"fgsm", "pgd", "nfgsm"}
