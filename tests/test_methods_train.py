@@ -170,3 +170,23 @@ def test_elle_adaptive_lambda_is_applied_in_the_step():
     st.elle.mean.fill_(-1.0)  # every earlier error far below this one: a spike
     train.train_step(model, opt, scaler, x, y, cfg, st, stats, update=True)
     assert float(st.elle.lam) == 50.0 and float(stats.sums[1]) > 0
+
+
+def test_elle_adaptive_state_survives_a_resume(tmp_path):
+    model = models.build_model("cnn", 10, (1, 8, 8), 1, 4)
+    opt = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    generator = torch.Generator().manual_seed(0)
+    rule = train.utils.ElleAdaptive(lam_max=4000.0)
+    for value in (1.0, 1.1, 0.9, 5.0):
+        rule.update(torch.tensor(value))
+    state = train.RunState(next_epoch=3, iteration=12, best_state=model.state_dict(), best_acc=0.5,
+                           train_seconds=1.0, first_bad_iter=torch.tensor(-1), elle=rule.state_dict())
+    metrics = os.path.join(tmp_path, "metrics.jsonl")
+    open(metrics, "w").close()
+    train.save_resume_state(str(tmp_path), state, model, opt, scaler, generator, metrics)
+    loaded = train.load_resume_state(str(tmp_path), model, opt, scaler, generator, torch.device("cpu"))
+    restored = train.utils.ElleAdaptive(lam_max=4000.0)
+    restored.load_state_dict(loaded.elle)
+    assert restored.count == 4 and float(restored.lam) == 4000.0
+    assert float(restored.update(torch.tensor(1.0))) == float(rule.update(torch.tensor(1.0)))
