@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The successor methods beside the paper's, on the digits demo (offline, CPU, about 10 minutes on 2 cores):
+# The successor methods beside the paper's, on the digits demo (offline, CPU):
 # FGSM, FGSM + GradAlign, PGD-10, N-FGSM, ELLE-A and ZeroGrad with the demo's recipe, eps grid and seeds
 # (6 methods x 3 eps x 3 seeds = 54 runs), then report.py prints the tables, the robustness-vs-cost
 # table among them (clean, PGD-50-10, cos_x_eta and cost per step of each method), and draws
