@@ -36,7 +36,7 @@ decimals3() { awk -v e="$1" "BEGIN { printf \"%.3f\", $2 }"; }
 # ratio A B: A / B as a plain number (8 / 5 -> 1.6, 8 / 2 -> 4).
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%g", a / b }'; }
 
-# method_flags METHOD EPS: the method's train.py flags at EPS (the paper's six: SPEC §5), from the script's settings
+# method_flags METHOD EPS: the method's train.py flags at EPS (the paper's six as in the authors' scripts), from the script's settings
 # EPOCHS, LR_MAX, GA_LR_MAX, FREE_EPOCHS, FREE_LR_MAX and its function gradalign_lambda EPS.
 method_flags() {
   local eps=$2 schedule="--epochs=$EPOCHS --lr_max=$LR_MAX"
