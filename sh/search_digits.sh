@@ -28,10 +28,10 @@ STAGES=${STAGE:-"0 1 2"}
 PILOT="
 cnn_bn 2 16 51 0.005 100 3
 cnn_bn 2 16 76.5 0.005 100 3 10
-cnn_bn 2 16 63.75 0.005 50 3 10
+cnn_bn 2 16 63.75 0.005 50 3 10 30
 "
 GRID="
-cnn_bn 2 16 63.75 0.005 50 10 30
+cnn_bn 2 16 63.75 0.005 50 10
 "
 # --- the choice made from stage 1 (see docs/search_digits.md), confirmed by stage 2
 CHOSEN="cnn_bn 2 16 63.75 0.005 50 10"
@@ -44,7 +44,7 @@ method_flags() {
   case $1 in
     fgsm) echo "--attack=fgsm --attack_init=zero" ;;
     gradalign) echo "--attack=fgsm --attack_init=zero --grad_align_cos_lambda=$3" ;;
-    pgd10) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=$(python -c "print(round($2 / 5, 3))")" ;;
+    pgd10) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=$(awk "BEGIN { print $2 / 5 }")" ;;
   esac
 }
 
