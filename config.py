@@ -46,7 +46,8 @@ def add_shared_flags(p: argparse.ArgumentParser, *, from_run: bool = False, batc
       help="conv layers of --model cnn (the authors always used 1)" + run.format(1))
     a("--n_filters_cnn", type=int, default=default(16), help="filters of --model cnn" + run.format(16))
     a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
-    a("--seed", type=int, default=0, help="seeds the weights, the data order and every random start")
+    a("--seed", type=int, default=0,
+      help="random seed (train.py: weights, data order, random starts; eval.py: PGD's random starts)")
     a("--batch_size_eval", type=int, default=batch_size_eval, help="batch size of the evaluations")
     a("--half_prec", action="store_true",
       help=half_prec_help or "mixed precision: autocast fp16 on CUDA, bf16 on CPU")
