@@ -93,3 +93,10 @@ def test_ci_runs_the_readme_lint_and_test_command_with_a_pinned_ruff():
     assert "-r requirements-dev.txt" in ci and "ruff check ." in ci and "python -m pytest -q tests" in ci
     pins = open(os.path.join(ROOT, "requirements-dev.txt")).read()
     assert re.search(r"^ruff==\d+\.\d+\.\d+$", pins, re.MULTILINE)
+
+
+def test_launch_names_a_run_without_importing_the_training_code():
+    code = ("import sys, launch; d = launch.run_dir_of(['--dataset', 'digits', '--eps', '8', '--out_dir', 'r']); "
+            "print(d, 'train' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["r/digits_resnet18_fgsm_random_eps8_lam0_seed0", "False"]
