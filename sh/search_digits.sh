@@ -39,13 +39,13 @@ SEEDS_0="0" SEEDS_1="0 1 2 3 4" SEEDS_2="5 6 7 8 9"
 
 COMMON="--dataset=digits --clamp_grad=half --eval_iter_freq=50 --device=cpu"
 
-# method flags: $1 method (fgsm, pgd10 or gradalign), $2 eps, $3 lambda (gradalign only)
+# method flags from methods.py's table: $1 method (fgsm, pgd10 or gradalign), $2 eps, $3 lambda
+# (gradalign only: it replaces the table's lambda, the last word of its flags)
 method_flags() {
-  case $1 in
-    fgsm) echo "--attack=fgsm --attack_init=zero" ;;
-    gradalign) echo "--attack=fgsm --attack_init=zero --grad_align_cos_lambda=$3" ;;
-    pgd10) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=$(awk "BEGIN { print $2 / 5 }")" ;;
-  esac
+  local words
+  words=$(python methods.py flags "$1" --dataset digits --eps "$2") || exit 2
+  if [ "$1" = gradalign ]; then words="${words% --grad_align_cos_lambda=*} --grad_align_cos_lambda=$3"; fi
+  echo "$words"
 }
 
 # commands: $1 stage, $2 seeds, then the candidates, one per line on stdin

@@ -32,7 +32,7 @@ def test_dry_run_holds_the_recipe_and_selects_seeds():
     out = demo({"DRY_RUN": "1", "SEEDS": "11 12", "METHODS": "fgsm"})
     assert [train.parse_config(shlex.split(line)[2:])[0].seed for line in out.stdout.splitlines()] == [11, 12]
     bad = demo({"DRY_RUN": "1", "METHODS": "fgsm nope"})
-    assert bad.returncode == 2 and "unknown method nope" in bad.stderr
+    assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
 
 
 def test_short_demo_writes_the_report_tables(tmp_path):
