@@ -76,6 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--debug", action="store_true", help="no log file; final evaluation PGD-10 with 3 restarts")
     a("--half_prec", action="store_true",
       help="mixed precision for training and periodic evaluation (fp16 + GradScaler on CUDA, bf16 on CPU)")
+    a("--half_prec_dtype", default="auto", choices=utils.HALF_PREC_DTYPES,
+      help="dtype of --half_prec: auto = float16 on CUDA, bfloat16 on CPU; float16 always comes with a "
+           "GradScaler, scaled input gradients and skipped non-finite steps (on the CPU too)")
+    a("--tf32", action="store_true", help="let CUDA matmuls and convolutions use TF32 (default: IEEE fp32)")
     a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign's lambda (0: off)")
     a("--eval_early_stopped_model", action="store_true", help="also evaluate the early-stopped ('best') weights")
     a("--eval_iter_freq", type=int, default=200, help="iterations between periodic evaluations")
@@ -121,6 +125,8 @@ class Config:
     gpu: int
     debug: bool
     half_prec: bool
+    half_prec_dtype: str
+    tf32: bool
     grad_align_cos_lambda: float
     eval_early_stopped_model: bool
     eval_iter_freq: int
@@ -166,7 +172,8 @@ NAME_FIELDS = {"epochs": "ep", "lr_schedule": "", "lr_max": "lr", "batch_size": 
                "fgsm_alpha": "fa", "minibatch_replay": "mr", "pgd_train_n_iters": "pgdk",
                "pgd_alpha_train": "pgda", "attack_iters": "ai", "n_layers": "nl", "n_filters_cnn": "nf",
                "eval_iter_freq": "eif", "n_eval_every_k_iter": "nek", "n_final_eval": "nfe",
-               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-"}
+               "half_prec": "hp", "half_prec_dtype": "hpd", "tf32": "tf32", "debug": "debug",
+               "eval_early_stopped_model": "es", "clamp_grad": "clamp-"}
 
 
 def run_name(cfg: Config, defaults: dict) -> str:
@@ -212,6 +219,8 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
         (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
+        (cfg.half_prec or cfg.half_prec_dtype == "auto",
+         f"--half_prec_dtype {cfg.half_prec_dtype} has no effect without --half_prec: add --half_prec or drop it"),
     ]
     return next((message for ok, message in checks if not ok), None)
 
@@ -284,6 +293,7 @@ class StepState:
     """What a training step reads besides the batch: the warm-up and Free-AT's persistent delta."""
     warm: float = 1.0
     free_delta: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None  # written by the step: 1.0 if the GradScaler skipped it, else 0.0
 
 
 def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
@@ -335,24 +345,24 @@ class Stats:
     NAMES = ("train_loss", "train_reg", "train_acc", "delta_l2", "grad_norm_x")
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(self.NAMES), device=device)
-        self.n = self.n_grad = 0
+        self.sums = torch.zeros(len(self.NAMES) + 2, device=device)  # the sums, then the two example counts
 
     def add(self, loss, reg, logits, y, grad, delta_feasible) -> None:
-        """grad: the input gradient of the step (None when the step computed none)."""
+        """grad: the input gradient of the step (None when the step computed none). A step with a
+        non-finite number (under fp16, one the GradScaler skipped) is left out of every mean."""
         b = len(y)
         grad_norm = grad.detach().flatten(1).float().norm(dim=1).sum() if grad is not None else loss.new_zeros(())
-        self.sums += torch.stack([loss.detach().float() * b, reg.detach().float() * b,
-                                  (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
-                                  grad_norm.float()])
-        self.n += b
-        self.n_grad += b if grad is not None else 0
+        row = torch.stack([loss.detach().float() * b, reg.detach().float() * b,
+                           (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
+                           grad_norm.float(), loss.new_full((), b, dtype=torch.float32),
+                           loss.new_full((), b if grad is not None else 0, dtype=torch.float32)])
+        self.sums += torch.where(torch.isfinite(row).all(), row, torch.zeros_like(row))
 
     def means(self) -> dict[str, float | None]:
         """Per-example means; grad_norm_x is None when no step computed an input gradient."""
-        values = self.sums.tolist()
-        means = {name: v / max(self.n, 1) for name, v in zip(self.NAMES, values)}
-        means["grad_norm_x"] = values[-1] / self.n_grad if self.n_grad else None
+        *values, n, n_grad = self.sums.tolist()
+        means = {name: v / max(n, 1) for name, v in zip(self.NAMES, values)}
+        means["grad_norm_x"] = values[-1] / n_grad if n_grad else None
         return means
 
 
@@ -380,17 +390,40 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
         grad2, _ = utils.input_grad(model, x, y, utils.uniform_delta(x, cfg.eps_frac), create_graph=True)
         reg = utils.grad_align_reg(grad1, grad2, lam)
     total = loss + reg
+    st.skipped = torch.zeros((), device=x.device)
     if update:
         opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
+        st.skipped = optimizer_step(opt, scaler, total)
     with torch.no_grad():
         stats.add(total, reg, logits, y, grad1, torch.clamp(x + pert.delta, 0.0, 1.0) - x)
     return total.detach()
 
 
+def optimizer_step(opt, scaler: torch.amp.GradScaler, total: torch.Tensor) -> torch.Tensor:
+    """Backward and optimiser step through the GradScaler. Returns, on the device (no host sync),
+    1.0 if the step was skipped, else 0.0: with an enabled GradScaler (float16), as with the
+    reference's apex, a step whose loss or gradients are not finite changes no weight and lowers
+    the scale; without one (fp32, bf16) every step is taken."""
+    if not scaler.is_enabled():
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+        return torch.zeros((), device=total.device)
+    one = torch.ones((), device=total.device)
+    scale_before = scaler.scale(one)
+    # A non-finite loss makes every gradient NaN (x 1.0 otherwise), so the GradScaler skips the step.
+    guard = torch.where(torch.isfinite(total.detach()), 1.0, float("nan"))
+    scaler.scale(total * guard).backward()
+    scaler.step(opt)
+    scaler.update()
+    return (scaler.scale(one) < scale_before).float()  # the scale drops exactly when the step was skipped
+
+
 # ------------------------------------------------------------------------------------ the run itself
+MAX_SKIPPED_IN_A_ROW = 100  # float16: the run stops after this many consecutive skipped steps
+SKIP_COUNTERS = ("skipped_steps", "skipped_in_a_row", "stalled_at")  # RunState's float16 counters
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -422,8 +455,31 @@ class RunState:
     best_state: dict
     best_acc: float
     train_seconds: float
-    first_bad_iter: torch.Tensor  # -1, or the first iteration whose loss was not finite
+    first_bad_iter: torch.Tensor  # -1, or the first iteration whose loss was not finite (fp32, bf16)
     free_delta: torch.Tensor | None = None
+    # float16 (a GradScaler): steps skipped since the last metrics record, the current run of skipped
+    # steps, and -1 or the iteration where that run reached MAX_SKIPPED_IN_A_ROW. Device tensors.
+    skipped_steps: torch.Tensor | None = None
+    skipped_in_a_row: torch.Tensor | None = None
+    stalled_at: torch.Tensor | None = None
+
+    def __post_init__(self):
+        device = self.first_bad_iter.device
+        for name in SKIP_COUNTERS:
+            if getattr(self, name) is None:
+                setattr(self, name, torch.tensor(-1 if name == "stalled_at" else 0, device=device))
+
+    def count_step(self, loss: torch.Tensor, skipped: torch.Tensor, skipping: bool) -> None:
+        """Bookkeeping of one step, on the device. skipping (float16): a non-finite step was
+        skipped and counts; otherwise (fp32, bf16) the first non-finite loss is remembered."""
+        if skipping:
+            self.skipped_steps = self.skipped_steps + skipped.long()
+            self.skipped_in_a_row = (self.skipped_in_a_row + 1) * skipped.long()
+            stalled = (self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW) & (self.stalled_at < 0)
+            self.stalled_at = torch.where(stalled, self.iteration, self.stalled_at)
+        else:
+            self.first_bad_iter = torch.where(~torch.isfinite(loss) & (self.first_bad_iter < 0), self.iteration,
+                                              self.first_bad_iter)
 
 
 class RunLog:
@@ -460,6 +516,20 @@ def set_rng_state(state: dict, data_generator: torch.Generator) -> None:
     data_generator.set_state(state["data"])
 
 
+def half_prec_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    return utils.autocast_dtype(device.type, cfg.half_prec_dtype)
+
+
+def forward_model(cfg: Config, model: nn.Module, device: torch.device, scaler: torch.amp.GradScaler) -> nn.Module:
+    """The model every training and periodic-evaluation forward goes through: the model itself in
+    fp32, or under --half_prec its utils.Autocast wrapper (input-gradient passes scaled by the
+    GradScaler's scale under float16; BatchNorm in fp32 when GradAlign is on, as in the reference)."""
+    if not cfg.half_prec:
+        return model
+    return utils.Autocast(model, device.type, half_prec_dtype(cfg, device), scaler=scaler,
+                          batchnorm_fp32=cfg.grad_align_cos_lambda > 0)
+
+
 def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     """SPEC §3.1 item 9 in eval mode, under the training precision; BatchNorm stats untouched."""
     model.eval()
@@ -471,10 +541,19 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     return metrics
 
 
-def check_finite(state: RunState) -> None:
-    bad = int(state.first_bad_iter)
+def check_finite(state: RunState, model: nn.Module) -> None:
+    """Raises NonFiniteLoss (one host sync): in fp32 and bf16 after a non-finite loss; under float16
+    after MAX_SKIPPED_IN_A_ROW consecutive skipped steps; always when a weight is NaN or inf."""
+    weights_ok = torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()
+    bad, stalled, ok = torch.stack([state.first_bad_iter, state.stalled_at, weights_ok.long()]).tolist()
     if bad >= 0:
-        raise NonFiniteLoss(bad)
+        raise NonFiniteLoss(f"the training loss became NaN or inf at iteration {bad}; lower --lr_max (or check "
+                            "the data)")
+    if stalled >= 0:
+        raise NonFiniteLoss(f"{MAX_SKIPPED_IN_A_ROW} steps in a row were skipped for a non-finite loss or gradients "
+                            f"(up to iteration {stalled}); lower --lr_max or use --half_prec_dtype bfloat16")
+    if not ok:
+        raise NonFiniteLoss(f"the weights became NaN or inf by iteration {state.iteration}; lower --lr_max")
 
 
 def train(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: RunState, opt, scaler,
@@ -490,7 +569,7 @@ def train(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: Run
 
 def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: RunState, opt, scaler,
                  log: RunLog, device: torch.device, bar: tqdm) -> None:
-    fwd_model = utils.Autocast(model, device.type) if cfg.half_prec else model
+    fwd_model = forward_model(cfg, model, device, scaler)
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
     n_iters = len(loaders.train)
     st = StepState(free_delta=state.free_delta)
@@ -509,13 +588,14 @@ def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, sta
             st.warm = warmup_factor(cfg, state.iteration)
             loss = train_step(fwd_model, opt, scaler, x, y, cfg, st, stats, update=epoch > 0)
             loss = hooks.apply(state.iteration, loss)
-            state.first_bad_iter = torch.where(~torch.isfinite(loss) & (state.first_bad_iter < 0),
-                                               state.iteration, state.first_bad_iter)
+            state.count_step(loss, st.skipped, scaler.is_enabled())
             if state.iteration % cfg.eval_iter_freq == 0:
-                check_finite(state)  # syncs: the training work so far has finished
+                check_finite(state, model)  # syncs: the training work so far has finished
                 clock.stop_training()
                 record = {"epoch": epoch, "iteration": state.iteration, "lr": lr, **stats.means(),
+                          "skipped_steps": int(state.skipped_steps),
                           **periodic_evaluation(model, fwd_model, loaders, cfg), **clock.times()}
+                state.skipped_steps = torch.zeros_like(state.skipped_steps)
                 utils.append_jsonl(metrics_path, record)
                 log(format_record(record))
                 keep_if_best(state, model, record["train_pgd_acc"])
@@ -524,7 +604,7 @@ def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, sta
             state.iteration += 1
             x_prev, y_prev = x, y
             bar.update(1)
-        check_finite(state)
+        check_finite(state, model)
         clock.stop_training()
         state.next_epoch, state.free_delta = epoch + 1, st.free_delta
         save_resume_state(run_dir, state, model, opt, scaler, loaders.train.generator, metrics_path)
@@ -568,7 +648,9 @@ def save_resume_state(run_dir, state: RunState, model, opt, scaler, generator, m
         "next_epoch": state.next_epoch, "iteration": state.iteration, "model": model.state_dict(),
         "opt": opt.state_dict(), "scaler": scaler.state_dict(), "best_state": state.best_state,
         "best_acc": state.best_acc, "train_seconds": state.train_seconds, "free_delta": state.free_delta,
-        "first_bad_iter": state.first_bad_iter, "metrics_lines": len(utils.read_jsonl(metrics_path)),
+        "first_bad_iter": state.first_bad_iter, "skipped_steps": state.skipped_steps,
+        "skipped_in_a_row": state.skipped_in_a_row, "stalled_at": state.stalled_at,
+        "metrics_lines": len(utils.read_jsonl(metrics_path)),
         "rng": rng_state(generator)}, os.path.join(run_dir, RESUME_FILE))
 
 
@@ -588,6 +670,7 @@ def load_resume_state(run_dir, model, opt, scaler, generator, device) -> RunStat
     return RunState(next_epoch=saved["next_epoch"], iteration=saved["iteration"], best_state=saved["best_state"],
                     best_acc=saved["best_acc"], train_seconds=saved["train_seconds"],
                     first_bad_iter=saved["first_bad_iter"].to(device),
+                    **{k: saved[k].to(device) for k in SKIP_COUNTERS if k in saved},
                     free_delta=None if free_delta is None else free_delta.to(device))
 
 
@@ -641,9 +724,9 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn)
-    model = utils.to_device(model, device).train()
+    model = utils.to_device(model, device, tf32=cfg.tf32).train()
     opt = make_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.half_prec and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.half_prec and half_prec_dtype(cfg, device) == torch.float16)
     state = load_resume_state(run_dir, model, opt, scaler, loaders.train.generator, device)
     if state is None:
         write_config(run_dir, cfg, name, device)
@@ -656,9 +739,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     try:
         train(cfg, model, loaders, run_dir, state, opt, scaler, log, device)
     except NonFiniteLoss as exc:
-        print(f"train.py: error: the training loss became NaN or inf at iteration {exc.args[0]}; "
-              f"lower --lr_max (or check the data); the last good state stays in {run_dir}/{RESUME_FILE}",
-              file=sys.stderr)
+        print(f"train.py: error: {exc}; the last good state stays in {run_dir}/{RESUME_FILE}", file=sys.stderr)
         return EXIT_NONFINITE
     utils.atomic_torch_save({"last": model.state_dict(), "best": state.best_state},
                             os.path.join(run_dir, "model.pth"))
