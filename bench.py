@@ -583,7 +583,7 @@ def run_acceptance(s: Settings) -> dict:
     if cuda:
         report["cuda_tests"] = run_cuda_tests()
         print(f"CUDA tests: {report['cuda_tests']['summary']}")
-        n_images = 2 * s.batch_sizes["resnet18"] if s.quick else CIFAR_TRAIN
+        n_images = 4 * CIFAR_BATCH if s.quick else CIFAR_TRAIN
         report["epochs"] = {m: epoch_seconds("resnet18", m, n_images, CIFAR_BATCH, device)
                             for m in ACCEPTANCE_EPOCH_METHODS}
         report["peak_mib"] = {m: e["peak_mib"] for m, e in report["epochs"].items()}

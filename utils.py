@@ -40,10 +40,12 @@ class _BoxClamp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
         (z,) = ctx.saved_tensors
-        inside = ((z > 0) & (z < 1)).to(grad_out.dtype)
-        on_bound = ((z == 0) | (z == 1)).to(grad_out.dtype)
-        # Written with differentiable ops, so a double backward through the clamp also works.
-        return grad_out * (inside + ctx.at_bound * on_bound), None
+        # Differentiable ops of grad_out, so a double backward through the clamp also works.
+        inside = (z > 0) & (z < 1)
+        if ctx.at_bound == 0.0:
+            return grad_out * inside, None
+        on_bound = (z == 0) | (z == 1)
+        return torch.where(inside, grad_out, grad_out * (ctx.at_bound * on_bound)), None
 
 
 _AT_BOUND = {"zero": 0.0, "half": 0.5}
@@ -87,8 +89,8 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.
     `input_grad_scale` before the backward and the gradient divided by it after, so that small
     gradients do not round to zero in fp16 (the reference's headroom). A scaled pass whose
     gradient is not finite (an fp16 overflow) is redone once in fp32, so no attack takes sign()
-    of inf or NaN; that check costs one host sync per fp16 pass. fp32 and bf16 passes are neither
-    scaled nor checked.
+    of inf or NaN (in train mode that extra forward also updates BatchNorm's running statistics);
+    the check costs one host sync per fp16 pass. fp32 and bf16 passes are neither scaled nor checked.
     """
     delta = delta.detach().requires_grad_(True) if not create_graph else delta.requires_grad_(True)
     scale = model.input_grad_scale(len(y), x.device) if isinstance(model, Autocast) else None

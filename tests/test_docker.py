@@ -79,11 +79,11 @@ GOOD = "FROM python:3.11-slim\nCOPY requirements.txt .\nRUN pip install --no-cac
 
 @pytest.mark.parametrize("dockerfile, requirements, fragment", [
     # the image this repo shipped before: a torch 2.9.0 base and the pins filtered out
-    ("ARG BASE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime\nFROM ${BASE}\nCOPY requirements.txt .\n"
-     "RUN grep -vE '^(torch|torchvision)==' requirements.txt > /tmp/req.txt && pip install -r /tmp/req.txt\n",
+    (("ARG BASE=pytorch/pytorch:2.9.0-cuda12.8-cudnn9-runtime\nFROM ${BASE}\nCOPY requirements.txt .\n"
+      "RUN grep -vE '^(torch|torchvision)==' requirements.txt > /tmp/req.txt && pip install -r /tmp/req.txt\n"),
      REQS, "another torch"),
-    ("FROM pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime\nRUN grep -vE '^torch' requirements.txt \\\n"
-     "    > /tmp/r.txt && pip install -r /tmp/r.txt\n", REQS, "filters"),
+    (("FROM pytorch/pytorch:2.14.1-cuda12.8-cudnn9-runtime\nRUN grep -vE '^torch' requirements.txt \\\n"
+      "    > /tmp/r.txt && pip install -r /tmp/r.txt\n"), REQS, "filters"),
     ("FROM python:3.11-slim\nRUN pip install numpy\n", REQS, "as it is"),
     (GOOD + "RUN pip install torch==2.13.0\n", REQS, "torch==2.13.0"),
     (GOOD, "torch\ntorchvision==0.29.1\n", "does not pin torch"),

@@ -130,7 +130,7 @@ def test_fp16_scaled_input_gradients_keep_confident_examples(confident):
 
 
 def test_scale_follows_the_training_grad_scaler(confident):
-    model, x, _ = confident
+    model = confident[0]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
     fwd = utils.Autocast(model, "cpu", torch.float16, scaler=scaler)
     assert float(fwd.input_grad_scale(32, CPU)) == 2.0 ** 10 / 32
