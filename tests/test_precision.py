@@ -233,25 +233,28 @@ def test_a_nonfinite_fp32_loss_still_stops_with_exit_4(tmp_path, monkeypatch, ca
     assert "NaN or inf at iteration 2" in capsys.readouterr().err
 
 
+def _loop(model: nn.Module, scaler: torch.amp.GradScaler) -> train.Loop:
+    """A training loop's state with only what its bookkeeping reads."""
+    return train.Loop(cfg=None, run_dir="", model=model, fwd_model=model, opt=None, scaler=scaler, loaders=None,
+                      log=None, device=CPU, first_bad_iter=torch.tensor(-1), best_state={})
+
+
 def test_a_hundred_skipped_steps_in_a_row_stop_the_run():
-    state = train.RunState(next_epoch=1, iteration=0, best_state={}, best_acc=0.0, train_seconds=0.0,
-                           first_bad_iter=torch.tensor(-1))
     model = nn.Linear(2, 2)
+    loop = _loop(model, torch.amp.GradScaler("cpu"))
     for i in range(60 + train.MAX_SKIPPED_IN_A_ROW):
-        state.iteration = i
-        skipped = torch.tensor(0.0 if i in (3, 50) else 1.0)  # runs of 46 and 49, then of 100+ from 51
-        state.count_step(torch.tensor(float("nan")), skipped, skipping=True)
+        loop.iteration = i
+        loop.step.skipped = torch.tensor(0.0 if i in (3, 50) else 1.0)  # runs of 46 and 49, then 100+ from 51
+        loop.count_step(torch.tensor(float("nan")))
         if i < 50 + train.MAX_SKIPPED_IN_A_ROW:
-            train.check_finite(state, model)
-    assert int(state.stalled_at) == 50 + train.MAX_SKIPPED_IN_A_ROW
+            loop.check_finite()
+    assert int(loop.stalled_at) == 50 + train.MAX_SKIPPED_IN_A_ROW
     with pytest.raises(train.NonFiniteLoss, match="in a row"):
-        train.check_finite(state, model)
+        loop.check_finite()
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    fresh = train.RunState(next_epoch=1, iteration=9, best_state={}, best_acc=0.0, train_seconds=0.0,
-                           first_bad_iter=torch.tensor(-1))
     with pytest.raises(train.NonFiniteLoss, match="weights"):
-        train.check_finite(fresh, model)
+        _loop(model, torch.amp.GradScaler("cpu", enabled=False)).check_finite()
 
 
 # ------------------------------------------------------------------------- flags and GradScaler
