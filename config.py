@@ -92,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="retrain even if the run has finished")
     a("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
       help="keep the dataset on the GPU and augment there (default: on for CUDA)")
+    a("--half_prec_dtype", default="auto", choices=utils.HALF_PREC_DTYPES,
+      help="dtype of --half_prec: auto = float16 on CUDA, bfloat16 on CPU; float16 always comes with a "
+           "GradScaler, scaled input gradients and skipped non-finite steps (on the CPU too)")
+    a("--tf32", action="store_true", help="let CUDA matmuls and convolutions use TF32 (default: IEEE fp32)")
     return p
 
 
@@ -133,6 +137,8 @@ class Config:
     out_dir: str
     overwrite: bool
     data_on_device: bool | None
+    half_prec_dtype: str
+    tf32: bool
 
     @property
     def eps_frac(self) -> float:
@@ -176,6 +182,8 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
         (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
+        (cfg.half_prec or cfg.half_prec_dtype == "auto",
+         f"--half_prec_dtype {cfg.half_prec_dtype} has no effect without --half_prec: add --half_prec or drop it"),
     ]
     return next((message for ok, message in checks if not ok), None)
 

@@ -34,7 +34,8 @@ NAME_FIELDS = {"epochs": "ep", "lr_schedule": "", "lr_max": "lr", "batch_size": 
                "fgsm_alpha": "fa", "minibatch_replay": "mr", "pgd_train_n_iters": "pgdk",
                "pgd_alpha_train": "pgda", "attack_iters": "ai", "n_layers": "nl", "n_filters_cnn": "nf",
                "eval_iter_freq": "eif", "n_eval_every_k_iter": "nek", "n_final_eval": "nfe",
-               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-"}
+               "half_prec": "hp", "half_prec_dtype": "hpd", "tf32": "tf32", "debug": "debug",
+               "eval_early_stopped_model": "es", "clamp_grad": "clamp-"}
 
 
 def run_name(cfg, defaults: dict) -> str:
