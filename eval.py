@@ -7,6 +7,9 @@ Loads this repo's model.pth, the authors' released {'last', 'best'} files and ba
 reference (models/<name>.pth). eps is in 1/255 units; the PGD step is eps/4. An example counts as
 robust only if no restart fools it. Progress goes to stderr; the LAST line on stdout is one JSON
 object: {"clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "model_path", ...}.
+--attack autoattack (or apgd-ce, apgd-t) also runs that attack on the same points after PGD-50-10 and
+adds its accuracy ("aa_acc", "apgd_ce_acc", "apgd_t_acc"), name, version, library and passes per
+example; it needs the optional extra `pip install --no-deps -r requirements-aa.txt`.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import sys
 import torch
 from tqdm import tqdm
 
+import autoattack_eval
 import data
 import models
 import utils
@@ -49,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n_restarts", type=int, default=10, help="PGD random restarts")
     a("--attack_init", default="random", choices=("random", "zero"),
       help="PGD start: uniform in the eps-ball, or zero (then only one restart makes sense)")
+    a("--attack", default="pgd", choices=("pgd", *autoattack_eval.ATTACKS),
+      help="pgd: PGD-50-10 only; autoattack (standard), apgd-ce or apgd-t: that attack too, on the same points")
     return p
 
 
@@ -75,6 +81,8 @@ def check_flags(args) -> str | None:
 
 def evaluate(args) -> dict:
     """Loads data and checkpoint (raising one-line errors), then measures clean and PGD accuracy."""
+    if args.attack != "pgd":
+        autoattack_eval.load_library()  # before any work: a missing extra fails at once
     device = utils.resolve_device(args.device, args.gpu)
     info = data.DATASETS[args.dataset]
     data.check_model_input(args.model, info.shape)
@@ -98,10 +106,16 @@ def evaluate(args) -> dict:
                                                   args.seed, progress=bar.update)
         else:
             result = zero_start_accuracy(forward, batches, eps, args.attack_iters, progress=bar.update)
-    return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
-            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
-            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
-            "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
+           "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
+           "set": args.set, "weights": "best" if args.early_stopped_model else "last",
+           "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+    if args.attack != "pgd":
+        with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
+            extra = autoattack_eval.attack_accuracy(forward, batches, eps, args.attack, args.seed, info.n_classes,
+                                                    progress=bar.update)
+        out.update(extra.json_fields())
+    return out
 
 
 def zero_start_accuracy(model, batches, eps: float, n_iters: int, progress=None) -> utils.RobustEval:
@@ -127,11 +141,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(problem)
     try:
         result = evaluate(args)
-    except (ValueError, data.DataMissingError, models.CheckpointError) as exc:
+    except (ValueError, data.DataMissingError, models.CheckpointError, autoattack_eval.AttackUnavailable) as exc:
         print(f"eval.py: error: {exc}", file=sys.stderr)
         return 2
     print(f"clean {result['clean_acc']:.2%}, PGD-{args.attack_iters}-{args.n_restarts} {result['pgd_acc']:.2%} "
           f"on the first {result['n_eval']} {args.set} points", file=sys.stderr)
+    if args.attack != "pgd":
+        print(f"{result['attack']} ({result['attack_version']}, {result['attack_library']}) "
+              f"{result[autoattack_eval.PREFIX[args.attack] + '_acc']:.2%}", file=sys.stderr)
     print(json.dumps(result))
     return 0
 
