@@ -13,6 +13,9 @@ for a few seconds with train.main, and on an untrained resnet18 (random images l
 predictions, so every example is attacked): images/s, forward+backward passes per example (the
 reference attacks every example in every restart: steps x restarts of them), the robust accuracy
 and the floor that accuracy implies (an example that stays robust costs every pass).
+With --autoattack, also standard AutoAttack (autoattack_eval.py, torchattacks) on the digits cnn's
+points, beside its PGD-50-10: images/s, forward+backward and forward-only passes per example, and
+the accuracy after each of its four attacks (--quick: a custom version, 5 iterations, 50 queries).
 On CUDA also the peak memory of each (torch.cuda.max_memory_allocated after a reset). On the CPU a
 time budget (--budget_s, 150 s) caps the timing rounds, so a busy machine gives fewer rounds, not a
 longer run.
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import autoattack_eval
 import data
 import models
 import train
@@ -99,6 +103,7 @@ class Settings:
     threads: int
     out: str
     quick: bool
+    autoattack: bool                # also AutoAttack on the digits cnn
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own choice)")
     a("--out", default="bench.json", help="where the numbers go (default bench.json)")
     a("--quick", action="store_true", help="tiny sizes and one round (for the tests)")
+    a("--autoattack", action="store_true",
+      help=f"also time standard AutoAttack on the digits cnn (needs `{autoattack_eval.INSTALL}`)")
     return p
 
 
@@ -129,6 +136,10 @@ def parse_settings(argv: list[str] | None) -> Settings:
         parser.error(str(exc))
     if (args.batch_size is not None and args.batch_size < 1) or (args.repeats is not None and args.repeats < 1):
         parser.error("--batch_size and --repeats must be >= 1")
+    if args.autoattack and not autoattack_eval.available():
+        parser.error(f"--autoattack needs torchattacks, an optional extra: run `{autoattack_eval.INSTALL}`")
+    if args.autoattack and "cnn" not in args.models:
+        parser.error("--autoattack times the digits cnn: add cnn to --models")
     cuda = device.type == "cuda"
     n_digits_test = len(data.load_split("digits", "", train=False))
     if args.quick:
@@ -150,7 +161,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return Settings(device=str(device), models=tuple(dict.fromkeys(args.models)), batch_sizes=batch_sizes,
                     evals=evals, digits_epochs=digits_epochs, repeats=repeats, warmup=3 if cuda else 1,
                     min_sample_s=0.0 if args.quick else 0.05, budget_s=budget_s, half_prec=args.half_prec,
-                    threads=args.threads, out=args.out, quick=args.quick)
+                    threads=args.threads, out=args.out, quick=args.quick, autoattack=args.autoattack)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -325,6 +336,20 @@ def timed_robust_accuracy(model: nn.Module, batches, eps: float, size: EvalSize,
             "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
+def timed_autoattack(model: nn.Module, batches, eps: float, s: Settings, device: torch.device) -> dict:
+    """AutoAttack once on the points of the PGD evaluation: speed, passes per example, accuracies."""
+    budget = {"n_iters": 5, "square_queries": 50} if s.quick else {}
+    synchronize(device)
+    start = time.perf_counter()
+    result = autoattack_eval.attack_accuracy(model, batches, eps, "autoattack", 0, N_CLASSES, **budget)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    n = result.n_eval
+    return {**result.description(), "seconds": seconds, "images_per_s": n / seconds, "clean_acc": result.clean_acc,
+            "robust_acc": result.robust_acc, "stage_acc": result.stage_acc,
+            "grad_passes_per_example": result.grad_passes / n, "forward_passes_per_example": result.forward_passes / n}
+
+
 def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
     """cnn: the trained digits model on the first test points; resnet18: untrained, on random images
     labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
@@ -333,8 +358,11 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
         model, eps, train_s = train_digits_cnn(s, device)
         split = data.load_split("digits", "", train=False)
         batches = data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval, device=device)
-        return {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
-                "train_seconds": train_s, **timed_robust_accuracy(model, batches, eps, size, device)}
+        result = {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
+                  "train_seconds": train_s, **timed_robust_accuracy(model, batches, eps, size, device)}
+        if s.autoattack:
+            result["autoattack"] = timed_autoattack(model, batches, eps, s, device)
+        return result
     torch.manual_seed(0)
     shape = INPUT_SHAPES[model_name]
     model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).eval()
@@ -371,6 +399,12 @@ def format_eval(model_name: str, e: dict) -> str:
     if e["peak_mib"] is not None:
         text += (f"; peak {e['peak_mib']:.0f} MiB; {e['distinct_batch_sizes']} distinct batch sizes "
                  f"(cudnn.benchmark {e['cudnn_benchmark']}: each new size is autotuned)")
+    if "autoattack" in e:
+        a = e["autoattack"]
+        stages = ", ".join(f"{name} {acc:.3f}" for name, acc in a["stage_acc"].items())
+        text += (f"\n{model_name}: AutoAttack ({a['attack_version']}, {a['attack_library']}) on the same points: "
+                 f"{a['images_per_s']:.1f} images/s, {a['grad_passes_per_example']:.1f} fwd+bwd and "
+                 f"{a['forward_passes_per_example']:.1f} forward-only passes per example, robust acc after {stages}")
     return text
 
 
