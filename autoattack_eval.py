@@ -33,6 +33,7 @@ N_ITERS = 100          # APGD-CE, APGD-T and FAB-T iterations
 N_TARGET_CLASSES = 9   # APGD-T and FAB-T target classes (fewer where the data has fewer classes)
 SQUARE_QUERIES = 5000  # Square's queries per point
 SQUARE_P_INIT = 0.8    # Square's initial fraction of pixels changed
+MIN_CLASSES_DLR = 4    # the DLR loss divides by the gap between the largest and the third/fourth logit
 
 
 class AttackUnavailable(Exception):
@@ -46,6 +47,14 @@ def load_library():
     except ImportError:
         raise AttackUnavailable(f"AutoAttack and APGD need torchattacks, an optional extra: run `{INSTALL}`") from None
     return torchattacks
+
+
+def class_problem(attack: str, n_classes: int) -> str | None:
+    """Why `attack` cannot run on a model with n_classes outputs (one line), or None."""
+    if attack != "apgd-ce" and n_classes < MIN_CLASSES_DLR:
+        return (f"--attack {attack} needs at least {MIN_CLASSES_DLR} classes (the DLR loss of APGD-T), "
+                f"this data set has {n_classes}; use apgd-ce")
+    return None
 
 
 def available() -> bool:
@@ -157,8 +166,9 @@ def attack_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     """
     if attack not in STAGES:
         raise ValueError(f"unknown attack '{attack}': choose one of {', '.join(ATTACKS)}")
-    if n_classes < 2:
-        raise ValueError("AutoAttack needs at least 2 classes")
+    problem = class_problem(attack, n_classes)
+    if problem:
+        raise ValueError(problem)
     lib = load_library()
     counted = stages = None
     n_clean = n_total = 0

@@ -81,10 +81,13 @@ def check_flags(args) -> str | None:
 
 def evaluate(args) -> dict:
     """Loads data and checkpoint (raising one-line errors), then measures clean and PGD accuracy."""
-    if args.attack != "pgd":
-        autoattack_eval.load_library()  # before any work: a missing extra fails at once
-    device = utils.resolve_device(args.device, args.gpu)
     info = data.DATASETS[args.dataset]
+    if args.attack != "pgd":  # before any work: a missing extra or an unsuitable data set fails at once
+        autoattack_eval.load_library()
+        problem = autoattack_eval.class_problem(args.attack, info.n_classes)
+        if problem:
+            raise ValueError(problem)
+    device = utils.resolve_device(args.device, args.gpu)
     data.check_model_input(args.model, info.shape)
     path = resolve_model_path(args.model_path)
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")

@@ -219,6 +219,9 @@ def check_flags(cfg: Config) -> str | None:
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
         (not cfg.final_autoattack or autoattack_eval.available(),
          f"--final_autoattack needs torchattacks, an optional extra: run `{autoattack_eval.INSTALL}`"),
+        (not cfg.final_autoattack or data.DATASETS[cfg.dataset].n_classes >= autoattack_eval.MIN_CLASSES_DLR,
+         (f"--final_autoattack needs at least {autoattack_eval.MIN_CLASSES_DLR} classes (AutoAttack's DLR loss); "
+          f"{cfg.dataset} has {data.DATASETS[cfg.dataset].n_classes}: drop the flag")),
     ]
     return next((message for ok, message in checks if not ok), None)
 
