@@ -213,7 +213,7 @@ def autoattack_columns(finals: list[dict]) -> dict:
         row[f"{prefix}_aa_mean"], row[f"{prefix}_aa_std"] = mean_std([100 * r["aa_acc"] for r in results])
         row[f"{prefix}_gap_mean"], row[f"{prefix}_gap_std"] = mean_std(
             [100 * (r["pgd_acc"] - r["aa_acc"]) for r in results])
-        if row[f"{prefix}_gap_mean"] > GAP_FLAG:
+        if row[f"{prefix}_gap_mean"] > GAP_FLAG + 1e-9:  # a gap of exactly 5 points (in floats) is not flagged
             masking.append(prefix)
     row["masking"] = " ".join(masking)
     return row
@@ -327,7 +327,8 @@ def slug(text: str) -> str:
 
 def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
     """Fig. 1 / Fig. 8: robust accuracy (%) vs eps per method, a band of ±1 std over seeds; one PNG per
-    dataset and model, with a second panel for the early-stopped weights when they were evaluated."""
+    dataset and model, with a second panel for the early-stopped weights when they were evaluated.
+    Runs with AutoAttack add its mean as a dashed line of the method's colour."""
     plt = pyplot()
     paths = []
     for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
@@ -345,7 +346,13 @@ def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
                 std = np.array([r[f"{column}_std"] for r in mine])
                 line, = ax.plot(eps, mean, marker="o", label=method)
                 ax.fill_between(eps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)", ylabel="PGD accuracy (%)")
+                aa_column = column.replace("_pgd", "_aa")
+                with_aa = [r for r in mine if not np.isnan(r.get(f"{aa_column}_mean", np.nan))]
+                if with_aa:  # AutoAttack of the same runs, dashed, in the method's colour
+                    ax.plot([r["eps"] for r in with_aa], [r[f"{aa_column}_mean"] for r in with_aa], marker="x",
+                            linestyle="--", color=line.get_color(), label=f"{method} (AutoAttack)")
+            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)",
+                   ylabel="PGD accuracy (%)" + (", AutoAttack dashed" if has_autoattack(part) else ""))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
