@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attack_init", default="random", choices=("random", "zero"),
       help="PGD start: uniform in the eps-ball, or zero (then only one restart makes sense)")
     a("--attack", default="pgd", choices=("pgd", *autoattack_eval.ATTACKS),
-      help="pgd: PGD-50-10 only; autoattack (standard), apgd-ce or apgd-t: that attack too, on the same points")
+      help="pgd: PGD only; autoattack (the standard version), apgd-ce or apgd-t: PGD, then that attack on the "
+           "same points (optional extra: requirements-aa.txt)")
     return p
 
 
