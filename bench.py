@@ -13,6 +13,9 @@ for a few seconds with train.main, and on an untrained resnet18 (random images l
 predictions, so every example is attacked): images/s, forward+backward passes per example (the
 reference attacks every example in every restart: steps x restarts of them), the robust accuracy
 and the floor that accuracy implies (an example that stays robust costs every pass).
+With --autoattack, also standard AutoAttack (autoattack_eval.py, torchattacks) on the digits cnn's
+points, beside its PGD-50-10: images/s, forward+backward and forward-only passes per example, and
+the accuracy after each of its four attacks (--quick: a custom version, 5 iterations, 50 queries).
 On CUDA also the peak memory of each (torch.cuda.max_memory_allocated after a reset). On the CPU a
 time budget (--budget_s, 150 s) caps the timing rounds, so a busy machine gives fewer rounds, not a
 longer run.
@@ -38,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import autoattack_eval
 import data
 import methods
 import models
@@ -99,6 +103,7 @@ class Settings:
     out: str
     quick: bool
     acceptance: bool
+    autoattack: bool = False        # also AutoAttack on the digits cnn
     n_layers: int = 1               # conv layers of cnn and cnn_bn
     n_filters_cnn: int = 16         # their filters
 
@@ -124,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
            "GradAlign and PGD-10 on 50,000 synthetic images, a 30-epoch projection; without CUDA the CPU "
            "parts only")
     a("--quick", action="store_true", help="tiny sizes and one round (for the tests)")
+    a("--autoattack", action="store_true",
+      help=f"also time standard AutoAttack on the digits cnn (needs `{autoattack_eval.INSTALL}`)")
     a("--n_layers", type=int, default=1, help="conv layers of cnn and cnn_bn in the timed training steps (as train.py's flag)")
     a("--n_filters_cnn", type=int, default=16, help="filters of cnn and cnn_bn in the timed training steps (as train.py's flag)")
     return p
@@ -140,6 +147,10 @@ def parse_settings(argv: list[str] | None) -> Settings:
         parser.error(str(exc))
     if (args.batch_size is not None and args.batch_size < 1) or (args.repeats is not None and args.repeats < 1):
         parser.error("--batch_size and --repeats must be >= 1")
+    if args.autoattack and not autoattack_eval.available():
+        parser.error(f"--autoattack needs torchattacks, an optional extra: run `{autoattack_eval.INSTALL}`")
+    if args.autoattack and "cnn" not in args.models:
+        parser.error("--autoattack times the digits cnn: add cnn to --models")
     if args.n_layers < 1 or args.n_filters_cnn < 1:
         parser.error("--n_layers and --n_filters_cnn must be >= 1")
     cuda = device.type == "cuda"
@@ -166,6 +177,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
                     min_sample_s=0.0 if args.quick else 0.05, budget_s=budget_s, half_prec=args.half_prec,
                     threads=args.threads, quick=args.quick, acceptance=args.acceptance,
                     out=args.out or ("acceptance.json" if args.acceptance else "bench.json"),
+                    autoattack=args.autoattack,
                     n_layers=args.n_layers, n_filters_cnn=args.n_filters_cnn)
 
 
@@ -349,6 +361,20 @@ def timed_robust_accuracy(model: nn.Module, batches, eps: float, size: EvalSize,
             "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
 
 
+def timed_autoattack(model: nn.Module, batches, eps: float, s: Settings, device: torch.device) -> dict:
+    """AutoAttack once on the points of the PGD evaluation: speed, passes per example, accuracies."""
+    budget = {"n_iters": 5, "square_queries": 50} if s.quick else {}
+    synchronize(device)
+    start = time.perf_counter()
+    result = autoattack_eval.attack_accuracy(model, batches, eps, "autoattack", 0, N_CLASSES, **budget)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    n = result.n_eval
+    return {**result.description(), "seconds": seconds, "images_per_s": n / seconds, "clean_acc": result.clean_acc,
+            "robust_acc": result.robust_acc, "stage_acc": result.stage_acc,
+            "grad_passes_per_example": result.grad_passes / n, "forward_passes_per_example": result.forward_passes / n}
+
+
 def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
     """cnn: the trained digits model on the first test points; resnet18 and cnn_bn: untrained, on random
     images labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
@@ -357,8 +383,11 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
         model, eps, train_s = train_digits_cnn(s, device)
         split = data.load_split("digits", "", train=False)
         batches = data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval, device=device)
-        return {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
-                "train_seconds": train_s, **timed_robust_accuracy(model, batches, eps, size, device)}
+        result = {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
+                  "train_seconds": train_s, **timed_robust_accuracy(model, batches, eps, size, device)}
+        if s.autoattack:
+            result["autoattack"] = timed_autoattack(model, batches, eps, s, device)
+        return result
     torch.manual_seed(0)
     shape = INPUT_SHAPES[model_name]
     model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
@@ -633,6 +662,12 @@ def format_eval(model_name: str, e: dict) -> str:
     if e["peak_mib"] is not None:
         text += (f"; peak {e['peak_mib']:.0f} MiB; {e['distinct_batch_sizes']} distinct batch sizes "
                  f"(cudnn.benchmark {e['cudnn_benchmark']}: each new size is autotuned)")
+    if "autoattack" in e:
+        a = e["autoattack"]
+        stages = ", ".join(f"{name} {acc:.3f}" for name, acc in a["stage_acc"].items())
+        text += (f"\n{model_name}: AutoAttack ({a['attack_version']}, {a['attack_library']}) on the same points: "
+                 f"{a['images_per_s']:.1f} images/s, {a['grad_passes_per_example']:.1f} fwd+bwd and "
+                 f"{a['forward_passes_per_example']:.1f} forward-only passes per example, robust acc after {stages}")
     return text
 
 

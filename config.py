@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import autoattack_eval
 import data
 import models
 import utils
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--debug", action="store_true", help="no log file; final evaluation PGD-10 with 3 restarts")
     a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign's lambda (0: off)")
     a("--eval_early_stopped_model", action="store_true", help="also evaluate the early-stopped ('best') weights")
+    a("--final_autoattack", action="store_true",
+      help="final.json also gets standard AutoAttack accuracy (optional extra: requirements-aa.txt)")
     a("--eval_iter_freq", type=int, default=200, help="iterations between periodic evaluations")
     a("--n_eval_every_k_iter", type=int, default=256, help="size of the periodic-evaluation subsets")
     a("--n_final_eval", type=int, default=-1, help="first test points of the final evaluation (-1: all)")
@@ -124,6 +127,7 @@ class Config:
     half_prec: bool
     grad_align_cos_lambda: float
     eval_early_stopped_model: bool
+    final_autoattack: bool
     eval_iter_freq: int
     n_eval_every_k_iter: int
     n_layers: int
@@ -184,6 +188,11 @@ def check_flags(cfg: Config) -> str | None:
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
         (cfg.half_prec or cfg.half_prec_dtype == "auto",
          f"--half_prec_dtype {cfg.half_prec_dtype} has no effect without --half_prec: add --half_prec or drop it"),
+        (not cfg.final_autoattack or autoattack_eval.available(),
+         f"--final_autoattack needs torchattacks, an optional extra: run `{autoattack_eval.INSTALL}`"),
+        (not cfg.final_autoattack or data.DATASETS[cfg.dataset].n_classes >= autoattack_eval.MIN_CLASSES_DLR,
+         (f"--final_autoattack needs at least {autoattack_eval.MIN_CLASSES_DLR} classes (AutoAttack's DLR loss); "
+          f"{cfg.dataset} has {data.DATASETS[cfg.dataset].n_classes}: drop the flag")),
     ]
     return next((message for ok, message in checks if not ok), None)
 

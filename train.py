@@ -9,8 +9,10 @@ arXiv 2007.02617.
 Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; inside, eps is
 converted once (Config.eps_frac). A run writes out_dir/<run name>/: config.json, metrics.jsonl (one
 object per periodic evaluation), log.txt, model.pth ({'last', 'best'} state_dicts, the format of the
-authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy). Relaunching a finished
-run does nothing; relaunching an interrupted one resumes from its last completed epoch.
+authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy; with --final_autoattack
+also AutoAttack's). Relaunching a finished run does nothing (with --final_autoattack it adds AutoAttack
+to a final.json that lacks it, from model.pth); relaunching an interrupted one resumes from its last
+completed epoch.
 
 Reading order: flags and config (config.py) -> data -> the training perturbations and the training
 step -> evaluation -> the epoch loop -> run and main. The run directory's plumbing is in rundir.py,
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import autoattack_eval
 import data
 import models
 import rundir
@@ -284,7 +287,19 @@ def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: D
         result = utils.seeded_robust_accuracy(model, loaders.test_final, cfg.eps_frac, n_iters, n_restarts,
                                               cfg.seed, progress=bar.update)
     cos = utils.cos_x_eta(model, loaders.test_final, cfg.eps_frac, cfg.clamp_grad)
-    return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    if cfg.final_autoattack:
+        out.update(final_autoattack(cfg, model, loaders, label))
+    return out
+
+
+def final_autoattack(cfg: Config, model: nn.Module, loaders: Data, label: str) -> dict:
+    """Standard AutoAttack on the final-evaluation points (model in fp32 and eval mode), seeded with
+    --seed: {"aa_acc", "aa_stage_acc", "aa_grad_passes_per_example", "aa_forward_passes_per_example"}."""
+    with tqdm(total=loaders.n_final, desc=f"AutoAttack ({label})", unit="img", leave=False, disable=None) as bar:
+        result = autoattack_eval.attack_accuracy(model, loaders.test_final, cfg.eps_frac, "autoattack", cfg.seed,
+                                                 loaders.info.n_classes, progress=bar.update)
+    return result.result_fields()
 
 
 def format_record(r: dict) -> str:
@@ -495,12 +510,50 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
                   "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc})
+    if cfg.final_autoattack:
+        final["autoattack"] = autoattack_eval.describe("autoattack")
     rundir.atomic_write_json(os.path.join(run_dir, "final.json"), final)
     rundir.remove_resume_state(run_dir)
     for key in ("last", "best"):
         if key in final:
             loop.log(f"final ({key}): clean {final[key]['clean_acc']:.2%}, PGD-{n_iters}-{n_restarts} "
                      f"{final[key]['pgd_acc']:.2%} on {final['n_eval']} test points")
+            if "aa_acc" in final[key]:
+                loop.log(f"final ({key}): AutoAttack {final[key]['aa_acc']:.2%}")
+    print(json.dumps({"run_dir": run_dir, **final}))
+    return EXIT_OK
+
+
+def lacks_autoattack(cfg: Config, final_path: str) -> bool:
+    """--final_autoattack was asked, and the finished run's final.json has no AutoAttack accuracy."""
+    if not cfg.final_autoattack:
+        return False
+    with open(final_path) as f:
+        final = json.load(f)
+    return any(key in final and "aa_acc" not in final[key] for key in ("last", "best"))
+
+
+def add_autoattack(cfg: Config, run_dir: str, device: torch.device, loaders: Data) -> int:
+    """Adds AutoAttack of the saved weights to a finished run's final.json, without retraining."""
+    final_path = os.path.join(run_dir, "final.json")
+    with open(final_path) as f:
+        final = json.load(f)
+    model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
+                               cfg.n_filters_cnn)
+    model = utils.to_device(model, device).float().eval()
+    try:
+        for key in ("last", "best"):
+            if key in final and "aa_acc" not in final[key]:
+                models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))
+                final[key].update(final_autoattack(cfg, model, loaders, key))
+    except models.CheckpointError as exc:
+        print(f"train.py: error: {exc}; rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
+    final["autoattack"] = autoattack_eval.describe("autoattack")
+    rundir.atomic_write_json(final_path, final)
+    rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))(
+        "final: AutoAttack added to final.json: " + ", ".join(
+            f"{key} {final[key]['aa_acc']:.2%}" for key in ("last", "best") if key in final))
     print(json.dumps({"run_dir": run_dir, **final}))
     return EXIT_OK
 
@@ -510,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     name = run_name(cfg, defaults)
     run_dir = os.path.join(cfg.out_dir, name)
     final_path = os.path.join(run_dir, "final.json")
-    if os.path.exists(final_path) and not cfg.overwrite:  # before loading any data: relaunched sweeps are cheap
+    if os.path.exists(final_path) and not cfg.overwrite and not lacks_autoattack(cfg, final_path):
+        # before loading any data: relaunched sweeps are cheap
         print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
         return EXIT_OK
     try:
@@ -528,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_LOCKED
     try:
         if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
+            if lacks_autoattack(cfg, final_path):
+                return add_autoattack(cfg, run_dir, device, loaders)
             print(f"{run_dir} is finished: nothing to do")
             return EXIT_OK
         return run(cfg, name, device, loaders)

@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
+import autoattack_eval
 import bench
 
 
-def run_quick(tmp_path, device: str) -> dict:
+def run_quick(tmp_path, device: str, *extra: str) -> dict:
     out = tmp_path / "b.json"
     # One thread: the test stays fast when other processes share the cores.
-    assert bench.main(["--quick", "--device", device, "--threads", "1", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--device", device, "--threads", "1", "--out", str(out), *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -40,11 +41,20 @@ def check_report(report: dict, device: str) -> None:
 
 
 def test_quick_bench_on_cpu_writes_every_number(tmp_path, capsys):
-    report = run_quick(tmp_path, "cpu")
+    with_aa = autoattack_eval.available()  # the optional extra (installed by the README's test command)
+    report = run_quick(tmp_path, "cpu", *(["--autoattack"] if with_aa else []))
     check_report(report, "cpu")
+    printed = capsys.readouterr().out
+    if with_aa:  # AutoAttack beside PGD on the digits cnn's points, at --quick's custom budget
+        cnn = report["eval"]["cnn"]
+        a = cnn["autoattack"]
+        assert (a["attack"], a["attack_version"], a["clean_acc"]) == ("autoattack", "custom", cnn["clean_acc"])
+        assert list(a["stage_acc"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+        assert 0 <= a["robust_acc"] <= a["clean_acc"] and a["images_per_s"] > 0
+        assert a["grad_passes_per_example"] >= 6 * a["robust_acc"]  # a robust point took APGD-CE's 5 steps + 1
+        assert "AutoAttack (custom, torchattacks" in printed
     for steps in report["steps"].values():
         assert all(m["peak_mib"] is None for m in steps["methods"].values())
-    printed = capsys.readouterr().out
     assert "FGSM + GradAlign" in printed and "images/s" in printed and "floor" in printed
 
 
