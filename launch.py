@@ -28,8 +28,6 @@ import time
 from dataclasses import dataclass
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-EXIT_MEANINGS = {1: "error (see the log)", 2: "bad input", 3: "in progress elsewhere (locked)",
-                 4: "the training loss became NaN or inf"}
 
 
 @dataclass(frozen=True)
@@ -66,15 +64,15 @@ def train_args(argv: list[str]) -> list[str] | None:
 def run_dir_of(args: list[str]) -> str | None:
     """out_dir/<run name> that train.py would write for these flags; None if argparse rejects them.
     Flags that parse but fail train.py's checks (say --eps -1) still get their name."""
-    import train  # imports torch: only when needed
-    parser = train.build_parser()
+    import config  # imports torch: only when needed
+    import rundir
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            namespace = parser.parse_args(args)
+            namespace = config.build_parser().parse_args(args)
     except SystemExit:
         return None
-    cfg, defaults = train.config_and_defaults(parser, namespace)
-    return os.path.join(cfg.out_dir, train.run_name(cfg, defaults))
+    cfg, defaults = config.config_and_defaults(namespace)
+    return os.path.join(cfg.out_dir, rundir.run_name(cfg, defaults))
 
 
 def has_device_flag(args: list[str]) -> bool:
@@ -165,6 +163,7 @@ def describe(returncode: int | None) -> str:
             return f"killed by signal {signal.Signals(-returncode).name}"
         except ValueError:
             return f"killed by signal {-returncode}"
+    from config import EXIT_MEANINGS
     return EXIT_MEANINGS.get(returncode, "error (see the log)")
 
 

@@ -9,7 +9,10 @@ give mean and std (population std, ddof=0) of the final clean and PGD accuracy, 
 last and the early-stopped ('best') weights. Writes OUT/report.md, OUT/report.csv (one row per group),
 OUT/robust_vs_eps_<dataset>_<model>.png, and OUT/curves.png with --curves. Groups whose evaluation
 protocol differs from the paper's (1000 test points, PGD-50-10, no --debug) or within the group are
-flagged with a dagger and explained under the tables.
+flagged with a dagger and explained under the tables. Runs trained with --final_autoattack add
+AutoAttack tables (accuracy, and PGD minus AutoAttack per method and eps, from the runs that have
+both); a mean gap over GAP_FLAG points is marked ‡ as possible gradient masking. Without such runs
+the report and its CSV have no AutoAttack columns.
 """
 from __future__ import annotations
 
@@ -25,26 +28,31 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import methods
+import rundir
+
 STD_DDOF = 0  # population std over seeds, as numpy's np.std
 PAPER_PROTOCOL = {"n_eval": 1000, "attack_iters": 50, "n_restarts": 10}
 # Our offline demo data set is not in the paper: its protocol is its whole test set.
 OWN_PROTOCOL = {"digits": {"n_eval": 397, "attack_iters": 50, "n_restarts": 10}}
-# The paper's row order; other methods follow alphabetically.
-METHOD_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradAlign", "Free-AT (m=8)",
-                "PGD-2", "PGD-10", "N-FGSM", "ZeroGrad", "ELLE", "ELLE-A"]
-# Forward+backward passes of one training step, as bench.py counts them (f: a forward only; dbl: a
-# double backprop; ELLE's 3 are one pass over three points per example). bench.py measures their cost.
-PASSES_PER_STEP = {"FGSM": "2", "FGSM-RS": "2", "FGSM + GradAlign": "3+dbl", "FGSM-RS + GradAlign": "3+dbl",
-                   "Free-AT (m=8)": "2", "N-FGSM": "2", "ZeroGrad": "2", "ELLE": "2+3", "ELLE-A": "2+3",
-                   "FGSM + GradAlign (FD)": "3+2"}
+# The paper's row order, then the later methods (methods.py); other methods follow alphabetically.
+METHOD_ORDER = methods.ROW_ORDER
+# Forward+backward passes of one training step, as methods.py counts them and bench.py measures their
+# cost (FGSM-RS + GradAlign, not in that table, makes GradAlign's passes).
+PASSES_PER_STEP = {**{m.label: m.passes for m in methods.METHODS.values()},
+                   "FGSM-RS + GradAlign": methods.METHODS["gradalign"].passes}
 # Config keys that do not change results (or are the group key / seed); the others must agree in a group.
 NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
                 "data_dir", "out_dir", "download", "overwrite", "data_on_device", "batch_size_eval", "fname",
-                "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval"}
+                "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval", "final_autoattack"}
 CSV_COLUMNS = ["dataset", "model", "method", "eps", "n_seeds", "seeds", "n_eval", "attack_iters", "n_restarts",
                "last_clean_mean", "last_clean_std", "last_pgd_mean", "last_pgd_std",
                "best_clean_mean", "best_clean_std", "best_pgd_mean", "best_pgd_std", "n_best",
                "cos_x_eta_mean", "cos_x_eta_std", "train_minutes_mean", "flags"]
+# Added when some run has AutoAttack (train.py --final_autoattack); gaps are PGD minus AutoAttack, in points.
+AA_CSV_COLUMNS = ["n_aa", "last_aa_mean", "last_aa_std", "last_gap_mean", "last_gap_std",
+                  "best_aa_mean", "best_aa_std", "best_gap_mean", "best_gap_std", "masking"]
+GAP_FLAG = 5.0  # points of PGD minus AutoAttack above which a group is flagged as possible gradient masking
 
 
 @dataclass(frozen=True)
@@ -60,26 +68,9 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_metrics(run_dir: str) -> list[dict]:
     """The periodic evaluations of a run (metrics.jsonl), skipping a torn last line."""
-    records = []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return records
+    return rundir.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
@@ -90,9 +81,9 @@ def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
         for folder, _, files in os.walk(root):
             if "config.json" not in files or not fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
                 continue
-            config = read_json(os.path.join(folder, "config.json"))
+            config = rundir.read_json(os.path.join(folder, "config.json"))
             if config is not None:
-                runs[os.path.realpath(folder)] = Run(folder, config, read_json(os.path.join(folder, "final.json")))
+                runs[os.path.realpath(folder)] = Run(folder, config, rundir.read_json(os.path.join(folder, "final.json")))
     return sorted(runs.values(), key=lambda r: r.path)
 
 
@@ -105,7 +96,7 @@ def method_name(config: dict) -> str:
     if attack == "fgsm" and float(config.get("zerograd_q", 0.0)) > 0:
         name = "ZeroGrad"
     elif attack == "nfgsm":
-        noise, alpha = float(config.get("nfgsm_noise_mult", 2.0)), float(config.get("fgsm_alpha", 1.0))
+        noise, alpha = float(config.get("nfgsm_noise_mult", 2.0)), float(config.get("fgsm_alpha") or 1.0)
         name = "N-FGSM" if (noise, alpha) == (2.0, 1.0) else f"N-FGSM (k={noise:g}, alpha={alpha:g})"
     elif attack == "fgsm" and m > 1:
         name = f"Free-AT (m={m})"  # Free-AT ignores attack_init
@@ -148,9 +139,9 @@ def passes_per_step(method: str) -> str:
 
 
 def model_name(config: dict) -> str:
-    """resnet18, or cnn-<layers>x<filters> for the small CNN."""
-    if config.get("model") == "cnn":
-        return f"cnn-{config.get('n_layers', 1)}x{config.get('n_filters_cnn', 16)}"
+    """resnet18, or cnn-<layers>x<filters> (cnn_bn-<layers>x<filters>) for the small CNNs."""
+    if config.get("model") in ("cnn", "cnn_bn"):
+        return f"{config['model']}-{config.get('n_layers', 1)}x{config.get('n_filters_cnn', 16)}"
     return str(config.get("model", "resnet18"))
 
 
@@ -196,6 +187,9 @@ def protocol_flags(runs: list[Run]) -> list[str]:
     n_best = sum("best" in r.final for r in runs)
     if 0 < n_best < len(runs):
         flags.append(f"early-stopped weights evaluated in {n_best} of {len(runs)} runs")
+    n_aa = sum("aa_acc" in r.final["last"] for r in runs)
+    if 0 < n_aa < len(runs):
+        flags.append(f"AutoAttack evaluated in {n_aa} of {len(runs)} runs")
     return flags
 
 
@@ -219,6 +213,7 @@ def aggregate(runs: list[Run]) -> list[dict]:
             for metric in ("clean", "pgd"):
                 mean, std = mean_std([100 * r[f"{metric}_acc"] for r in results])
                 row[f"{prefix}_{metric}_mean"], row[f"{prefix}_{metric}_std"] = mean, std
+        row.update(autoattack_columns(finals))
         row["cos_x_eta_mean"], row["cos_x_eta_std"] = mean_std(
             [f["last"]["cos_x_eta"] for f in finals if f["last"].get("cos_x_eta") is not None])
         row["train_minutes_mean"] = mean_std([f["train_minutes"] for f in finals if "train_minutes" in f])[0]
@@ -227,6 +222,22 @@ def aggregate(runs: list[Run]) -> list[dict]:
         row["flags"] = "; ".join(protocol_flags(members))
         rows.append(row)
     return sorted(rows, key=lambda r: (r["dataset"], r["model"], method_rank(r["method"]), r["eps"]))
+
+
+def autoattack_columns(finals: list[dict]) -> dict:
+    """AutoAttack accuracy (%) and the PGD-minus-AutoAttack gap (points) of the last and best weights, over
+    the runs whose final.json has them; 'masking' names the weights whose mean gap exceeds GAP_FLAG."""
+    row = {"n_aa": sum("aa_acc" in f["last"] for f in finals)}
+    masking = []
+    for prefix in ("last", "best"):
+        results = [f[prefix] for f in finals if prefix in f and f[prefix].get("aa_acc") is not None]
+        row[f"{prefix}_aa_mean"], row[f"{prefix}_aa_std"] = mean_std([100 * r["aa_acc"] for r in results])
+        row[f"{prefix}_gap_mean"], row[f"{prefix}_gap_std"] = mean_std(
+            [100 * (r["pgd_acc"] - r["aa_acc"]) for r in results])
+        if row[f"{prefix}_gap_mean"] > GAP_FLAG + 1e-9:  # a gap of exactly 5 points (in floats) is not flagged
+            masking.append(prefix)
+    row["masking"] = " ".join(masking)
+    return row
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -239,16 +250,28 @@ def cell(row: dict | None, column: str, common: tuple) -> str:
     if row is None or np.isnan(row[f"{column}_mean"]):
         return "–"
     n = row["n_best"] if column.startswith("best") else row["n_seeds"]
+    if column.endswith(("_aa", "_gap")):
+        n = min(n, row["n_aa"])
     digits = 3 if column == "cos_x_eta" else 1
     text = f"{row[f'{column}_mean']:.{digits}f} ± {row[f'{column}_std']:.{digits}f}"
     if (n, row["n_eval"]) != common:
         text += f" [{n}×{row['n_eval']}]"
+    if column.endswith("_gap") and column.split("_")[0] in row["masking"].split():
+        text += " ‡"
     return text + (" †" if row["flags"] else "")
 
 
 TABLES = [("last_pgd", "Robust accuracy, last weights"), ("last_clean", "Clean accuracy, last weights"),
           ("best_pgd", "Robust accuracy, early-stopped weights"), ("best_clean", "Clean accuracy, early-stopped weights"),
           ("cos_x_eta", "Gradient alignment cos(grad at x, grad at x + eta) of the last weights (final.json)")]
+AA_TABLES = [("last_aa", "AutoAttack (standard) accuracy, last weights"),
+             ("last_gap", "PGD minus AutoAttack (points), last weights"),
+             ("best_aa", "AutoAttack (standard) accuracy, early-stopped weights"),
+             ("best_gap", "PGD minus AutoAttack (points), early-stopped weights")]
+
+
+def has_autoattack(rows: list[dict]) -> bool:
+    return any(r.get("n_aa") for r in rows)
 
 
 def bench_units(bench: dict | None, model: str) -> dict[str, float]:
@@ -311,8 +334,11 @@ def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | N
         legend = (f"Each cell: {common[0]} seeds × {common[1]} test points, robust accuracy under {attack}, "
                   "unless marked [seeds×points]; † marks a protocol difference (notes below).")
         out += [f"## {dataset}, {model}", "", legend, ""]
-        for column, title in TABLES:
+        for column, title in TABLES + (AA_TABLES if has_autoattack(part) else []):
             if not any(r["n_best"] for r in part) and column.startswith("best"):
+                continue
+            if column.startswith("best") and column.endswith(("_aa", "_gap")) and all(
+                    np.isnan(r["best_aa_mean"]) for r in part):
                 continue
             out += [f"### {title}", "", "| method | " + " | ".join(f"eps {fmt_eps(e)}" for e in eps_values) + " |",
                     "|---|" + "---|" * len(eps_values)]
@@ -323,6 +349,12 @@ def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | N
         notes = [f"- {r['method']}, eps {fmt_eps(r['eps'])}: {r['flags']}" for r in part if r["flags"]]
         if notes:
             out += ["Notes (†):", "", *notes, ""]
+        masked = [f"- {r['method']}, eps {fmt_eps(r['eps'])}: PGD minus AutoAttack "
+                  + ", ".join(f"{r[f'{w}_gap_mean']:.1f} points ({w} weights)" for w in r["masking"].split())
+                  for r in part if r.get("masking")]
+        if masked:
+            out += [f"Possible gradient masking (‡, PGD above AutoAttack by more than {GAP_FLAG:g} points):", "",
+                    *masked, ""]
     if skipped:
         out += ["## Skipped (no final.json)", "", *[f"- {name}" for name in skipped], ""]
     return "\n".join(out)
@@ -340,11 +372,12 @@ def write_csv(rows: list[dict], path: str) -> str:
         if isinstance(v, float):
             return "" if np.isnan(v) else f"{v:.4f}"
         return v
+    columns = CSV_COLUMNS + (AA_CSV_COLUMNS if has_autoattack(rows) else [])
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: value(row[k]) for k in CSV_COLUMNS})
+            writer.writerow({k: value(row[k]) for k in columns})
     return path
 
 
@@ -362,7 +395,8 @@ def slug(text: str) -> str:
 
 def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
     """Fig. 1 / Fig. 8: robust accuracy (%) vs eps per method, a band of ±1 std over seeds; one PNG per
-    dataset and model, with a second panel for the early-stopped weights when they were evaluated."""
+    dataset and model, with a second panel for the early-stopped weights when they were evaluated.
+    Runs with AutoAttack add its mean as a dashed line of the method's colour."""
     plt = pyplot()
     paths = []
     for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
@@ -380,7 +414,13 @@ def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
                 std = np.array([r[f"{column}_std"] for r in mine])
                 line, = ax.plot(eps, mean, marker="o", label=method)
                 ax.fill_between(eps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)", ylabel="PGD accuracy (%)")
+                aa_column = column.replace("_pgd", "_aa")
+                with_aa = [r for r in mine if not np.isnan(r.get(f"{aa_column}_mean", np.nan))]
+                if with_aa:  # AutoAttack of the same runs, dashed, in the method's colour
+                    ax.plot([r["eps"] for r in with_aa], [r[f"{aa_column}_mean"] for r in with_aa], marker="x",
+                            linestyle="--", color=line.get_color(), label=f"{method} (AutoAttack)")
+            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)",
+                   ylabel="PGD accuracy (%)" + (", AutoAttack dashed" if has_autoattack(part) else ""))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()
@@ -399,7 +439,7 @@ CURVE_PANELS = [("train_pgd_acc", "PGD accuracy, training subset (%)", 100),
 
 
 def curve_label(run_dir: str) -> str:
-    c = read_json(os.path.join(run_dir, "config.json"))
+    c = rundir.read_json(os.path.join(run_dir, "config.json"))
     if c is None:
         return os.path.basename(os.path.normpath(run_dir))
     return f"{method_name(c)}, eps {float(c.get('eps', 8)):g}, seed {c.get('seed')}"
@@ -455,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = collect_runs(args.roots, args.runs_glob)
     skipped = [r.name for r in runs if r.final is None]
     rows = aggregate(runs)
-    bench = read_json(args.bench) if args.bench else None
+    bench = rundir.read_json(args.bench) if args.bench else None
     if args.bench and bench is None:
         build_parser().error(f"--bench {args.bench}: not a readable JSON file; run python bench.py first")
     if args.roots:

@@ -1,27 +1,33 @@
-"""FGSM / FGSM-RS / PGD / Free-AT adversarial training, optionally with GradAlign (SPEC §2-3).
+"""FGSM / FGSM-RS / PGD / Free-AT adversarial training, optionally with GradAlign.
+
+Andriushchenko & Flammarion, "Understanding and Improving Fast Adversarial Training", NeurIPS 2020,
+arXiv 2007.02617.
 
     python train.py --dataset cifar10 --attack fgsm --attack_init zero --eps 8 \
         --grad_align_cos_lambda 0.2 --lr_max 0.30 --half_prec
 
 Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; inside, eps is
 converted once (Config.eps_frac). A run writes out_dir/<run name>/: config.json, metrics.jsonl (one
-object per periodic evaluation), log.txt, model.pth ({'last', 'best'} state_dicts, the reference's
-format) and final.json (clean and PGD-50-10 accuracy). Relaunching a finished run does nothing;
-relaunching an interrupted one resumes from its last completed epoch.
+object per periodic evaluation), log.txt, model.pth ({'last', 'best'} state_dicts, the format of the
+authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy; with --final_autoattack
+also AutoAttack's). Relaunching a finished run does nothing (with --final_autoattack it adds AutoAttack
+to a final.json that lacks it, from model.pth); relaunching an interrupted one resumes from its last
+completed epoch.
+
+Reading order: flags and config (config.py) -> data -> the training perturbations and the training
+step -> evaluation -> the epoch loop -> run and main. The run directory's plumbing is in rundir.py,
+the attacks and GradAlign's regulariser in utils.py.
 
 Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
-training loss became NaN or inf.
+training loss became NaN or inf (config.EXIT_MEANINGS).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
 import os
 import random
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -33,251 +39,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import autoattack_eval
 import data
 import models
+import rundir
 import utils
+from config import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config
+from rundir import RESUME_FILE, run_name
 
-ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none", "nfgsm")
-EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 2, 3, 4
-RESUME_FILE = "resume.pt"
-
-
-# ------------------------------------------------------------------------------------------ config
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block) and exits with code 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+# ===================================================================================== flags, config
+# The flags, their checks and the frozen Config are in config.py (eval.py and launch.py share them):
+# cfg, defaults = parse_config(argv). Sizes in Config are in 1/255 units; cfg.eps_frac is eps in [0, 1].
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="train.py", description=__doc__.split("\n\n")[0],
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a = p.add_argument
-    # --- the reference's flags: same names, defaults and meaning (SPEC §2)
-    a("--batch_size", type=int, default=128, help="training batch size")
-    a("--data_dir", default=os.environ.get("DATA_DIR", "./data"), help="dataset folder (env DATA_DIR)")
-    a("--dataset", default="cifar10", choices=sorted(data.DATASETS), help="digits is the offline one")
-    a("--model", default="resnet18", choices=models.MODELS, help="PreAct ResNet-18 or the small CNN")
-    a("--epochs", type=int, default=30, help="training epochs (plus the one-iteration epoch 0)")
-    a("--lr_schedule", default="cyclic", choices=("cyclic", "piecewise"))
-    a("--lr_max", type=float, default=0.2, help="peak learning rate")
-    a("--attack", default="fgsm", choices=ATTACKS,
-      help="training attack (Free-AT: fgsm with --minibatch_replay>1; nfgsm: N-FGSM, trains outside the eps-ball)")
-    a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
-    a("--attack_iters", type=int, default=10, help="PGD steps of the periodic evaluation")
-    a("--pgd_train_n_iters", type=int, default=10, help="PGD steps for --attack pgd training")
-    a("--pgd_alpha_train", type=float, default=2.0, help="PGD training step in 1/255 units")
-    a("--fgsm_alpha", type=float, default=None,
-      help="FGSM step as a multiple of eps (default 1.25; 1.0 for --attack nfgsm, as in its paper)")
-    a("--minibatch_replay", type=int, default=1, help="m of Free-AT: each batch is replayed m times")
-    a("--weight_decay", type=float, default=5e-4)
-    a("--attack_init", default="random", choices=("zero", "random"), help="start of FGSM/PGD training")
-    a("--seed", type=int, default=0)
-    a("--gpu", type=int, default=0, help="which GPU: same as --device cuda:N")
-    a("--debug", action="store_true", help="no log file; final evaluation PGD-10 with 3 restarts")
-    a("--half_prec", action="store_true",
-      help="mixed precision for training and periodic evaluation (fp16 + GradScaler on CUDA, bf16 on CPU)")
-    a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign's lambda (0: off)")
-    a("--eval_early_stopped_model", action="store_true", help="also evaluate the early-stopped ('best') weights")
-    a("--eval_iter_freq", type=int, default=200, help="iterations between periodic evaluations")
-    a("--n_eval_every_k_iter", type=int, default=256, help="size of the periodic-evaluation subsets")
-    a("--n_layers", type=int, default=1, help="conv layers of --model cnn (the reference always used 1)")
-    a("--n_filters_cnn", type=int, default=16, help="filters of --model cnn")
-    a("--batch_size_eval", type=int, default=256)
-    a("--n_final_eval", type=int, default=-1, help="first test points of the final evaluation (-1: all)")
-    a("--fname", default="plain_cifar10", help="unused, kept for the reference's scripts")
-    # --- additions
-    a("--clamp_grad", default="zero", choices=utils.CLAMP_RULES,
-      help="gradient of the box clamp in training attacks at pixels exactly 0 or 1: zero = the paper's "
-           "runs (PyTorch 1.4), half = the reference code on PyTorch >= 1.10 (SPEC §3.0)")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--download", action="store_true", help="download missing datasets through torchvision")
-    a("--out_dir", default="runs", help="parent folder of the run directories")
-    a("--overwrite", action="store_true", help="retrain even if the run has finished")
-    a("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
-      help="keep the dataset on the GPU and augment there (default: on for CUDA)")
-    # --- successor methods and GradAlign variants (README, "Other fast adversarial training methods")
-    a("--nfgsm_noise_mult", type=float, default=2.0,
-      help="N-FGSM: the start noise is U[-k eps, k eps], k = this (the paper's k = 2)")
-    a("--zerograd_q", type=float, default=0.0,
-      help="ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM gradient before "
-           "the sign (0: off; the paper's 0.35); needs --attack fgsm")
-    a("--elle_lambda", type=float, default=0.0,
-      help="ELLE's lambda on the local-linearity error (0: off); with --elle_adaptive it is ELLE-A's lambda_max")
-    a("--elle_adaptive", action="store_true",
-      help="ELLE-A: lambda starts at 0, jumps to --elle_lambda when the error spikes, decays by 0.99 otherwise")
-    a("--grad_align_grad1", default="auto", choices=("auto", "detached", "graph"),
-      help="GradAlign: backprop through the first gradient too (graph) or not (detached); auto = detached "
-           "for fgsm/nfgsm (the FGSM gradient is reused), graph for the other attacks (as the reference)")
-    a("--grad_align_every", type=int, default=1, help="GradAlign: apply the regulariser every k-th iteration only")
-    a("--grad_align_fd", type=float, default=0.0,
-      help="GradAlign: finite-difference step h (in [0, 1] input units) replacing double backprop (0: exact)")
-    return p
-
-
-@dataclass(frozen=True)
-class Config:
-    """The command line, frozen; derived values are properties (eps etc. in [0, 1] units)."""
-    batch_size: int
-    data_dir: str
-    dataset: str
-    model: str
-    epochs: int
-    lr_schedule: str
-    lr_max: float
-    attack: str
-    eps: float
-    attack_iters: int
-    pgd_train_n_iters: int
-    pgd_alpha_train: float
-    fgsm_alpha: float
-    minibatch_replay: int
-    weight_decay: float
-    attack_init: str
-    seed: int
-    gpu: int
-    debug: bool
-    half_prec: bool
-    grad_align_cos_lambda: float
-    eval_early_stopped_model: bool
-    eval_iter_freq: int
-    n_eval_every_k_iter: int
-    n_layers: int
-    n_filters_cnn: int
-    batch_size_eval: int
-    n_final_eval: int
-    fname: str
-    clamp_grad: str
-    device: str
-    download: bool
-    out_dir: str
-    overwrite: bool
-    data_on_device: bool | None
-    nfgsm_noise_mult: float
-    zerograd_q: float
-    elle_lambda: float
-    elle_adaptive: bool
-    grad_align_grad1: str
-    grad_align_every: int
-    grad_align_fd: float
-
-    @property
-    def eps_frac(self) -> float:
-        return self.eps / 255
-
-    @property
-    def pgd_alpha_eval(self) -> float:
-        """Step of every evaluation PGD: eps / 4."""
-        return self.eps_frac / 4
-
-    @property
-    def pgd_alpha_train_frac(self) -> float:
-        return self.pgd_alpha_train / 255
-
-    @property
-    def free_at(self) -> bool:
-        return self.attack == "fgsm" and self.minibatch_replay > 1
-
-    @property
-    def grad1_graph(self) -> bool:
-        """Whether GradAlign backprops through its first gradient (the attack's for fgsm/nfgsm)."""
-        if self.grad_align_grad1 == "auto":
-            return self.attack not in ("fgsm", "nfgsm")
-        return self.grad_align_grad1 == "graph"
-
-    @property
-    def final_attack(self) -> tuple[int, int]:
-        """(PGD steps, restarts) of the final evaluation: 50x10, or 10x3 with --debug."""
-        return (10, 3) if self.debug else (50, 10)
-
-
-# Settings that change results, in run-name order, with their short names. Not named: where files
-# go, the device, and batch_size_eval (evaluation runs in eval mode: batching changes no number).
-NAME_FIELDS = {"epochs": "ep", "lr_schedule": "", "lr_max": "lr", "batch_size": "bs", "weight_decay": "wd",
-               "fgsm_alpha": "fa", "minibatch_replay": "mr", "pgd_train_n_iters": "pgdk",
-               "pgd_alpha_train": "pgda", "attack_iters": "ai", "n_layers": "nl", "n_filters_cnn": "nf",
-               "eval_iter_freq": "eif", "n_eval_every_k_iter": "nek", "n_final_eval": "nfe",
-               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-",
-               "nfgsm_noise_mult": "nk", "zerograd_q": "zq", "elle_lambda": "elle", "elle_adaptive": "ellea",
-               "grad_align_grad1": "g1", "grad_align_every": "gaev", "grad_align_fd": "gafd"}
-# Flags whose default depends on --attack (every other default is the parser's).
-ATTACK_DEFAULTS = {"fgsm_alpha": (1.25, {"nfgsm": 1.0})}
-
-
-def run_name(cfg: Config, defaults: dict) -> str:
-    """dataset_model_attack_init_eps_lambda[_non-default settings]_seed: no spaces, no timestamps."""
-    parts = [cfg.dataset, cfg.model, cfg.attack, cfg.attack_init, f"eps{cfg.eps:g}",
-             f"lam{cfg.grad_align_cos_lambda:g}"]
-    for field, short in NAME_FIELDS.items():
-        value = getattr(cfg, field)
-        if value != defaults[field]:
-            parts.append(short if value is True else f"{short}{value:g}" if isinstance(value, (int, float))
-                         else f"{short}{value}")
-    parts.append(f"seed{cfg.seed}")
-    return "_".join(parts)
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
-    """Parses and checks the flags that need no data; exits with code 2 on a bad one."""
-    parser = build_parser()
-    cfg, defaults = config_and_defaults(parser, parser.parse_args(argv))
-    problem = check_flags(cfg)
-    if problem:
-        parser.error(problem)
-    return cfg, defaults
-
-
-def config_and_defaults(parser: argparse.ArgumentParser, namespace: argparse.Namespace) -> tuple[Config, dict]:
-    """The Config of parsed flags and the default of every setting for this attack (ATTACK_DEFAULTS)."""
-    values = vars(namespace).copy()
-    defaults = {f.name: parser.get_default(f.name) for f in dataclasses.fields(Config)}
-    for name, (default, per_attack) in ATTACK_DEFAULTS.items():
-        defaults[name] = per_attack.get(values["attack"], default)
-        if values[name] is None:
-            values[name] = defaults[name]
-    return Config(**values), defaults
-
-
-def check_flags(cfg: Config) -> str | None:
-    """The first problem with the flags, as a one-line message naming the fix, or None."""
-    checks = [
-        (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
-        (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
-        (cfg.epochs >= 0, f"--epochs must be >= 0 (got {cfg.epochs})"),
-        (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
-        (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
-        (cfg.minibatch_replay >= 1, f"--minibatch_replay must be >= 1 (got {cfg.minibatch_replay})"),
-        (cfg.eval_iter_freq >= 1, f"--eval_iter_freq must be >= 1 (got {cfg.eval_iter_freq})"),
-        (cfg.attack_iters >= 0 and cfg.pgd_train_n_iters >= 0, "PGD iteration counts must be >= 0"),
-        (cfg.n_layers >= 1 and cfg.n_filters_cnn >= 1, "--n_layers and --n_filters_cnn must be >= 1"),
-        (cfg.n_final_eval != 0, "--n_final_eval 0 evaluates nothing: give a positive number or -1 for all"),
-        (cfg.n_eval_every_k_iter >= cfg.batch_size,
-         (f"--n_eval_every_k_iter {cfg.n_eval_every_k_iter} is below --batch_size {cfg.batch_size}: the "
-          "early-stopping subset (whole training batches) would be empty; raise it or lower --batch_size")),
-        (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
-        (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
-         "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
-        (cfg.nfgsm_noise_mult >= 0, f"--nfgsm_noise_mult must be >= 0 (got {cfg.nfgsm_noise_mult:g}); the paper uses 2"),
-        (cfg.attack == "nfgsm" or cfg.nfgsm_noise_mult == 2.0, "--nfgsm_noise_mult needs --attack nfgsm"),
-        (0 <= cfg.zerograd_q < 1, f"--zerograd_q must be in [0, 1) (got {cfg.zerograd_q:g}); the paper uses 0.35"),
-        (cfg.zerograd_q == 0 or (cfg.attack == "fgsm" and cfg.minibatch_replay == 1),
-         "--zerograd_q needs --attack fgsm without --minibatch_replay (ZeroGrad filters the FGSM step)"),
-        (cfg.elle_lambda >= 0, f"--elle_lambda must be >= 0 (got {cfg.elle_lambda:g})"),
-        (not cfg.elle_adaptive or cfg.elle_lambda > 0,
-         "--elle_adaptive needs --elle_lambda > 0 (ELLE-A's lambda_max; the paper uses 4000)"),
-        (cfg.elle_lambda == 0 or cfg.grad_align_cos_lambda == 0,
-         "--elle_lambda and --grad_align_cos_lambda are two regularisers: use one of them"),
-        (cfg.grad_align_every >= 1, f"--grad_align_every must be >= 1 (got {cfg.grad_align_every})"),
-        (cfg.grad_align_fd >= 0, f"--grad_align_fd must be >= 0 (got {cfg.grad_align_fd:g}); try 0.001"),
-        (cfg.grad_align_cos_lambda > 0 or (cfg.grad_align_grad1 == "auto" and cfg.grad_align_every == 1
-                                           and cfg.grad_align_fd == 0),
-         "--grad_align_grad1, --grad_align_every and --grad_align_fd need --grad_align_cos_lambda > 0"),
-    ]
-    return next((message for ok, message in checks if not ok), None)
-
-
-# -------------------------------------------------------------------------------------------- data
+# ============================================================================================== data
 @dataclass
 class Data:
     """The loaders of one run (images in [0, 1] on the device)."""
@@ -318,7 +93,7 @@ def load_data(cfg: Config, device: torch.device) -> Data:
         n_final=len(test_split) if n_final is None else n_final)
 
 
-# -------------------------------------------------------------------------------- model, optimiser
+# ================================================================================ model, optimiser
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """SGD(momentum 0.9) for resnet18, Adam with coupled L2 for the CNN; on all parameters."""
     if cfg.model == "resnet18":
@@ -333,7 +108,7 @@ def warmup_factor(cfg: Config, iteration: int) -> float:
     return min(iteration / (5 * data.DATASETS["svhn"].n_train // cfg.batch_size), 1.0)
 
 
-# ---------------------------------------------------------------------------- training perturbations
+# ========================================================================== training perturbations
 @dataclass
 class Perturbation:
     delta: torch.Tensor
@@ -352,6 +127,7 @@ class StepState:
     iteration: int = 0
     elle: utils.ElleAdaptive | None = None
     grad1_graph: bool = False
+    skipped: torch.Tensor | None = None  # written by the step: 1.0 if the GradScaler skipped it, else 0.0
 
 
 def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
@@ -397,7 +173,7 @@ def perturb_pgd_corner(model, x, y, cfg: Config, st: StepState) -> Perturbation:
 
 
 def perturb_random_corner(model, x, y, cfg: Config, st: StepState) -> Perturbation:
-    """A random corner of the eps-ball, NOT box-clamped (as in the reference)."""
+    """A random corner of the eps-ball, NOT box-clamped (as in the authors' code)."""
     return Perturbation(cfg.eps_frac * torch.sign(utils.uniform_delta(x, cfg.eps_frac)), None)
 
 
@@ -410,44 +186,45 @@ PERTURB: dict[str, Callable[..., Perturbation]] = {
     "random_corner": perturb_random_corner, "none": perturb_none, "nfgsm": perturb_nfgsm}
 
 
-# ---------------------------------------------------------------------------------- one iteration
+# ================================================================================== training step
 class Stats:
     """Training sums since the last evaluation, kept on the device (no host sync per step)."""
     NAMES = ("train_loss", "train_reg", "train_acc", "delta_l2", "grad_norm_x")
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(self.NAMES), device=device)
-        self.n = self.n_grad = 0
+        self.sums = torch.zeros(len(self.NAMES) + 2, device=device)  # the sums, then the two example counts
 
     def add(self, loss, reg, logits, y, grad, delta_feasible) -> None:
-        """grad: the input gradient of the step (None when the step computed none)."""
+        """grad: the input gradient of the step (None when the step computed none). A step with a
+        non-finite number (under fp16, one the GradScaler skipped) is left out of every mean."""
         b = len(y)
         grad_norm = grad.detach().flatten(1).float().norm(dim=1).sum() if grad is not None else loss.new_zeros(())
-        self.sums += torch.stack([loss.detach().float() * b, reg.detach().float() * b,
-                                  (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
-                                  grad_norm.float()])
-        self.n += b
-        self.n_grad += b if grad is not None else 0
+        row = torch.stack([loss.detach().float() * b, reg.detach().float() * b,
+                           (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
+                           grad_norm.float(), loss.new_full((), b, dtype=torch.float32),
+                           loss.new_full((), b if grad is not None else 0, dtype=torch.float32)])
+        self.sums += torch.where(torch.isfinite(row).all(), row, torch.zeros_like(row))
 
     def means(self) -> dict[str, float | None]:
         """Per-example means; grad_norm_x is None when no step computed an input gradient."""
-        values = self.sums.tolist()
-        means = {name: v / max(self.n, 1) for name, v in zip(self.NAMES, values)}
-        means["grad_norm_x"] = values[-1] / self.n_grad if self.n_grad else None
+        *values, n, n_grad = self.sums.tolist()
+        means = {name: v / max(n, 1) for name, v in zip(self.NAMES, values)}
+        means["grad_norm_x"] = values[-1] / n_grad if n_grad else None
         return means
 
 
 def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, stats: Stats,
                update: bool) -> torch.Tensor:
-    """One iteration of SPEC §3.1 items 6-8; returns the total loss (a 0-dim tensor, not synced).
+    """One iteration: the training attack, the loss at x + delta plus GradAlign's regulariser
+    lambda * (1 - cos(grad at the attack's start, grad at x + eta)), eta ~ U[-eps, eps]^d, and the
+    optimiser step. Returns the total loss (a 0-dim tensor, not synced).
 
-    Train-mode forwards, in the reference's order (they all update BatchNorm's running stats):
+    Train-mode forwards, in the order of the authors' code (they all update BatchNorm's running stats):
     the attack's, the monitoring pass at x (non-fgsm attacks), the training forward, grad2's. The
     regulariser is GradAlign's (on every --grad_align_every-th iteration) or ELLE's (one forward of
     three random points per example, after the training forward).
     """
-    lam = cfg.grad_align_cos_lambda
-    align = lam > 0 and st.iteration % cfg.grad_align_every == 0  # GradAlign on this iteration
+    align = cfg.grad_align_cos_lambda > 0 and st.iteration % cfg.grad_align_every == 0  # GradAlign now
     st.grad1_graph = align and cfg.grad1_graph and cfg.grad_align_fd == 0
     pert = PERTURB[cfg.attack](model, x, y, cfg, st)
     if pert.attack_grad is not None:
@@ -468,11 +245,10 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
         error = utils.elle_error(model, x, y, st.warm * cfg.eps_frac)
         reg = (st.elle.update(error) if st.elle is not None else cfg.elle_lambda) * error
     total = loss + reg
+    st.skipped = torch.zeros((), device=x.device)
     if update:
         opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
+        st.skipped = optimizer_step(opt, scaler, total)
     with torch.no_grad():
         stats.add(total, reg, logits, y, grad1, torch.clamp(x + pert.delta, 0.0, 1.0) - x)
     return total.detach()
@@ -486,228 +262,58 @@ def grad_align_term(model, x, y, cfg: Config, grad1: torch.Tensor, pert: Perturb
         grad2, _ = utils.input_grad(model, x, y, eta, create_graph=True)
         return utils.grad_align_reg(grad1, grad2, cfg.grad_align_cos_lambda)
     grad2, _ = utils.input_grad(model, x, y, eta)
-    graph1 = cfg.grad1_graph
     return utils.grad_align_reg_fd(model, x, y, grad1, grad2, eta, cfg.grad_align_cos_lambda, cfg.grad_align_fd,
-                                   delta1=pert.start if graph1 else None, clamp_rule1=pert.start_clamp)
+                                   delta1=pert.start if cfg.grad1_graph else None, clamp_rule1=pert.start_clamp)
 
 
-# ------------------------------------------------------------------------------------ the run itself
-class NonFiniteLoss(Exception):
-    pass
+def optimizer_step(opt, scaler: torch.amp.GradScaler, total: torch.Tensor) -> torch.Tensor:
+    """Backward and optimiser step through the GradScaler. Returns, on the device (no host sync),
+    1.0 if the step was skipped, else 0.0: with an enabled GradScaler (float16), as with the
+    authors' apex, a step whose loss or gradients are not finite changes no weight and lowers
+    the scale; without one (fp32, bf16) every step is taken."""
+    if not scaler.is_enabled():
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+        return torch.zeros((), device=total.device)
+    one = torch.ones((), device=total.device)
+    scale_before = scaler.scale(one)
+    # A non-finite loss makes every gradient NaN (x 1.0 otherwise), so the GradScaler skips the step.
+    guard = torch.where(torch.isfinite(total.detach()), 1.0, float("nan"))
+    scaler.scale(total * guard).backward()
+    scaler.step(opt)
+    scaler.update()
+    return (scaler.scale(one) < scale_before).float()  # the scale drops exactly when the step was skipped
 
 
-@dataclass(frozen=True)
-class TestHooks:
-    """Fault injection for the tests, off unless these environment variables are set:
-    GRADALIGN_TEST_KILL_AT (SIGKILL this process at that global iteration) and
-    GRADALIGN_TEST_NAN_AT (make the loss of that iteration NaN)."""
-    kill_at: int = -1
-    nan_at: int = -1
-
-    @classmethod
-    def from_env(cls) -> TestHooks:
-        return cls(int(os.environ.get("GRADALIGN_TEST_KILL_AT", "-1")),
-                   int(os.environ.get("GRADALIGN_TEST_NAN_AT", "-1")))
-
-    def apply(self, iteration: int, loss: torch.Tensor) -> torch.Tensor:
-        if iteration == self.kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return loss * float("nan") if iteration == self.nan_at else loss
+def half_prec_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    return utils.autocast_dtype(device.type, cfg.half_prec_dtype)
 
 
-@dataclass
-class RunState:
-    """Everything the loop carries across epochs; saved at each epoch's end for resuming."""
-    next_epoch: int
-    iteration: int
-    best_state: dict
-    best_acc: float
-    train_seconds: float
-    first_bad_iter: torch.Tensor  # -1, or the first iteration whose loss was not finite
-    free_delta: torch.Tensor | None = None
-    elle: dict | None = None  # ELLE-A's lambda and error statistics (utils.ElleAdaptive.state_dict)
+def forward_model(cfg: Config, model: nn.Module, device: torch.device, scaler: torch.amp.GradScaler) -> nn.Module:
+    """The model every training and periodic-evaluation forward goes through: the model itself in
+    fp32, or under --half_prec its utils.Autocast wrapper (input-gradient passes scaled by the
+    GradScaler's scale under float16; BatchNorm in fp32 when GradAlign is on, as in the authors' code)."""
+    if not cfg.half_prec:
+        return model
+    return utils.Autocast(model, device.type, half_prec_dtype(cfg, device), scaler=scaler,
+                          batchnorm_fp32=cfg.grad_align_cos_lambda > 0)
 
 
-class RunLog:
-    """The log: printed (above the progress bar) and appended to log.txt (not with --debug)."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-
-    def __call__(self, message: str) -> None:
-        tqdm.write(message)
-        if self.path:
-            with open(self.path, "a") as f:
-                f.write(message + "\n")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # seeds every CUDA device too
-
-
-def rng_state(data_generator: torch.Generator) -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "data": data_generator.get_state()}
-
-
-def set_rng_state(state: dict, data_generator: torch.Generator) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    data_generator.set_state(state["data"])
-
-
+# ===================================================================================== evaluation
 def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
-    """SPEC §3.1 item 9 in eval mode, under the training precision; BatchNorm stats untouched."""
+    """Every eval_iter_freq iterations, in eval mode under the training precision (BatchNorm's
+    running stats untouched): clean, FGSM and PGD-attack_iters accuracy on the test subset, PGD
+    accuracy on the training subset (early stopping), cos_x_eta and cos_fgsm_pgd; CNN filter norms."""
     model.eval()
     metrics = utils.periodic_metrics(fwd_model, loaders.test_subset, loaders.train_subset, cfg.eps_frac,
                                      cfg.pgd_alpha_eval, cfg.attack_iters, cfg.clamp_grad)
     model.train()
-    if isinstance(model, models.CNN):
+    if isinstance(model, (models.CNN, models.CNNBN)):
         metrics["filter_norms"] = model.first_layer_filters().detach().flatten(1).norm(dim=1).tolist()
     return metrics
 
 
-def check_finite(state: RunState) -> None:
-    bad = int(state.first_bad_iter)
-    if bad >= 0:
-        raise NonFiniteLoss(bad)
-
-
-def train(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: RunState, opt, scaler,
-          log: RunLog, device: torch.device) -> None:
-    """Epochs state.next_epoch..E (epoch 0: one iteration, no optimiser step), evaluating every
-    eval_iter_freq iterations and saving a resumable state at each epoch's end."""
-    n_iters = len(loaders.train)
-    done = 0 if state.next_epoch == 0 else 1 + (state.next_epoch - 1) * n_iters
-    with tqdm(total=1 + cfg.epochs * n_iters, initial=done, desc="train", unit="it", dynamic_ncols=True,
-              leave=False, disable=None) as bar:  # disable=None: no bar when stderr is not a terminal
-        train_epochs(cfg, model, loaders, run_dir, state, opt, scaler, log, device, bar)
-
-
-def train_epochs(cfg: Config, model: nn.Module, loaders: Data, run_dir: str, state: RunState, opt, scaler,
-                 log: RunLog, device: torch.device, bar: tqdm) -> None:
-    fwd_model = utils.Autocast(model, device.type) if cfg.half_prec else model
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    n_iters = len(loaders.train)
-    st = StepState(free_delta=state.free_delta)
-    if cfg.elle_adaptive:
-        st.elle = utils.ElleAdaptive(lam_max=cfg.elle_lambda)
-        if state.elle is not None:
-            st.elle.load_state_dict(state.elle)
-    hooks = TestHooks.from_env()
-    clock = Clock(state)
-    for epoch in range(state.next_epoch, cfg.epochs + 1):
-        stats = Stats(device)
-        x_prev = y_prev = None
-        for i, (x, y) in enumerate(loaders.train):
-            if epoch == 0 and i > 0:
-                break
-            if i % cfg.minibatch_replay != 0:  # Free-AT replays the batch drawn at i % m == 0
-                x, y = x_prev, y_prev
-            lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs)
-            opt.param_groups[0]["lr"] = lr
-            st.warm = warmup_factor(cfg, state.iteration)
-            st.iteration = state.iteration
-            loss = train_step(fwd_model, opt, scaler, x, y, cfg, st, stats, update=epoch > 0)
-            loss = hooks.apply(state.iteration, loss)
-            state.first_bad_iter = torch.where(~torch.isfinite(loss) & (state.first_bad_iter < 0),
-                                               state.iteration, state.first_bad_iter)
-            if state.iteration % cfg.eval_iter_freq == 0:
-                check_finite(state)  # syncs: the training work so far has finished
-                clock.stop_training()
-                record = {"epoch": epoch, "iteration": state.iteration, "lr": lr, **stats.means(),
-                          **periodic_evaluation(model, fwd_model, loaders, cfg), **clock.times()}
-                utils.append_jsonl(metrics_path, record)
-                log(format_record(record))
-                keep_if_best(state, model, record["train_pgd_acc"])
-                stats = Stats(device)
-                clock.start_training()
-            state.iteration += 1
-            x_prev, y_prev = x, y
-            bar.update(1)
-        check_finite(state)
-        clock.stop_training()
-        state.next_epoch, state.free_delta = epoch + 1, st.free_delta
-        state.elle = st.elle.state_dict() if st.elle is not None else None
-        save_resume_state(run_dir, state, model, opt, scaler, loaders.train.generator, metrics_path)
-        clock.start_training()
-
-
-class Clock:
-    """Training time, counted between host syncs (evaluations, epoch ends), so CUDA's asynchronous
-    launches are not mistaken for finished work; evaluation time is left out."""
-
-    def __init__(self, state: RunState):
-        self.state, self.start, self.mark = state, time.time(), time.time()
-
-    def stop_training(self) -> None:
-        self.state.train_seconds += time.time() - self.mark
-
-    def start_training(self) -> None:
-        self.mark = time.time()
-
-    def times(self) -> dict:
-        return {"train_minutes": self.state.train_seconds / 60, "elapsed_s": time.time() - self.start}
-
-
-def keep_if_best(state: RunState, model: nn.Module, train_pgd_acc: float) -> None:
-    """Early stopping: 'best' is replaced only on a strictly higher training PGD accuracy."""
-    if train_pgd_acc > state.best_acc:
-        state.best_acc = train_pgd_acc
-        state.best_state = copy.deepcopy(model.state_dict())
-
-
-def format_record(r: dict) -> str:
-    return (f"{r['epoch']}-{r['iteration']}: [train] loss {r['train_loss']:.3f}, reg {r['train_reg']:.3f}, "
-            f"acc {r['train_acc']:.2%}, acc_pgd {r['train_pgd_acc']:.2%}  [test] acc_clean "
-            f"{r['test_clean_acc']:.2%}, acc_fgsm {r['test_fgsm_acc']:.2%}, acc_pgd {r['test_pgd_acc']:.2%}, "
-            f"cos_x_eta {r['cos_x_eta']:.3f}, cos_fgsm_pgd {r['cos_fgsm_pgd']:.3f} "
-            f"({r['train_minutes']:.2f}m, {r['elapsed_s'] / 60:.2f}m)")
-
-
-def save_resume_state(run_dir, state: RunState, model, opt, scaler, generator, metrics_path) -> None:
-    utils.atomic_torch_save({
-        "next_epoch": state.next_epoch, "iteration": state.iteration, "model": model.state_dict(),
-        "opt": opt.state_dict(), "scaler": scaler.state_dict(), "best_state": state.best_state,
-        "best_acc": state.best_acc, "train_seconds": state.train_seconds, "free_delta": state.free_delta,
-        "first_bad_iter": state.first_bad_iter, "metrics_lines": len(utils.read_jsonl(metrics_path)),
-        "elle": state.elle,
-        "rng": rng_state(generator)}, os.path.join(run_dir, RESUME_FILE))
-
-
-def load_resume_state(run_dir, model, opt, scaler, generator, device) -> RunState | None:
-    """The state saved at the last completed epoch (None if there is none); rewinds metrics.jsonl."""
-    path = os.path.join(run_dir, RESUME_FILE)
-    if not os.path.exists(path):
-        return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(saved["model"])
-    opt.load_state_dict(saved["opt"])
-    if scaler.is_enabled():
-        scaler.load_state_dict(saved["scaler"])
-    set_rng_state(saved["rng"], generator)
-    free_delta = saved["free_delta"]
-    utils.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), saved["metrics_lines"])
-    return RunState(next_epoch=saved["next_epoch"], iteration=saved["iteration"], best_state=saved["best_state"],
-                    best_acc=saved["best_acc"], train_seconds=saved["train_seconds"],
-                    first_bad_iter=saved["first_bad_iter"].to(device),
-                    free_delta=None if free_delta is None else free_delta.to(device),
-                    elle=_to_device(saved.get("elle"), device))
-
-
-def _to_device(state: dict | None, device: torch.device) -> dict | None:
-    if state is None:
-        return None
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
-
-
-# -------------------------------------------------------------------------------- final evaluation
 def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: Data, label: str) -> dict:
     """fp32, eval mode: clean and PGD-50-10 (eps/4 steps) accuracy on the first n_final_eval test
     points; an example is robust only if no restart fools it. Also cos_x_eta on those points."""
@@ -719,80 +325,282 @@ def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: D
         result = utils.seeded_robust_accuracy(model, loaders.test_final, cfg.eps_frac, n_iters, n_restarts,
                                               cfg.seed, progress=bar.update)
     cos = utils.cos_x_eta(model, loaders.test_final, cfg.eps_frac, cfg.clamp_grad)
-    return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    if cfg.final_autoattack:
+        out.update(final_autoattack(cfg, model, loaders, label))
+    return out
 
 
-def git_commit() -> str | None:
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10,
-                             check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
+def final_autoattack(cfg: Config, model: nn.Module, loaders: Data, label: str) -> dict:
+    """Standard AutoAttack on the final-evaluation points (model in fp32 and eval mode), seeded with
+    --seed: {"aa_acc", "aa_stage_acc", "aa_grad_passes_per_example", "aa_forward_passes_per_example"}."""
+    with tqdm(total=loaders.n_final, desc=f"AutoAttack ({label})", unit="img", leave=False, disable=None) as bar:
+        result = autoattack_eval.attack_accuracy(model, loaders.test_final, cfg.eps_frac, "autoattack", cfg.seed,
+                                                 loaders.info.n_classes, progress=bar.update)
+    return result.result_fields()
 
 
-def write_config(run_dir: str, cfg: Config, name: str, device: torch.device) -> None:
-    utils.atomic_write_json(os.path.join(run_dir, "config.json"), {
-        **dataclasses.asdict(cfg), "run_name": name, "torch_version": torch.__version__,
-        "device_used": str(device), "git_commit": git_commit(), "argv": sys.argv[1:],
-        "final_pgd": {"attack_iters": cfg.final_attack[0], "n_restarts": cfg.final_attack[1],
-                      "restart_rule": "robust only if no restart fools it"}})
+def format_record(r: dict) -> str:
+    return (f"{r['epoch']}-{r['iteration']}: [train] loss {r['train_loss']:.3f}, reg {r['train_reg']:.3f}, "
+            f"acc {r['train_acc']:.2%}, acc_pgd {r['train_pgd_acc']:.2%}  [test] acc_clean "
+            f"{r['test_clean_acc']:.2%}, acc_fgsm {r['test_fgsm_acc']:.2%}, acc_pgd {r['test_pgd_acc']:.2%}, "
+            f"cos_x_eta {r['cos_x_eta']:.3f}, cos_fgsm_pgd {r['cos_fgsm_pgd']:.3f} "
+            f"({r['train_minutes']:.2f}m, {r['elapsed_s'] / 60:.2f}m)")
 
 
-def clear_outputs(run_dir: str) -> None:
-    """--overwrite: removes the previous run's files (only once this process holds the lock)."""
-    for name in ("final.json", "model.pth", "metrics.jsonl", "log.txt", RESUME_FILE):
-        path = os.path.join(run_dir, name)
-        if os.path.exists(path):
-            os.remove(path)
+# ===================================================================================== epoch loop
+MAX_SKIPPED_IN_A_ROW = 100  # float16: the run stops after this many consecutive skipped steps
+SKIP_COUNTERS = ("skipped_steps", "skipped_in_a_row", "stalled_at")  # Loop's float16 counters
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+@dataclass
+class Loop:
+    """The training loop's state: what it works on, and what it carries across epochs (saved at
+    each epoch's end in resume.pt, so an interrupted run resumes where it left off)."""
+    cfg: Config
+    run_dir: str
+    model: nn.Module
+    fwd_model: nn.Module  # the model, under autocast with --half_prec
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loaders: Data
+    log: rundir.RunLog
+    device: torch.device
+    first_bad_iter: torch.Tensor  # -1, or the first iteration whose loss was not finite (on the device)
+    best_state: dict              # early stopping's 'best' weights
+    best_acc: float = 0.0         # ... and their training-subset PGD accuracy
+    next_epoch: int = 0
+    iteration: int = 0            # global iteration counter (epoch 0 has one iteration)
+    train_seconds: float = 0.0    # training time, counted between host syncs; evaluations left out
+    step: StepState = dataclasses.field(default_factory=StepState)
+    # float16 (a GradScaler): steps skipped since the last metrics record, the current run of skipped
+    # steps, and -1 or the iteration where that run reached MAX_SKIPPED_IN_A_ROW. Device tensors.
+    skipped_steps: torch.Tensor | None = None
+    skipped_in_a_row: torch.Tensor | None = None
+    stalled_at: torch.Tensor | None = None
+    mark: float = 0.0             # when the current stretch of training time began
+    start: float = 0.0            # when this process started the loop
+
+    RESUMED = ("next_epoch", "iteration", "best_state", "best_acc", "train_seconds", "first_bad_iter")
+
+    def resume_state(self) -> dict:
+        return {**{k: getattr(self, k) for k in self.RESUMED + SKIP_COUNTERS}, "model": self.model.state_dict(),
+                "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "free_delta": self.step.free_delta,
+                "elle": None if self.step.elle is None else self.step.elle.state_dict()}
+
+    def restore(self, saved: dict) -> None:
+        self.model.load_state_dict(saved["model"])
+        self.opt.load_state_dict(saved["opt"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(saved["scaler"])
+        for k in self.RESUMED:
+            setattr(self, k, saved[k])
+        self.first_bad_iter = self.first_bad_iter.to(self.device)
+        for k in SKIP_COUNTERS:
+            setattr(self, k, saved[k].to(self.device) if k in saved else None)
+        self.__post_init__()
+        free_delta = saved["free_delta"]
+        self.step.free_delta = None if free_delta is None else free_delta.to(self.device)
+        elle = saved.get("elle")
+        if self.step.elle is not None and elle is not None:  # ELLE-A's lambda and error statistics
+            self.step.elle.load_state_dict({k: v.to(self.device) if isinstance(v, torch.Tensor) else v
+                                            for k, v in elle.items()})
+
+    def __post_init__(self):
+        for name in SKIP_COUNTERS:
+            if getattr(self, name) is None:
+                setattr(self, name, torch.tensor(-1 if name == "stalled_at" else 0, device=self.device))
+
+    def count_step(self, loss: torch.Tensor) -> None:
+        """Bookkeeping of one step, on the device. float16 (a GradScaler): a non-finite step was
+        skipped and counts; otherwise (fp32, bf16) the first non-finite loss is remembered."""
+        if self.scaler.is_enabled():
+            skipped = self.step.skipped.long()
+            self.skipped_steps = self.skipped_steps + skipped
+            self.skipped_in_a_row = (self.skipped_in_a_row + 1) * skipped
+            stalled = (self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW) & (self.stalled_at < 0)
+            self.stalled_at = torch.where(stalled, self.iteration, self.stalled_at)
+        else:
+            self.first_bad_iter = torch.where(~torch.isfinite(loss) & (self.first_bad_iter < 0), self.iteration,
+                                              self.first_bad_iter)
+
+    def check_finite(self) -> None:
+        """Raises NonFiniteLoss (one host sync: the training work so far has finished): in fp32 and bf16
+        after a non-finite loss; under float16 after MAX_SKIPPED_IN_A_ROW consecutive skipped steps;
+        always when a weight is NaN or inf."""
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        bad, stalled, ok = torch.stack([self.first_bad_iter, self.stalled_at, weights_ok.long()]).tolist()
+        if bad >= 0:
+            raise NonFiniteLoss(f"the training loss became NaN or inf at iteration {bad}; lower --lr_max (or "
+                                "check the data)")
+        if stalled >= 0:
+            raise NonFiniteLoss(f"{MAX_SKIPPED_IN_A_ROW} steps in a row were skipped for a non-finite loss or "
+                                f"gradients (up to iteration {stalled}); lower --lr_max or use --half_prec_dtype "
+                                "bfloat16")
+        if not ok:
+            raise NonFiniteLoss(f"the weights became NaN or inf by iteration {self.iteration}; lower --lr_max")
+
+    def stop_clock(self) -> None:
+        self.train_seconds += time.time() - self.mark
+
+    def start_clock(self) -> None:
+        self.mark = time.time()
+
+    def keep_if_best(self, train_pgd_acc: float) -> None:
+        """Early stopping: 'best' is replaced only on a strictly higher training PGD accuracy."""
+        if train_pgd_acc > self.best_acc:
+            self.best_acc = train_pgd_acc
+            self.best_state = copy.deepcopy(self.model.state_dict())
+
+
+def train(loop: Loop) -> None:
+    """Epochs loop.next_epoch..E (epoch 0: one iteration, no optimiser step), evaluating every
+    eval_iter_freq iterations and saving a resumable state at each epoch's end."""
+    cfg, loaders, device = loop.cfg, loop.loaders, loop.device
+    metrics_path = os.path.join(loop.run_dir, "metrics.jsonl")
+    n_iters = len(loaders.train)
+    done = 0 if loop.next_epoch == 0 else 1 + (loop.next_epoch - 1) * n_iters
+    bar = tqdm(total=1 + cfg.epochs * n_iters, initial=done, desc="train", unit="it", dynamic_ncols=True,
+               leave=False, disable=None)  # disable=None: no bar when stderr is not a terminal
+    loop.start = loop.mark = time.time()
+    with bar:
+        for epoch in range(loop.next_epoch, cfg.epochs + 1):
+            stats = Stats(device)
+            x_prev = y_prev = None
+            for i, (x, y) in enumerate(loaders.train):
+                if epoch == 0 and i > 0:
+                    break
+                if i % cfg.minibatch_replay != 0:  # Free-AT replays the batch drawn at i % m == 0
+                    x, y = x_prev, y_prev
+                lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs)
+                loop.opt.param_groups[0]["lr"] = lr
+                loop.step.warm = warmup_factor(cfg, loop.iteration)
+                loop.step.iteration = loop.iteration
+                loss = train_step(loop.fwd_model, loop.opt, loop.scaler, x, y, cfg, loop.step, stats,
+                                  update=epoch > 0)
+                loop.count_step(loss)
+                if loop.iteration % cfg.eval_iter_freq == 0:
+                    loop.check_finite()
+                    loop.stop_clock()
+                    record = {"epoch": epoch, "iteration": loop.iteration, "lr": lr, **stats.means(),
+                              "skipped_steps": int(loop.skipped_steps),
+                              **periodic_evaluation(loop.model, loop.fwd_model, loaders, cfg),
+                              "train_minutes": loop.train_seconds / 60, "elapsed_s": time.time() - loop.start}
+                    loop.skipped_steps = torch.zeros_like(loop.skipped_steps)
+                    rundir.append_jsonl(metrics_path, record)
+                    loop.log(format_record(record))
+                    loop.keep_if_best(record["train_pgd_acc"])
+                    stats = Stats(device)
+                    loop.start_clock()
+                loop.iteration += 1
+                x_prev, y_prev = x, y
+                bar.update(1)
+            loop.check_finite()
+            loop.stop_clock()
+            loop.next_epoch = epoch + 1
+            rundir.save_resume_state(loop.run_dir, loop.resume_state(), loaders.train.generator)
+            loop.start_clock()
+
+
+# =================================================================================== run and main
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # seeds every CUDA device too
 
 
 def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     """Trains, saves model.pth, evaluates and writes final.json; resumes where a run left off."""
     run_dir = os.path.join(cfg.out_dir, name)
     if cfg.overwrite:
-        clear_outputs(run_dir)
-    log = RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))
+        rundir.clear_outputs(run_dir)
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn)
-    model = utils.to_device(model, device).train()
-    opt = make_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.half_prec and device.type == "cuda")
-    state = load_resume_state(run_dir, model, opt, scaler, loaders.train.generator, device)
-    if state is None:
-        write_config(run_dir, cfg, name, device)
-        utils.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
-        state = RunState(next_epoch=0, iteration=0, best_state=copy.deepcopy(model.state_dict()), best_acc=0.0,
-                         train_seconds=0.0, first_bad_iter=torch.tensor(-1, device=device))
-        log(f"run {name} on {device}")
+    model = utils.to_device(model, device, tf32=cfg.tf32).train()
+    float16 = cfg.half_prec and half_prec_dtype(cfg, device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=float16)
+    loop = Loop(cfg=cfg, run_dir=run_dir, model=model, fwd_model=forward_model(cfg, model, device, scaler),
+                opt=make_optimizer(cfg, model), scaler=scaler,
+                loaders=loaders, log=rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt")), device=device,
+                first_bad_iter=torch.tensor(-1, device=device), best_state=copy.deepcopy(model.state_dict()),
+                step=StepState(elle=utils.ElleAdaptive(lam_max=cfg.elle_lambda) if cfg.elle_adaptive else None))
+    saved = rundir.load_resume_state(run_dir, loaders.train.generator)
+    if saved is None:
+        n_iters, n_restarts = cfg.final_attack
+        rundir.write_config(run_dir, {
+            **dataclasses.asdict(cfg), "run_name": name, "device_used": str(device),
+            "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
+                          "restart_rule": "robust only if no restart fools it"}})
+        rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
+        loop.log(f"run {name} on {device}")
     else:
-        log(f"resuming {name} at epoch {state.next_epoch} (iteration {state.iteration})")
+        loop.restore(saved)
+        loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
     try:
-        train(cfg, model, loaders, run_dir, state, opt, scaler, log, device)
+        train(loop)
     except NonFiniteLoss as exc:
-        print(f"train.py: error: the training loss became NaN or inf at iteration {exc.args[0]}; "
-              f"lower --lr_max (or check the data); the last good state stays in {run_dir}/{RESUME_FILE}",
-              file=sys.stderr)
+        print(f"train.py: error: {exc}; the last good state stays in {run_dir}/{RESUME_FILE}", file=sys.stderr)
         return EXIT_NONFINITE
-    utils.atomic_torch_save({"last": model.state_dict(), "best": state.best_state},
-                            os.path.join(run_dir, "model.pth"))
+    rundir.atomic_torch_save({"last": model.state_dict(), "best": loop.best_state},
+                             os.path.join(run_dir, "model.pth"))
     final = {"last": final_evaluation(cfg, model, model.state_dict(), loaders, "last")}
     if cfg.eval_early_stopped_model:
-        final["best"] = final_evaluation(cfg, model, state.best_state, loaders, "best")
+        final["best"] = final_evaluation(cfg, model, loop.best_state, loaders, "best")
     n_iters, n_restarts = cfg.final_attack
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
-                  "train_minutes": state.train_seconds / 60, "best_train_pgd_acc": state.best_acc})
-    utils.atomic_write_json(os.path.join(run_dir, "final.json"), final)
-    os.remove(os.path.join(run_dir, RESUME_FILE))
+                  "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc})
+    if cfg.final_autoattack:
+        final["autoattack"] = autoattack_eval.describe("autoattack")
+    rundir.atomic_write_json(os.path.join(run_dir, "final.json"), final)
+    rundir.remove_resume_state(run_dir)
     for key in ("last", "best"):
         if key in final:
-            log(f"final ({key}): clean {final[key]['clean_acc']:.2%}, PGD-{n_iters}-{n_restarts} "
-                f"{final[key]['pgd_acc']:.2%} on {final['n_eval']} test points")
+            loop.log(f"final ({key}): clean {final[key]['clean_acc']:.2%}, PGD-{n_iters}-{n_restarts} "
+                     f"{final[key]['pgd_acc']:.2%} on {final['n_eval']} test points")
+            if "aa_acc" in final[key]:
+                loop.log(f"final ({key}): AutoAttack {final[key]['aa_acc']:.2%}")
     print(json.dumps({"run_dir": run_dir, **final}))
-    return 0
+    return EXIT_OK
+
+
+def lacks_autoattack(cfg: Config, final_path: str) -> bool:
+    """--final_autoattack was asked, and the finished run's final.json has no AutoAttack accuracy."""
+    if not cfg.final_autoattack:
+        return False
+    with open(final_path) as f:
+        final = json.load(f)
+    return any(key in final and "aa_acc" not in final[key] for key in ("last", "best"))
+
+
+def add_autoattack(cfg: Config, run_dir: str, device: torch.device, loaders: Data) -> int:
+    """Adds AutoAttack of the saved weights to a finished run's final.json, without retraining."""
+    final_path = os.path.join(run_dir, "final.json")
+    with open(final_path) as f:
+        final = json.load(f)
+    model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
+                               cfg.n_filters_cnn)
+    model = utils.to_device(model, device).float().eval()
+    try:
+        for key in ("last", "best"):
+            if key in final and "aa_acc" not in final[key]:
+                models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))
+                final[key].update(final_autoattack(cfg, model, loaders, key))
+    except models.CheckpointError as exc:
+        print(f"train.py: error: {exc}; rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
+    final["autoattack"] = autoattack_eval.describe("autoattack")
+    rundir.atomic_write_json(final_path, final)
+    rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))(
+        "final: AutoAttack added to final.json: " + ", ".join(
+            f"{key} {final[key]['aa_acc']:.2%}" for key in ("last", "best") if key in final))
+    print(json.dumps({"run_dir": run_dir, **final}))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -800,9 +608,10 @@ def main(argv: list[str] | None = None) -> int:
     name = run_name(cfg, defaults)
     run_dir = os.path.join(cfg.out_dir, name)
     final_path = os.path.join(run_dir, "final.json")
-    if os.path.exists(final_path) and not cfg.overwrite:  # before loading any data: relaunched sweeps are cheap
+    if os.path.exists(final_path) and not cfg.overwrite and not lacks_autoattack(cfg, final_path):
+        # before loading any data: relaunched sweeps are cheap
         print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
-        return 0
+        return EXIT_OK
     try:
         device = utils.resolve_device(cfg.device, cfg.gpu)
         loaders = load_data(cfg, device)
@@ -810,16 +619,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     os.makedirs(run_dir, exist_ok=True)
-    lock = utils.RunLock(run_dir)
+    lock = rundir.RunLock(run_dir)
     try:
         lock.acquire()
-    except utils.RunLocked as exc:
+    except rundir.RunLocked as exc:
         print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
         return EXIT_LOCKED
     try:
         if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
+            if lacks_autoattack(cfg, final_path):
+                return add_autoattack(cfg, run_dir, device, loaders)
             print(f"{run_dir} is finished: nothing to do")
-            return 0
+            return EXIT_OK
         return run(cfg, name, device, loaders)
     finally:
         lock.release()

@@ -1,19 +1,16 @@
-"""Shared pieces: the box clamp, attacks, GradAlign, metrics, learning rates, precision and file I/O.
+"""The maths: the box clamp, the attacks, GradAlign's regulariser, the metrics, the learning-rate
+schedules and mixed precision (arXiv 2007.02617). File I/O is in rundir.py.
 
 Units: every eps and step size here is in [0, 1] image units (the command line's 1/255 units are
-converted once, in train.py and eval.py). Images are (B, C, H, W) tensors with values in [0, 1].
+converted once, in config.py and eval.py). Images are (B, C, H, W) tensors with values in [0, 1].
 Attacks are pure functions of (model, x, y, ...): they never switch the model between train and
 eval mode, and every delta they return satisfies |delta|_inf <= eps and 0 <= x + delta <= 1
-(SPEC §3.1 item 6 records the one exception, random_corner, in train.py).
+(the one exception is train.py's random_corner perturbation, which is not box-clamped, as in the
+authors' code).
 """
 from __future__ import annotations
 
 import contextlib
-import io
-import json
-import os
-import socket
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -25,19 +22,47 @@ from torch import nn
 CLAMP_RULES = ("zero", "half")
 
 
+def eval_alpha(eps: float) -> float:
+    """The step of every evaluation PGD (periodic, final, eval.py): eps / 4."""
+    return eps / 4
+
+
 # ----------------------------------------------------------------------------------------- box clamp
+class _BoxClamp(torch.autograd.Function):
+    """clamp(z, 0, 1) whose backward multiplies the incoming gradient by 1 strictly inside (0, 1),
+    by `at_bound` where z is exactly 0 or 1, and by 0 outside [0, 1]. The rule is written here
+    rather than inherited from torch.clamp, whose gradient at the bounds differs between releases."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, at_bound: float) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.at_bound = at_bound
+        return torch.clamp(z, 0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (z,) = ctx.saved_tensors
+        # Differentiable ops of grad_out, so a double backward through the clamp also works.
+        inside = (z > 0) & (z < 1)
+        if ctx.at_bound == 0.0:
+            return grad_out * inside, None
+        on_bound = (z == 0) | (z == 1)
+        return torch.where(inside, grad_out, grad_out * (ctx.at_bound * on_bound)), None
+
+
+_AT_BOUND = {"zero": 0.0, "half": 0.5}
+
+
 def box_clamp(z: torch.Tensor, rule: str) -> torch.Tensor:
-    """clamp(z, 0, 1) with the gradient rule of SPEC §3.0 at the bounds.
+    """clamp(z, 0, 1) with a fixed gradient rule at the bounds, the same on every torch release.
 
     rule='zero': gradient 0 where z is exactly 0 or 1 (PyTorch 1.4, the paper's runs).
-    rule='half': gradient 0.5 there (the reference's max/min code on PyTorch >= 1.10).
-    Both give gradient 1 inside (0, 1) and 0 outside [0, 1].
+    rule='half': gradient 0.5 there (the authors' max/min code on PyTorch >= 1.10).
+    Both give gradient 1 strictly inside (0, 1) and 0 outside [0, 1]. Values equal torch.clamp's.
     """
-    if rule == "zero":
-        return torch.clamp(z, 0.0, 1.0)
-    if rule == "half":
-        return torch.clamp(z, z.new_zeros(()), z.new_ones(()))
-    raise ValueError(f"unknown clamp rule '{rule}': choose one of {', '.join(CLAMP_RULES)}")
+    if rule not in _AT_BOUND:
+        raise ValueError(f"unknown clamp rule '{rule}': choose one of {', '.join(CLAMP_RULES)}")
+    return _BoxClamp.apply(z, _AT_BOUND[rule])
 
 
 def project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,16 +83,34 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.
     """Gradient wrt delta of the summed cross-entropy at model(x + delta), and the logits.
 
     The forward sees clamp(x + delta) under `clamp_rule`, or x + delta when it is None.
-    The summed loss gives each example the gradient of its own loss (the reference's batch mean
-    divides it by B: same signs and cosines, no fp16 underflow). create_graph keeps the graph
-    for double backprop (GradAlign); otherwise the result is detached.
+    The summed loss gives each example the gradient of its own loss (the authors' batch mean
+    divides it by B: same signs and cosines). create_graph keeps the graph for double backprop
+    (GradAlign); otherwise the result is detached.
+
+    Loss scaling: when `model` is an fp16 `Autocast`, the loss is multiplied by its
+    `input_grad_scale` before the backward and the gradient divided by it after, so that small
+    gradients do not round to zero in fp16 (the headroom of the authors' apex loss scaling). A scaled pass whose
+    gradient is not finite (an fp16 overflow) is redone once in fp32, so no attack takes sign()
+    of inf or NaN (in train mode that extra forward also updates BatchNorm's running statistics);
+    the check costs one host sync per fp16 pass. fp32 and bf16 passes are neither scaled nor checked.
     """
     delta = delta.detach().requires_grad_(True) if not create_graph else delta.requires_grad_(True)
+    scale = model.input_grad_scale(len(y), x.device) if isinstance(model, Autocast) else None
+    grad, logits = _summed_ce_grad(model, x, y, delta, clamp_rule, create_graph, scale)
+    if scale is not None and not bool(torch.isfinite(grad).all()):  # the documented sync (fp16 only)
+        grad, logits = _summed_ce_grad(model.model, x, y, delta, clamp_rule, create_graph, None)
+    return (grad if create_graph else grad.detach()), logits.detach()
+
+
+def _summed_ce_grad(model, x, y, delta, clamp_rule, create_graph, scale):
     inputs = x + delta if clamp_rule is None else box_clamp(x + delta, clamp_rule)
     logits = model(inputs)
     loss = F.cross_entropy(logits.float(), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, delta, create_graph=create_graph)
-    return (grad if create_graph else grad.detach()), logits.detach()
+    if scale is None:
+        (grad,) = torch.autograd.grad(loss, delta, create_graph=create_graph)
+        return grad, logits
+    (grad,) = torch.autograd.grad(loss * scale, delta, create_graph=create_graph)
+    return grad / scale, logits
 
 
 def per_example_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -84,7 +127,7 @@ def grad_align_reg(grad1: torch.Tensor, grad2: torch.Tensor, lam: float) -> torc
 
     grad1, grad2: input gradients (B, C, H, W) at x (or the attack's start) and at x + eta.
     The mean runs over the examples where both gradients are nonzero (no epsilon in the
-    normalisation, as in the reference); it is NaN if there is none. Differentiable wherever the
+    normalisation, as in the authors' code); it is NaN if there is none. Differentiable wherever the
     gradients carry a graph, with no host synchronisation.
     """
     g1, g2 = grad1.flatten(1).float(), grad2.flatten(1).float()
@@ -226,7 +269,7 @@ class ElleAdaptive:
 def fgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torch.Tensor, eps: float,
                 step: float, clamp_rule: str, *, create_graph: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One FGSM step from delta0 (training: FGSM, FGSM-RS and Free-AT; SPEC §3.1 item 6).
+    """One FGSM step from delta0 (training: FGSM, FGSM-RS and Free-AT).
 
     The gradient is taken at clamp(x + delta0) under `clamp_rule`; the step is step * sign(grad)
     (step = fgsm_alpha * eps), clipped to [-eps, eps] and projected onto the box.
@@ -334,11 +377,11 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], eps: float,
                     alpha: float, n_iters: int, n_restarts: int, progress: Callable | None = None
                     ) -> RobustEval:
-    """Clean and PGD-`n_iters`-`n_restarts` accuracy (the final evaluation, SPEC §3.1 item 12).
+    """Clean and PGD-`n_iters`-`n_restarts` accuracy (the final evaluation).
 
     An example counts as robust only if it is classified correctly clean and at every iterate
     (after the first step) and final point of every restart. That rule is at least as strong as
-    the reference's (which keeps the max-loss restart), so it may stop early: an example already
+    the authors' (which keeps the max-loss restart), so it may stop early: an example already
     broken gets no more steps or restarts. Each restart draws its random start for the whole batch,
     so every example follows the same trajectory as in a plain full-batch PGD.
     The caller puts the model in eval mode and fp32.
@@ -375,18 +418,45 @@ def seeded_robust_accuracy(model: nn.Module, batches, eps: float, n_iters: int, 
     """robust_accuracy with step eps/4 from a freshly seeded RNG: train.py's final evaluation and
     eval.py give the same numbers for the same points, batch size, seed and device."""
     torch.manual_seed(seed)
-    return robust_accuracy(model, batches, eps, eps / 4, n_iters, n_restarts, progress)
+    return robust_accuracy(model, batches, eps, eval_alpha(eps), n_iters, n_restarts, progress)
 
 
 # ----------------------------------------------------------------------------- periodic evaluation
-def _accuracy_and_deltas(model, batches, eps, alpha, n_iters, random_start):
-    correct, n, deltas = 0, 0, []
+@dataclass
+class AttackAccuracy:
+    """Outcome of attack_accuracy: fractions in [0, 1] and the deltas, one tensor per batch."""
+    adv_acc: float                # correct at x + delta
+    clean_acc: float | None       # correct at x (with clean=True)
+    robust_acc: float | None      # correct at both (with clean=True)
+    n_eval: int
+    deltas: list[torch.Tensor]
+
+
+def attack_accuracy(model: nn.Module, batches, eps: float, alpha: float, n_iters: int, *, random_start: bool,
+                    clean: bool = False, progress: Callable | None = None) -> AttackAccuracy:
+    """Accuracy under one full PGD run per batch (pgd_attack: every example takes every step).
+
+    The periodic evaluation uses it (it needs the deltas for cos_fgsm_pgd, and its random starts
+    are drawn in the order of the authors' loop), as does eval.py's zero-start attack. The final
+    evaluation's robust_accuracy is the other loop, on purpose: several restarts, and an example
+    stops being attacked once it is fooled. clean=True also predicts at x (before the attack).
+    """
+    n_adv = n_clean = n_robust = n = 0
+    deltas = []
     for x, y in batches:
+        ok = _predict(model, x) == y if clean else None
         delta = pgd_attack(model, x, y, eps, alpha, n_iters, random_start=random_start)
-        correct += int((_predict(model, x + delta) == y).sum())
+        adv = _predict(model, x + delta) == y
+        n_adv += int(adv.sum())
+        if ok is not None:
+            n_clean, n_robust = n_clean + int(ok.sum()), n_robust + int((ok & adv).sum())
         n += len(y)
         deltas.append(delta)
-    return correct / max(n, 1), deltas
+        if progress is not None:
+            progress(len(y))
+    denominator = max(n, 1)
+    return AttackAccuracy(n_adv / denominator, n_clean / denominator if clean else None,
+                          n_robust / denominator if clean else None, n, deltas)
 
 
 def _grads(model, batches, eps, clamp_rule, at_random_point):
@@ -404,22 +474,22 @@ def _mean_cos(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
 
 def periodic_metrics(model: nn.Module, test_batches, train_batches, eps: float, alpha: float,
                      attack_iters: int, clamp_rule: str) -> dict[str, float]:
-    """The reference's periodic evaluation (SPEC §3.1 item 9), in its order of random draws.
+    """The periodic evaluation of the authors' training loop, in its order of random draws.
 
     Test subset: clean, FGSM (one step of eps from zero) and PGD-`attack_iters` (step alpha, one
     random restart) accuracy, and cos_fgsm_pgd between their deltas; training subset: PGD accuracy
     (for early stopping); then cos_x_eta between input gradients at clamp(x) and clamp(x + eta).
     The caller sets eval mode (and the training precision).
     """
-    test_clean, _ = _accuracy_and_deltas(model, test_batches, eps, alpha, 0, True)
-    test_fgsm, fgsm_deltas = _accuracy_and_deltas(model, test_batches, eps, eps, 1, False)
-    test_pgd, pgd_deltas = _accuracy_and_deltas(model, test_batches, eps, alpha, attack_iters, True)
-    train_pgd, _ = _accuracy_and_deltas(model, train_batches, eps, alpha, attack_iters, True)
+    test_clean = attack_accuracy(model, test_batches, eps, alpha, 0, random_start=True)
+    test_fgsm = attack_accuracy(model, test_batches, eps, eps, 1, random_start=False)
+    test_pgd = attack_accuracy(model, test_batches, eps, alpha, attack_iters, random_start=True)
+    train_pgd = attack_accuracy(model, train_batches, eps, alpha, attack_iters, random_start=True)
     grad_x = _grads(model, test_batches, eps, clamp_rule, at_random_point=False)
     grad_eta = _grads(model, test_batches, eps, clamp_rule, at_random_point=True)
-    return {"test_clean_acc": test_clean, "test_fgsm_acc": test_fgsm, "test_pgd_acc": test_pgd,
-            "train_pgd_acc": train_pgd, "cos_x_eta": _mean_cos(grad_x, grad_eta),
-            "cos_fgsm_pgd": _mean_cos(fgsm_deltas, pgd_deltas)}
+    return {"test_clean_acc": test_clean.adv_acc, "test_fgsm_acc": test_fgsm.adv_acc, "test_pgd_acc": test_pgd.adv_acc,
+            "train_pgd_acc": train_pgd.adv_acc, "cos_x_eta": _mean_cos(grad_x, grad_eta),
+            "cos_fgsm_pgd": _mean_cos(test_fgsm.deltas, test_pgd.deltas)}
 
 
 def cos_x_eta(model: nn.Module, batches, eps: float, clamp_rule: str) -> float:
@@ -431,7 +501,7 @@ def cos_x_eta(model: nn.Module, batches, eps: float, clamp_rule: str) -> float:
 
 # --------------------------------------------------------------------------------- learning rate
 def lr_at(t: float, schedule: str, lr_max: float, epochs: int) -> float:
-    """Learning rate at fractional epoch t (t = epoch - 1 + (i + 1) / len(loader); SPEC §3.1 item 3).
+    """Learning rate at fractional epoch t (t = epoch - 1 + (i + 1) / len(loader), as in the authors' loop).
 
     cyclic: linear 0 -> lr_max at floor(2E/5) epochs -> 0 at E (0 for t <= 0).
     piecewise: lr_max, then /10 from t/E >= 0.5 and /100 from t/E >= 0.75.
@@ -445,22 +515,78 @@ def lr_at(t: float, schedule: str, lr_max: float, epochs: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- precision
+HALF_PREC_DTYPES = ("auto", "float16", "bfloat16")
+INIT_LOSS_SCALE = 2.0 ** 16  # the initial dynamic loss scale of apex (the authors' code) and of torch's GradScaler
+
+
+def autocast_dtype(device_type: str, choice: str = "auto") -> torch.dtype:
+    """The dtype of --half_prec: 'auto' is float16 on CUDA and bfloat16 on the CPU."""
+    if choice == "auto":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if choice not in HALF_PREC_DTYPES:
+        raise ValueError(f"unknown half-precision dtype '{choice}': choose one of {', '.join(HALF_PREC_DTYPES)}")
+    return getattr(torch, choice)
+
+
+def _input_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() for a in args)
+
+
 class Autocast(nn.Module):
     """Runs the wrapped model's forward under torch.autocast and returns fp32 logits.
 
-    float16 on CUDA, bfloat16 on the CPU, so the CPU exercises the same mixed-precision path.
-    Only forwards are autocast; backward passes (and double backprop) run outside it.
+    dtype: float16 or bfloat16 (default: float16 on CUDA, bfloat16 on the CPU, so the CPU exercises
+    the same mixed-precision path; float16 on the CPU runs CUDA's numerics). Only forwards are
+    autocast; backward passes (and double backprop) run outside it.
+    batchnorm_fp32: every BatchNorm layer gets its input in fp32 and hands its output back in `dtype`
+    (the authors' code registers batch_norm as an fp32 function with apex when GradAlign is on).
+    Under float16, `input_grad` scales the loss of its passes by `input_grad_scale` (see there);
+    `scaler` is the training GradScaler whose current scale that follows.
     """
 
-    def __init__(self, model: nn.Module, device_type: str):
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None = None, *,
+                 scaler: torch.amp.GradScaler | None = None, batchnorm_fp32: bool = False,
+                 scale_input_grads: bool = True):
         super().__init__()
         self.model = model
         self.device_type = device_type
-        self.dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        self.dtype = dtype or autocast_dtype(device_type)
+        self.scaler = scaler
+        self.scale_input_grads = scale_input_grads and self.dtype == torch.float16
+        self.norms = ([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                      if batchnorm_fp32 else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        with torch.autocast(self.device_type, dtype=self.dtype), self._batchnorm_in_fp32():
             return self.model(x).float()
+
+    @contextlib.contextmanager
+    def _batchnorm_in_fp32(self):
+        """Hooks that live for one forward only, so the model itself is left unchanged."""
+        def output_to_dtype(module, args, out):
+            return out.to(self.dtype)
+        handles = []
+        for m in self.norms:
+            handles += [m.register_forward_pre_hook(_input_to_fp32), m.register_forward_hook(output_to_dtype)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def input_grad_scale(self, batch_size: int, device: torch.device) -> torch.Tensor | float | None:
+        """Factor of the summed loss in an input-gradient pass; None (no scaling) unless float16.
+
+        The authors' code scaled every input-gradient pass's batch-MEAN loss by apex's dynamic loss
+        scale; scale / batch_size times the summed loss is the same number. The scale is the
+        training GradScaler's current one (read on the device, no host sync), or its initial 2^16
+        where there is no enabled scaler (eval.py, bench.py).
+        """
+        if not self.scale_input_grads:
+            return None
+        if self.scaler is not None and self.scaler.is_enabled():
+            return self.scaler.scale(torch.ones((), device=device)) / batch_size
+        return INIT_LOSS_SCALE / batch_size
 
 
 def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
@@ -478,133 +604,19 @@ def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
     return device
 
 
-def to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """Moves the model; on CUDA also channels_last weights and cuDNN autotuning (speed only: the
-    reference's cuDNN was not deterministic either)."""
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions, process-wide. Off means fp32 is IEEE fp32, as on
+    the paper's pre-Ampere GPUs (PyTorch's own default lets cuDNN convolutions use TF32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def to_device(model: nn.Module, device: torch.device, *, tf32: bool = False) -> nn.Module:
+    """Moves the model and sets TF32 (off unless asked); on CUDA also channels_last weights and cuDNN
+    autotuning (speed only: the reference's cuDNN was not deterministic either)."""
+    set_tf32(tf32)
     model = model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-# ---------------------------------------------------------------------------------------- file I/O
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes data to a temporary file beside path, then renames it over path."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-
-
-def atomic_write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save through a temporary file and a rename: a killed run never leaves a torn file."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def read_jsonl(path: str) -> list[dict]:
-    """The whole lines of a JSON-lines file (a torn last line is ignored)."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            if line.endswith("\n"):
-                rows.append(json.loads(line))
-    return rows
-
-
-def append_jsonl(path: str, obj: dict) -> None:
-    """Appends one whole line in a single write call."""
-    with open(path, "a") as f:
-        f.write(json.dumps(obj, sort_keys=True) + "\n")
-        f.flush()
-
-
-def truncate_jsonl(path: str, n_lines: int) -> None:
-    """Keeps the first n_lines whole lines (drops lines written after a checkpoint and torn ones)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.endswith("\n")][:n_lines]
-    atomic_write_bytes(path, "".join(lines).encode())
-
-
-class RunLocked(Exception):
-    """Another live process holds the run's lock."""
-
-
-class RunLock:
-    """An exclusive lock file (run_dir/.lock holding 'host pid'); a dead process's lock is taken over."""
-
-    def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, ".lock")
-        self.held = False
-
-    def acquire(self) -> None:
-        """Takes the lock or raises RunLocked. The lock file is written in full beside it and then
-        hard-linked into place, so a lock that exists always names its owner."""
-        me = f"{socket.gethostname()} {os.getpid()}"
-        mine = f"{self.path}.{os.getpid()}"
-        with open(mine, "w") as f:
-            f.write(me)
-        try:
-            for _ in range(2):
-                try:
-                    os.link(mine, self.path)  # atomic: fails if the lock exists
-                except FileExistsError:
-                    owner = self._owner()
-                    if owner is not None and self._alive(*owner):
-                        raise RunLocked(f"pid {owner[1]} on {owner[0]}") from None
-                    self._remove_if_owned_by(owner)  # stale: its process is gone
-                    continue
-                self.held = True
-                return
-            raise RunLocked("another process took the lock at the same moment")
-        finally:
-            os.remove(mine)
-
-    def _remove_if_owned_by(self, owner: tuple[str, int] | None) -> None:
-        if self._owner() == owner:  # not replaced by a live process meanwhile
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-
-    def _owner(self) -> tuple[str, int] | None:
-        try:
-            with open(self.path) as f:
-                host, pid = f.read().split()
-            return host, int(pid)
-        except (OSError, ValueError):
-            return None  # unreadable or half-written: treated as stale
-
-    @staticmethod
-    def _alive(host: str, pid: int) -> bool:
-        if host != socket.gethostname():
-            return True  # cannot check another machine's processes: assume it runs
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
-
-    def release(self) -> None:
-        if self.held:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(self.path)
-            self.held = False

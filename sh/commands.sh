@@ -30,45 +30,20 @@ check_methods() {
   done
 }
 
-# decimals3 EXPR: an awk expression in e (the eps of the run), printed with 3 decimals.
-decimals3() { awk -v e="$1" "BEGIN { printf \"%.3f\", $2 }"; }
-
-# ratio A B: A / B as a plain number (8 / 5 -> 1.6, 8 / 2 -> 4).
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%g", a / b }'; }
-
-# method_flags METHOD EPS: the method's train.py flags at EPS (the paper's six as in the authors' scripts), from the script's settings
-# EPOCHS, LR_MAX, GA_LR_MAX, FREE_EPOCHS, FREE_LR_MAX and its function gradalign_lambda EPS.
-method_flags() {
-  local eps=$2 schedule="--epochs=$EPOCHS --lr_max=$LR_MAX"
-  case $1 in
-    fgsm) echo "--attack=fgsm --attack_init=zero $schedule" ;;
-    fgsm_rs) echo "--attack=fgsm --attack_init=random $schedule" ;;  # fgsm_alpha stays 1.25
-    gradalign) echo "--attack=fgsm --attack_init=zero --grad_align_cos_lambda=$(gradalign_lambda "$eps")" \
-                    "--epochs=$EPOCHS --lr_max=$GA_LR_MAX" ;;
-    pgd2) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=2 --pgd_alpha_train=$(ratio "$eps" 2) $schedule" ;;
-    pgd10) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=$(ratio "$eps" 5) $schedule" ;;
-    free_at) echo "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0 --minibatch_replay=8" \
-                  "--epochs=$FREE_EPOCHS --lr_max=$FREE_LR_MAX" ;;
-    # Successor methods (README, "Other fast adversarial training methods"): each paper's CIFAR-10
-    # settings, on this protocol's schedule (EPOCHS, LR_MAX: both papers also use 30 epochs, lr 0.2).
-    nfgsm) echo "--attack=nfgsm --fgsm_alpha=1.0 --nfgsm_noise_mult=2 $schedule" ;;  # k 2, step eps at every eps
-    zerograd) echo "--attack=fgsm --attack_init=random --fgsm_alpha=2.0 --zerograd_q=0.35 $schedule" ;;
-    elle) echo "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0 --elle_lambda=$(elle_lambda "$eps") $schedule" ;;
-    elle_a) echo "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0 --elle_lambda=4000 --elle_adaptive $schedule" ;;
-  esac
-}
-
-# elle_lambda EPS: ELLE's lambda in its authors' CIFAR-10 scripts: 1000 up to eps 8, 5000 up to 20,
-# 10000 above (their grid is even eps 2..26; odd eps take the value of the step they fall in).
-elle_lambda() { awk -v e="$1" 'BEGIN { print (e <= 8 ? 1000 : e <= 20 ? 5000 : 10000) }'; }
-
 # eps_grid DATASET: every (seed, method, eps) command of an eps sweep on DATASET, in that loop order.
+# The flags of each method at each eps (and the dataset's schedule) come from methods.py's table.
 eps_grid() {
-  local seed method eps
+  local seed method eps key rest grid
+  local -A method_flags=()
+  grid=$(python methods.py grid --dataset "$1" --methods "$METHODS" --eps "$EPS") || exit 2
+  while read -r method eps rest; do
+    method_flags["$method $eps"]=$rest
+  done <<< "$grid"
   for seed in $SEEDS; do
     for method in $METHODS; do
       for eps in $EPS; do
-        emit "--dataset=$1 $(method_flags "$method" "$eps") --eps=$eps $COMMON --seed=$seed"
+        key="$method $eps"
+        emit "--dataset=$1 ${method_flags[$key]} --eps=$eps $COMMON --seed=$seed"
       done
     done
   done

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import models
+import rundir
 import train
 from tests.fixtures import write_cifar10
 from tests.test_train import TINY
@@ -173,20 +174,23 @@ def test_elle_adaptive_lambda_is_applied_in_the_step():
 
 
 def test_elle_adaptive_state_survives_a_resume(tmp_path):
-    model = models.build_model("cnn", 10, (1, 8, 8), 1, 4)
-    opt = torch.optim.Adam(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    generator = torch.Generator().manual_seed(0)
-    rule = train.utils.ElleAdaptive(lam_max=4000.0)
+    cfg, _ = train.parse_config(TINY + ["--attack_init", "zero", "--fgsm_alpha", "1", "--elle_lambda", "4000",
+                                        "--elle_adaptive"])
+
+    def loop() -> train.Loop:
+        model = models.build_model("cnn", 10, (1, 8, 8), 1, 4)
+        return train.Loop(cfg=cfg, run_dir=str(tmp_path), model=model, fwd_model=model,
+                          opt=torch.optim.Adam(model.parameters()), scaler=torch.amp.GradScaler("cpu", enabled=False),
+                          loaders=None, log=None, device=torch.device("cpu"), first_bad_iter=torch.tensor(-1),
+                          best_state=model.state_dict(),
+                          step=train.StepState(elle=train.utils.ElleAdaptive(lam_max=cfg.elle_lambda)))
+    before = loop()
     for value in (1.0, 1.1, 0.9, 5.0):
-        rule.update(torch.tensor(value))
-    state = train.RunState(next_epoch=3, iteration=12, best_state=model.state_dict(), best_acc=0.5,
-                           train_seconds=1.0, first_bad_iter=torch.tensor(-1), elle=rule.state_dict())
-    metrics = os.path.join(tmp_path, "metrics.jsonl")
-    open(metrics, "w").close()
-    train.save_resume_state(str(tmp_path), state, model, opt, scaler, generator, metrics)
-    loaded = train.load_resume_state(str(tmp_path), model, opt, scaler, generator, torch.device("cpu"))
-    restored = train.utils.ElleAdaptive(lam_max=4000.0)
-    restored.load_state_dict(loaded.elle)
-    assert restored.count == 4 and float(restored.lam) == 4000.0
-    assert float(restored.update(torch.tensor(1.0))) == float(rule.update(torch.tensor(1.0)))
+        before.step.elle.update(torch.tensor(value))
+    generator = torch.Generator().manual_seed(0)
+    rundir.save_resume_state(str(tmp_path), before.resume_state(), generator)
+    after = loop()
+    after.restore(rundir.load_resume_state(str(tmp_path), generator))
+    assert after.step.elle.count == 4 and float(after.step.elle.lam) == 4000.0
+    assert float(after.step.elle.update(torch.tensor(1.0))) == float(before.step.elle.update(torch.tensor(1.0)))
+    assert float(after.step.elle.mean) == float(before.step.elle.mean)

@@ -1,4 +1,4 @@
-"""The sweep scripts in sh/ print exactly the reference's sweeps (SPEC §5) with DRY_RUN=1."""
+"""The sweep scripts in sh/ print exactly the authors' sweeps with DRY_RUN=1."""
 from __future__ import annotations
 
 import os
@@ -8,13 +8,15 @@ import subprocess
 
 import pytest
 
+import config
+import methods
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR, SVHN, CNN = "sh/exps_diff_eps_cifar10.sh", "sh/exps_diff_eps_svhn.sh", "sh/cnn_single_layer.sh"
 COMMON = {"--eval_iter_freq": "200", "--batch_size_eval": "1024", "--half_prec": True,
           "--eval_early_stopped_model": True, "--n_final_eval": "1000"}
-# GradAlign's lambda in the reference scripts, verbatim (CIFAR-10 eps 14: 1.124, not the formula's 1.125).
+# GradAlign's lambda in the authors' scripts, verbatim (CIFAR-10 eps 14: 1.124, not the formula's 1.125).
 CIFAR_LAMBDA = ["0.027", "0.036", "0.047", "0.063", "0.084", "0.112", "0.150", "0.200", "0.267", "0.356", "0.474",
                 "0.632", "0.843", "1.124", "1.500", "2.000"]
 SVHN_LAMBDA = ["1.657", "1.757", "1.864", "1.976", "2.096", "2.223", "2.357", "2.500", "2.651", "2.812", "2.982",
@@ -33,7 +35,7 @@ def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
 
 
 def flags(argv: list[str]) -> dict:
-    """{--flag: value (True for a bare flag)}; fails on a repeated flag (the reference's lr_max trap)."""
+    """{--flag: value (True for a bare flag)}; fails on a repeated flag (the authors' lr_max trap)."""
     assert argv[:2] == ["python", "train.py"], argv
     result = {}
     for word in argv[2:]:
@@ -44,7 +46,7 @@ def flags(argv: list[str]) -> dict:
 
 
 def expected_flags(dataset: str, method: str, eps: int, seed: int) -> dict:
-    """What SPEC §5 says the command of (method, eps, seed) is."""
+    """The command of (method, eps, seed) in the authors' sweep scripts."""
     _, _, epochs, lr, ga_lr, free_epochs, free_lr, lambdas = SETTINGS[dataset]
     e = str(eps)
     method_flags = {
@@ -133,6 +135,14 @@ def test_extra_arguments_are_appended_to_every_command():
         assert argv[-4:] == ["--download", "--gpu=1", "--data_dir=/data/my cifar", "--out_dir=runs/c10"]
 
 
+@pytest.mark.parametrize("script", [CIFAR, SVHN])
+def test_final_autoattack_passes_through_to_every_run(script):
+    commands = dry_run(script, "--final_autoattack", SEEDS="0", EPS="8")
+    assert len(commands) == 6
+    for argv in commands:
+        assert argv[-1] == "--final_autoattack" and config.build_parser().parse_args(argv[2:]).final_autoattack
+
+
 def test_cnn_single_layer_runs_fgsm_with_and_without_gradalign():
     commands = [flags(a) for a in dry_run(CNN)]
     assert len(commands) == 2 * 5
@@ -184,17 +194,21 @@ def test_successor_methods_with_their_papers_settings():
     assert len(dry_run(CIFAR, SEEDS="0", EPS="8")) == 6
 
 
-def test_compare_digits_uses_the_demo_recipe():
-    demo = [flags(a) for a in dry_run("sh/demo_digits.sh", SEEDS="0", EPS="76.5")]
-    compare = [flags(a) for a in dry_run("sh/compare_digits.sh", SEEDS="0", EPS="76.5")]
-    assert len(compare) == 6
-    recipe = ("--dataset", "--model", "--n_filters_cnn", "--epochs", "--lr_max", "--eval_iter_freq", "--clamp_grad",
-              "--eps", "--seed")
+def test_compare_digits_keeps_its_recipe_and_takes_method_flags_from_the_table():
+    compare = [flags(a) for a in dry_run("sh/compare_digits.sh")]
+    assert len(compare) == 6 * 3 * 3
+    recipe = {"--dataset": "digits", "--model": "cnn", "--n_filters_cnn": "8", "--epochs": "100", "--lr_max": "0.005",
+              "--eval_iter_freq": "50", "--clamp_grad": "half"}
     for f in compare:
-        assert {k: f[k] for k in recipe} == {k: demo[0][k] for k in recipe}
-    # the methods both scripts run are the same runs
-    shared = [f for f in compare if f["--attack"] == "pgd" or "--fgsm_alpha" not in f and "--zerograd_q" not in f]
-    for f in shared:
-        assert {k: v for k, v in f.items() if k != "--out_dir"} in [
-            {k: v for k, v in d.items() if k != "--out_dir"} for d in demo]
+        assert {k: f[k] for k in recipe} == recipe
+    assert {(f["--eps"], f["--seed"]) for f in compare} == {(e, s) for e in ("25.5", "51", "76.5") for s in "012"}
+    # every method's flags are methods.py's (GradAlign's lambda: this recipe's 1.0), in the same words
+    for f in compare:
+        words = [w for w in (f"{k}={v}" if v is not True else k for k, v in f.items())
+                 if w.split("=")[0] not in {*recipe, "--eps", "--seed", "--device", "--out_dir"}]
+        table = {key: methods.flags(key, float(f["--eps"]), "digits") for key in
+                 ("fgsm", "gradalign", "pgd10", "nfgsm", "elle_a", "zerograd")}
+        table["gradalign"] = [w if not w.startswith("--grad_align_cos_lambda") else "--grad_align_cos_lambda=1.0"
+                              for w in table["gradalign"]]
+        assert sorted(words) in [sorted(t) for t in table.values()], words
     assert {f["--attack"] for f in compare} == {"fgsm", "pgd", "nfgsm"}
