@@ -15,6 +15,7 @@ training loss became NaN or inf.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -23,6 +24,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,13 +162,29 @@ class Config:
         return (10, 3) if self.debug else (50, 10)
 
 
-# Settings that change results, in run-name order, with their short names. Not named: where files
-# go, the device, and batch_size_eval (evaluation runs in eval mode: batching changes no number).
+# Settings that change results, in run-name order, with their short names (named when not the default).
+# batch_size_eval: the final evaluation draws each PGD restart's random start batch by batch, so the
+# batching decides which start each example gets. data_on_device: on CUDA it moves the data generator
+# (shuffling, crops, flips) to the GPU, whose random streams differ from the CPU's.
 NAME_FIELDS = {"epochs": "ep", "lr_schedule": "", "lr_max": "lr", "batch_size": "bs", "weight_decay": "wd",
                "fgsm_alpha": "fa", "minibatch_replay": "mr", "pgd_train_n_iters": "pgdk",
                "pgd_alpha_train": "pgda", "attack_iters": "ai", "n_layers": "nl", "n_filters_cnn": "nf",
                "eval_iter_freq": "eif", "n_eval_every_k_iter": "nek", "n_final_eval": "nfe",
-               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-"}
+               "half_prec": "hp", "debug": "debug", "eval_early_stopped_model": "es", "clamp_grad": "clamp-",
+               "batch_size_eval": "bse", "data_on_device": "dod"}
+# Config fields that are not in the run name, and why (a test checks that every field is named or here).
+NOT_NAMED = {
+    # the leading parts of every run name
+    "dataset": "named first", "model": "named", "attack": "named", "attack_init": "named", "eps": "named",
+    "grad_align_cos_lambda": "named", "seed": "named last",
+    # where files are, what to do with them: no number depends on these
+    "data_dir": "where the dataset is read from", "out_dir": "where the run directory goes",
+    "fname": "unused, kept for the reference's scripts", "download": "fetches missing files, then reads the same",
+    "overwrite": "whether a finished run is retrained",
+    # which machine: the same experiment on other hardware. cpu and cuda round differently (as do two GPU
+    # models, which no name could tell apart); config.json records device_used. --gpu N only picks a card.
+    "device": "the hardware, recorded as device_used in config.json", "gpu": "which card of a machine",
+}
 
 
 def run_name(cfg: Config, defaults: dict) -> str:
@@ -198,6 +216,8 @@ def check_flags(cfg: Config) -> str | None:
     checks = [
         (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
         (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
+        (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),
+        (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay:g}); the paper uses 5e-4"),
         (cfg.epochs >= 0, f"--epochs must be >= 0 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
         (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
@@ -690,23 +710,77 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = utils.resolve_device(cfg.device, cfg.gpu)
         loaders = load_data(cfg, device)
-    except (ValueError, data.DataMissingError) as exc:
+    except (ValueError, data.DataMissingError) as exc:  # DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    os.makedirs(run_dir, exist_ok=True)
-    lock = utils.RunLock(run_dir)
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        print(f"train.py: error: cannot create {run_dir} ({exc.strerror}); pick another --out_dir", file=sys.stderr)
+        return EXIT_USAGE
+    with stop_on_signals():
+        return run_locked(cfg, name, device, loaders, run_dir)
+
+
+def run_locked(cfg: Config, name: str, device: torch.device, loaders: Data, run_dir: str) -> int:
+    """run() under the run directory's lock; exits 3 if a live process holds it."""
+    final_path = os.path.join(run_dir, "final.json")
+    lock = utils.RunLock(run_dir, on_lost=lambda: lock_lost(run_dir))
     try:
         lock.acquire()
-    except utils.RunLocked as exc:
-        print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
-        return EXIT_LOCKED
-    try:
         if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
             print(f"{run_dir} is finished: nothing to do")
             return 0
         return run(cfg, name, device, loaders)
+    except utils.RunLocked as exc:
+        print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
+        return EXIT_LOCKED
+    except Stopped as exc:
+        lock.release()  # before dying: a requeued job, on any node, can take the run over at once
+        print(f"train.py: stopped by {signal.Signals(exc.signum).name}; {run_dir}/{RESUME_FILE} holds the last "
+              "finished epoch: relaunch the same command to resume", file=sys.stderr)
+        signal.signal(exc.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), exc.signum)  # end as the signal would have ended us (status: killed by it)
+        raise
     finally:
         lock.release()
+
+
+# SIGTERM: Slurm's preemption and scancel; SIGUSR2: submitit's warning before the time limit.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+
+class Stopped(BaseException):
+    """A stop signal arrived; raised in the main thread so the run's lock is released on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turns STOP_SIGNALS into Stopped while training (main thread only; handlers restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, _raise_stopped) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def lock_lost(run_dir: str) -> None:
+    """Called by the lock's heartbeat when another process took the run over: stop writing to it."""
+    print(f"train.py: the lock of {run_dir} was taken over by another process (this one stalled longer than "
+          "the lease); stopping", file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
