@@ -454,6 +454,7 @@ class RunLock:
         self.on_lost = on_lost
         self.held = False
         self.inode: int | None = None
+        self.text = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -468,8 +469,9 @@ class RunLock:
         host, pid = socket.gethostname(), os.getpid()
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         mine = f"{self.path}.{host}.{pid}"
+        self.text = json.dumps({"host": host, "pid": pid, "since": since, "pid_ns": _pid_namespace()}) + "\n"
         with open(mine, "w") as f:
-            f.write(json.dumps({"host": host, "pid": pid, "since": since, "pid_ns": _pid_namespace()}) + "\n")
+            f.write(self.text)
         try:
             for _ in range(3):
                 try:
@@ -511,7 +513,7 @@ class RunLock:
         interval = min(HEARTBEAT_SECONDS, LEASE_SECONDS / 5)
         while not self._stop.wait(interval):
             try:
-                if os.stat(self.path).st_ino != self.inode:
+                if not self._is_mine():
                     raise FileNotFoundError(self.path)
                 os.utime(self.path)
             except FileNotFoundError:
@@ -532,6 +534,11 @@ class RunLock:
             self._thread = None
         if self.held:
             with contextlib.suppress(FileNotFoundError):
-                if os.stat(self.path).st_ino == self.inode:
+                if self._is_mine():
                     os.remove(self.path)
             self.held = False
+
+    def _is_mine(self) -> bool:
+        """The lock file is the one this process linked: same inode and same text (inodes are reused)."""
+        with open(self.path) as f:
+            return os.fstat(f.fileno()).st_ino == self.inode and f.read() == self.text
