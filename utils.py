@@ -481,6 +481,8 @@ class RunLock:
                     owner, inode = read_lock(self.path, now=os.stat(mine).st_mtime)
                     if owner is not None and owner.is_live():
                         raise RunLocked(owner.describe()) from None
+                    if inode == -1:
+                        raise RunLocked(f"its lock {self.path} exists but this user cannot read it") from None
                     if inode is not None:
                         self._set_aside(inode, f"{self.path}.stale.{host}.{pid}")
                     continue

@@ -91,13 +91,11 @@ def test_a_lock_taken_over_meanwhile_is_put_back_and_a_lost_lock_is_reported(tmp
     # catches the first's fresh lock: it must link it back, not remove it.
     holder = utils.RunLock(str(tmp_path))
     holder.acquire()
-    holder.release()  # (stop its heartbeat; the file is re-created below with a known inode)
-    holder.acquire()
     inode = os.stat(holder.path).st_ino
-    holder._set_aside(inode + 1, holder.path + ".stale.test")
-    assert os.stat(holder.path).st_ino == inode
-    assert os.listdir(tmp_path) == [".lock"]
+    holder._set_aside(inode + 1, holder.path + ".stale.test")  # judged stale: a lock with another inode
+    assert os.stat(holder.path).st_ino == inode and os.listdir(tmp_path) == [".lock"]
     holder.release()
+    assert os.listdir(tmp_path) == []
 
     monkeypatch.setattr(utils, "LEASE_SECONDS", 0.25)
     lost = threading.Event()
