@@ -10,7 +10,8 @@ format) and final.json (clean and PGD-50-10 accuracy). Relaunching a finished ru
 relaunching an interrupted one resumes from its last completed epoch.
 
 Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
-training loss became NaN or inf.
+training loss became NaN or inf. SIGTERM or SIGUSR2 (preemption, a near time limit) stops the run:
+it releases the run's lock and ends by that signal; relaunching resumes it.
 """
 from __future__ import annotations
 
@@ -181,8 +182,9 @@ NOT_NAMED = {
     "data_dir": "where the dataset is read from", "out_dir": "where the run directory goes",
     "fname": "unused, kept for the reference's scripts", "download": "fetches missing files, then reads the same",
     "overwrite": "whether a finished run is retrained",
-    # which machine: the same experiment on other hardware. cpu and cuda round differently (as do two GPU
-    # models, which no name could tell apart); config.json records device_used. --gpu N only picks a card.
+    # which machine. cpu and cuda draw other random numbers and round differently, as two GPU models round
+    # differently, which no name could tell apart; config.json records device_used. The name must also be
+    # known before the device is: launch.py --status runs on a login node, a requeued job lands on any node.
     "device": "the hardware, recorded as device_used in config.json", "gpu": "which card of a machine",
 }
 
