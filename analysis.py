@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 
@@ -28,6 +27,7 @@ import torch
 
 import data
 import models
+import rundir
 import utils
 
 LEMMA2_BOUND = 0.5
@@ -36,14 +36,15 @@ WIDTHS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 def load_run(run_dir: str) -> tuple[dict, models.CNN, list[dict]]:
     """(config, CNN with the last weights, metrics rows) of a cnn run directory."""
-    with open(os.path.join(run_dir, "config.json")) as f:
-        cfg = json.load(f)
+    cfg = rundir.read_config(run_dir)
+    if cfg is None:
+        raise ValueError(f"{run_dir} has no readable config.json; give a run directory written by train.py")
     if cfg["model"] != "cnn":
         raise ValueError(f"{run_dir} trained a {cfg['model']}; the analysis is for --model cnn runs")
     info = data.DATASETS[cfg["dataset"]]
     model = models.build_model("cnn", info.n_classes, info.shape, cfg["n_layers"], cfg["n_filters_cnn"])
     models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), "last"))
-    rows = utils.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rows = rundir.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     return cfg, model.eval(), rows
 
 

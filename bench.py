@@ -37,23 +37,20 @@ import torch.nn.functional as F
 from torch import nn
 
 import data
+import methods
 import models
+import rundir
 import train
 import utils
 
-# Training methods: the flags that select them in train.py, and the forward+backward passes one step
-# makes (attack / monitoring pass at x / training pass; GradAlign adds grad2 and a double backprop).
+# Training methods (methods.py's table at eps 8 with CIFAR-10's GradAlign lambda 0.2, without the
+# sweep's schedule): label, the flags that select them in train.py, and the forward+backward passes one
+# step makes (attack / monitoring pass at x / training pass; GradAlign adds grad2 and a double backprop).
+BENCH_EPS = 8
 METHODS: dict[str, tuple[str, list[str], str]] = {
-    "fgsm": ("FGSM", ["--attack", "fgsm", "--attack_init", "zero"], "2"),
-    "fgsm_rs": ("FGSM-RS", ["--attack", "fgsm", "--attack_init", "random"], "2"),
-    "gradalign": ("FGSM+GradAlign", ["--attack", "fgsm", "--attack_init", "zero", "--grad_align_cos_lambda", "0.2"],
-                  "3+dbl"),
-    "pgd2": ("PGD-2", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "2",
-                       "--pgd_alpha_train", "4"], "2+f+1"),
-    "pgd10": ("PGD-10", ["--attack", "pgd", "--attack_init", "zero", "--pgd_train_n_iters", "10",
-                         "--pgd_alpha_train", "1.6"], "10+f+1"),
-    "free_at": ("Free-AT (m=8)", ["--attack", "fgsm", "--minibatch_replay", "8", "--fgsm_alpha", "1.0"], "2"),
-}
+    key: (m.label, [f for f in methods.flags(key, BENCH_EPS, "cifar10") if not f.startswith(("--epochs", "--lr_max"))],
+          m.passes)
+    for key, m in methods.METHODS.items()}
 INPUT_SHAPES = {"cnn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the cnn benches on digits-shaped input
 N_CLASSES = 10
 EVAL_RESERVE_S = 25.0  # of the CPU time budget, kept for the evaluations (digits training included)
@@ -206,7 +203,7 @@ def method_config(model_name: str, method: str, batch_size: int, s: Settings) ->
     """train.py's frozen config for one method, through its own parser and checks."""
     argv = ["--model", model_name, "--dataset", "digits" if model_name == "cnn" else "cifar10",
             "--batch_size", str(batch_size), "--n_eval_every_k_iter", str(max(256, batch_size)),
-            "--eps", "8", "--device", s.device, *METHODS[method][1]]
+            "--eps", str(BENCH_EPS), "--device", s.device, *METHODS[method][1]]
     return train.parse_config(argv + (["--half_prec"] if s.half_prec else []))[0]
 
 
@@ -348,16 +345,16 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
 
 # ------------------------------------------------------------------------------------------ output
 def format_steps(results: dict, cuda: bool) -> str:
-    header = f"{'model':9} {'method':15} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
+    header = f"{'model':9} {'method':16} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
     header += f" {'peak MiB':>9}" if cuda else ""
     lines = [header, "-" * len(header)]
     for model_name, r in results.items():
-        line = f"{model_name:9} {'fwd+bwd unit':15} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7} {'':>9}"
+        line = f"{model_name:9} {'fwd+bwd unit':16} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7} {'':>9}"
         lines.append(line + (f" {r['unit_peak_mib']:9.0f}" if cuda else ""))
         for m in r["methods"].values():
             ref = m["reference_units"]
             ref_text = f"{ref[0]:.1f}-{ref[1]:.1f}" if ref else "-"
-            line = f"{model_name:9} {m['label']:15} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7} {ref_text:>9}"
+            line = f"{model_name:9} {m['label']:16} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7} {ref_text:>9}"
             lines.append(line + (f" {m['peak_mib']:9.0f}" if cuda else ""))
     return "\n".join(lines)
 
@@ -437,7 +434,7 @@ def run(s: Settings) -> None:
         print(format_eval(model_name, evals[model_name]))
     report = {**env, "settings": asdict(s), "steps": steps, "eval": evals,
               "reference": REFERENCE, "wall_seconds": time.perf_counter() - start}
-    utils.atomic_write_json(s.out, report)
+    rundir.atomic_write_json(s.out, report)
     print(f"wrote {s.out} ({report['wall_seconds']:.0f} s)")
 
 

@@ -1,11 +1,14 @@
-"""Clean and PGD-50-10 accuracy of a checkpoint on the first --n_eval points (SPEC §2, eval.py).
+"""Clean and PGD-50-10 accuracy of a checkpoint on the first --n_eval points.
 
-    python eval.py --dataset cifar10 --model resnet18 --model_path runs/<run>/model.pth --eps 8 --n_eval 1000
+    python eval.py --model_path runs/<run>/model.pth --eps 8 --n_eval 1000
+    python eval.py --dataset cifar10 --model resnet18 --model_path models/<name>.pth --eps 8
 
 Loads this repo's model.pth, the authors' released {'last', 'best'} files and bare state_dicts
-(--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as in the
-reference (models/<name>.pth). eps is in 1/255 units; the PGD step is eps/4. An example counts as
-robust only if no restart fools it. Progress goes to stderr; the LAST line on stdout is one JSON
+(--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as the
+authors' eval.py looked it up (models/<name>.pth). The dataset and architecture (--dataset, --model,
+--n_layers, --n_filters_cnn) come from the config.json that train.py wrote beside the checkpoint;
+flags given explicitly override it, and files without one (the authors') need the flags. eps is in
+1/255 units; the PGD step is eps/4. An example counts as robust only if no restart fools it. Progress goes to stderr; the LAST line on stdout is one JSON
 object: {"clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "model_path", ...}.
 """
 from __future__ import annotations
@@ -15,36 +18,27 @@ import json
 import os
 import sys
 
-import torch
 from tqdm import tqdm
 
+import config
 import data
 import models
+import rundir
 import utils
-from train import OneLineParser
+from config import EXIT_OK, EXIT_USAGE, OneLineParser, add_shared_flags
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_shared_flags(p, from_run=True, batch_size_eval=1024,
+                     half_prec_help="evaluate under autocast (fp16 on CUDA, bf16 on CPU)")
     a = p.add_argument
-    a("--gpu", type=int, default=0, help="which GPU: same as --device cuda:N")
-    a("--dataset", default="cifar10", choices=sorted(data.DATASETS))
-    a("--model", default="resnet18", choices=models.MODELS, help="architecture of the checkpoint")
-    a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
     a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
-    a("--seed", type=int, default=0, help="seeds the random starts of PGD")
-    a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
+    a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
     a("--n_eval", type=int, default=256, help="first points of the split (-1: all)")
-    a("--n_layers", type=int, default=1, help="conv layers of --model cnn")
-    a("--n_filters_cnn", type=int, default=16, help="filters of --model cnn")
-    a("--n_hidden_fc", type=int, default=1024, help="unused, kept for the reference's command lines")
-    a("--batch_size_eval", type=int, default=1024)
-    a("--half_prec", action="store_true", help="evaluate under autocast (fp16 on CUDA, bf16 on CPU)")
+    a("--n_hidden_fc", type=int, default=1024, help="unused, kept for the authors' command lines")
     a("--early_stopped_model", action="store_true", help="evaluate the 'best' weights of a {'last','best'} file")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--data_dir", default=os.environ.get("DATA_DIR", "./data"), help="dataset folder (env DATA_DIR)")
-    a("--download", action="store_true", help="download a missing dataset through torchvision")
     a("--attack_iters", type=int, default=50, help="PGD steps (of eps/4)")
     a("--n_restarts", type=int, default=10, help="PGD random restarts")
     a("--attack_init", default="random", choices=("random", "zero"),
@@ -52,8 +46,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# The settings eval.py takes from config.json beside the checkpoint when their flags are not given.
+FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn")
+
+
+def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
+    """The flags with the dataset and architecture the run's config.json records (explicit flags
+    win); without a config.json (the authors' files) the flags or train.py's defaults."""
+    run_config = rundir.read_config(os.path.dirname(os.path.abspath(path))) or {}
+    fallback = config.defaults()
+    for name in FROM_RUN:
+        if getattr(args, name) is None:
+            setattr(args, name, run_config.get(name, fallback[name]))
+    return args
+
+
 def resolve_model_path(path: str) -> str:
-    """A file as given, else models/<path>.pth or models/<path> as the reference looked them up."""
+    """A file as given, else models/<path>.pth or models/<path> as the authors' eval.py looked them up."""
     for candidate in (path, os.path.join("models", path + ".pth"), os.path.join("models", path)):
         if os.path.isfile(candidate):
             return candidate
@@ -76,9 +85,10 @@ def check_flags(args) -> str | None:
 def evaluate(args) -> dict:
     """Loads data and checkpoint (raising one-line errors), then measures clean and PGD accuracy."""
     device = utils.resolve_device(args.device, args.gpu)
+    path = resolve_model_path(args.model_path)
+    args = fill_from_run(args, path)
     info = data.DATASETS[args.dataset]
     data.check_model_input(args.model, info.shape)
-    path = resolve_model_path(args.model_path)
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
     models.load_state(model, state)
@@ -97,26 +107,13 @@ def evaluate(args) -> dict:
             result = utils.seeded_robust_accuracy(forward, batches, eps, args.attack_iters, args.n_restarts,
                                                   args.seed, progress=bar.update)
         else:
-            result = zero_start_accuracy(forward, batches, eps, args.attack_iters, progress=bar.update)
+            zero = utils.attack_accuracy(forward, batches, eps, utils.eval_alpha(eps), args.attack_iters,
+                                         random_start=False, clean=True, progress=bar.update)
+            result = utils.RobustEval(zero.clean_acc, zero.robust_acc, zero.n_eval, zero.n_eval * args.attack_iters)
     return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
             "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
             "set": args.set, "weights": "best" if args.early_stopped_model else "last",
             "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
-
-
-def zero_start_accuracy(model, batches, eps: float, n_iters: int, progress=None) -> utils.RobustEval:
-    """Clean and PGD accuracy from a zero start (one deterministic restart), step eps/4."""
-    n_clean = n_robust = n = 0
-    for x, y in batches:
-        with torch.no_grad():
-            clean = model(x).argmax(1) == y
-        delta = utils.pgd_attack(model, x, y, eps, eps / 4, n_iters, random_start=False)
-        with torch.no_grad():
-            robust = clean & (model(x + delta).argmax(1) == y)
-        n_clean, n_robust, n = n_clean + int(clean.sum()), n_robust + int(robust.sum()), n + len(y)
-        if progress:
-            progress(len(y))
-    return utils.RobustEval(n_clean / n, n_robust / n, n, n * n_iters)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(args)
     except (ValueError, data.DataMissingError, models.CheckpointError) as exc:
         print(f"eval.py: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(f"clean {result['clean_acc']:.2%}, PGD-{args.attack_iters}-{args.n_restarts} {result['pgd_acc']:.2%} "
           f"on the first {result['n_eval']} {args.set} points", file=sys.stderr)
     print(json.dumps(result))
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import dataclasses
 import io
 import os
 import shlex
@@ -39,9 +38,6 @@ from dataclasses import dataclass
 import submitit
 
 REPO = os.path.dirname(os.path.abspath(__file__))
-EXIT_MEANINGS = {1: "error (see the log)", 2: "bad input", 3: "in progress elsewhere (locked)",
-                 4: "the training loss became NaN or inf"}
-EXIT_LOCKED = 3
 EXIT_MARK = "[launch.py] exit "  # the log line after each attempt: EXIT_MARK + the exit code
 STOP_WAIT_S = 60   # how long a stopped command may take to free its lock before it is killed
 POLL_S = 0.2       # how often a running command is checked
@@ -81,16 +77,15 @@ def train_args(argv: list[str]) -> list[str] | None:
 def run_dir_of(args: list[str]) -> str | None:
     """out_dir/<run name> that train.py would write for these flags; None if argparse rejects them.
     Flags that parse but fail train.py's checks (say --eps -1) still get their name."""
-    import train  # imports torch: only when needed
-    parser = train.build_parser()
+    import config  # imports torch: only when needed
+    import rundir
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            namespace = parser.parse_args(args)
+            namespace = config.build_parser().parse_args(args)
     except SystemExit:
         return None
-    cfg = train.Config(**vars(namespace))
-    defaults = {f.name: parser.get_default(f.name) for f in dataclasses.fields(train.Config)}
-    return os.path.join(cfg.out_dir, train.run_name(cfg, defaults))
+    cfg = config.Config(**vars(namespace))
+    return os.path.join(cfg.out_dir, rundir.run_name(cfg, config.defaults()))
 
 
 def has_device_flag(args: list[str]) -> bool:
@@ -173,12 +168,13 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._process = process
 
     def __call__(self) -> int:
+        from config import EXIT_LOCKED  # imports torch: only in the job
+        from rundir import LEASE_SECONDS
         rc = run_command(self.argv, self.log_path, started=self._started)
         if self.requeues > 0 and rc == EXIT_LOCKED:
             # The previous attempt may have died without freeing the lock (a node failure): its lease
-            # runs out within utils.LEASE_SECONDS; keep trying until then.
-            import utils
-            deadline = time.time() + utils.LEASE_SECONDS + 60
+            # runs out within rundir.LEASE_SECONDS; keep trying until then.
+            deadline = time.time() + LEASE_SECONDS + 60
             while rc == EXIT_LOCKED and time.time() < deadline:
                 time.sleep(30)
                 rc = run_command(self.argv, self.log_path, started=self._started)
@@ -267,6 +263,7 @@ def describe(returncode: int | None) -> str:
             return f"killed by signal {signal.Signals(-returncode).name}"
         except ValueError:
             return f"killed by signal {-returncode}"
+    from config import EXIT_MEANINGS
     return EXIT_MEANINGS.get(returncode, "error (see the log)")
 
 
@@ -322,19 +319,18 @@ def run_state(task: Task) -> tuple[str, str]:
     last attempt in the log exited with a code > 0. interrupted: started (config.json or resume.pt)
     and none of these; relaunching resumes it. not started: nothing of it on disk.
     """
-    import train  # imports torch: only when needed
-    import utils
+    import rundir
     run_dir = task.run_dir
     if run_dir and os.path.exists(os.path.join(run_dir, "final.json")):
         return "finished", ""
-    owner = utils.live_lock_owner(run_dir) if run_dir else None
+    owner = rundir.live_lock_owner(run_dir) if run_dir else None
     if owner is not None:
         return "in progress", owner.describe()
     rc = last_exit_code(task.log_path)
     if rc is not None and rc > 0:
         return "failed", f"exit {rc} ({describe(rc)}); log {task.log_path}"
-    if run_dir and os.path.exists(os.path.join(run_dir, train.RESUME_FILE)):
-        return "interrupted", f"{train.RESUME_FILE} kept, no live lock"
+    if run_dir and os.path.exists(os.path.join(run_dir, rundir.RESUME_FILE)):
+        return "interrupted", f"{rundir.RESUME_FILE} kept, no live lock"
     if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
         return "interrupted", "stopped before its first epoch ended"
     return "not started", ""

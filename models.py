@@ -1,8 +1,8 @@
-"""The two architectures of the paper, with the reference code's state_dict keys (SPEC §4).
+"""The two architectures of the paper (arXiv 2007.02617), with the state_dict keys of the authors' code.
 
 Both models take images of shape (B, C, H, W) with values in [0, 1] and return logits (B, n_classes).
 Both register an alias submodule `model_preact_hl1` that points at their first layers, exactly as
-the reference does, so that the authors' released checkpoints load with strict=True.
+the authors' code does, so that the authors' released checkpoints load with strict=True.
 """
 from __future__ import annotations
 
@@ -42,13 +42,13 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.conv1(F.relu(self.bn1(x)))
         out = self.conv2(F.relu(self.bn2(out)))
-        # The reference's shortcut takes the block input x, not relu(bn1(x)) as in He et al.
+        # The authors' shortcut takes the block input x, not relu(bn1(x)) as in He et al.
         shortcut = self.shortcut(x) if hasattr(self, "shortcut") else x
         return out + shortcut
 
 
 class PreActResNet18(nn.Module):
-    """PreAct ResNet-18 of the reference: no final BN/ReLU, avg_pool2d(4), linear 512 -> n_classes.
+    """PreAct ResNet-18 of the authors' code: no final BN/ReLU, avg_pool2d(4), linear 512 -> n_classes.
 
     Input (B, 3, S, S) with 25 <= S <= 56 (32 in practice); state_dict of 108 keys.
     """
@@ -63,7 +63,7 @@ class PreActResNet18(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             in_planes = width
         self.linear = nn.Linear(512, n_classes)
-        # Alias of the first layers, registered last as in the reference (adds 6 state_dict keys).
+        # Alias of the first layers, registered last as in the authors' code (adds 6 state_dict keys).
         self.model_preact_hl1 = nn.Sequential(self.normalize, self.conv1, self.layer1[0].bn1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ class CNN(nn.Module):
     """n_conv x [Conv2d(3x3, stride 1, pad 1, bias), ReLU], Flatten, Linear(n_filters*H*W -> n_classes).
 
     Input (B, C, H, W) of any size; keys _model.0.*, _model.{2*n_conv+1}.* and the alias
-    model_preact_hl1.0.* (the first conv): 6 keys for one layer, the reference's only depth.
+    model_preact_hl1.0.* (the first conv): 6 keys for one layer, the authors' only depth.
     """
 
     def __init__(self, n_classes: int, shape_in: tuple[int, int, int], n_conv: int = 1, n_filters: int = 16):
@@ -99,7 +99,7 @@ class CNN(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """The reference's initialisation, applied to every module with model.apply.
+    """The authors' initialisation, applied to every module with model.apply.
 
     Conv2d: N(0, sqrt(2 / (k*k*out_channels))), bias 0. Linear: N(0, sqrt(2 / in_features)), bias 0.
     BatchNorm: weight 1, bias 0.
@@ -119,7 +119,7 @@ def init_weights(module: nn.Module) -> None:
 
 def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
                 n_layers: int = 1, n_filters_cnn: int = 16) -> nn.Module:
-    """A freshly initialised model (reference init, including its second pass over the aliases)."""
+    """A freshly initialised model (the authors' init, including its second pass over the aliases)."""
     if name == "resnet18":
         model = PreActResNet18(n_classes)
     elif name == "cnn":
@@ -149,7 +149,7 @@ def _alias_pairs(model: nn.Module) -> dict[str, str]:
 
 
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Strictly loads a state_dict of the reference or of this repo.
+    """Strictly loads a state_dict of the authors' code or of this repo.
 
     Accepts DataParallel's 'module.' prefix and state_dicts without the alias keys (they are filled
     from the tensors they alias). Raises CheckpointError naming the missing, unexpected or
@@ -183,7 +183,7 @@ def _few(items: list[str], k: int = 4) -> str:
 
 
 def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
-    """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the reference's)
+    """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the authors')
     give entry `which`; a bare state_dict is returned as is. Raises CheckpointError."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)

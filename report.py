@@ -25,13 +25,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import methods
+import rundir
+
 STD_DDOF = 0  # population std over seeds, as numpy's np.std
 PAPER_PROTOCOL = {"n_eval": 1000, "attack_iters": 50, "n_restarts": 10}
 # Our offline demo data set is not in the paper: its protocol is its whole test set.
 OWN_PROTOCOL = {"digits": {"n_eval": 397, "attack_iters": 50, "n_restarts": 10}}
-# The paper's row order; other methods follow alphabetically.
-METHOD_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradAlign", "Free-AT (m=8)",
-                "PGD-2", "PGD-10"]
+# The paper's row order (methods.py); other methods follow alphabetically.
+METHOD_ORDER = methods.ROW_ORDER
 # Config keys that do not change results (or are the group key / seed); the others must agree in a group.
 NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
                 "data_dir", "out_dir", "download", "overwrite", "fname",
@@ -55,26 +57,9 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_json(path: str) -> dict | None:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def read_metrics(run_dir: str) -> list[dict]:
     """The periodic evaluations of a run (metrics.jsonl), skipping a torn last line."""
-    records = []
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-    return records
+    return rundir.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
 
 
 def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
@@ -85,9 +70,9 @@ def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
         for folder, _, files in os.walk(root):
             if "config.json" not in files or not fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
                 continue
-            config = read_json(os.path.join(folder, "config.json"))
+            config = rundir.read_json(os.path.join(folder, "config.json"))
             if config is not None:
-                runs[os.path.realpath(folder)] = Run(folder, config, read_json(os.path.join(folder, "final.json")))
+                runs[os.path.realpath(folder)] = Run(folder, config, rundir.read_json(os.path.join(folder, "final.json")))
     return sorted(runs.values(), key=lambda r: r.path)
 
 
@@ -315,7 +300,7 @@ CURVE_PANELS = [("train_pgd_acc", "PGD accuracy, training subset (%)", 100),
 
 
 def curve_label(run_dir: str) -> str:
-    c = read_json(os.path.join(run_dir, "config.json"))
+    c = rundir.read_json(os.path.join(run_dir, "config.json"))
     if c is None:
         return os.path.basename(os.path.normpath(run_dir))
     return f"{method_name(c)}, eps {float(c.get('eps', 8)):g}, seed {c.get('seed')}"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Catastrophic overfitting in a single-layer CNN with 4 filters (the paper's Sec. 3 and Fig. 3;
-# SPEC §1 claim 3 and §5): CIFAR-10, FGSM at eps 10/255 from a zero start, Adam lr 0.003, 30 epochs,
+# Catastrophic overfitting in a single-layer CNN with 4 filters (the paper's Sec. 3 and Fig. 3,
+# the README's "What the paper shows"): CIFAR-10, FGSM at eps 10/255 from a zero start, Adam lr 0.003, 30 epochs,
 # evaluated every 50 iterations; with and without GradAlign (lambda 0.356 = 0.02 * 10^(10/8), the
-# CIFAR-10 formula at eps 10). No --half_prec, as in the reference's README command.
+# CIFAR-10 formula at eps 10). No --half_prec, as in the authors' README command.
 #   DRY_RUN=1 sh/cnn_single_layer.sh                           # print the 10 commands
 #   METHODS=fgsm SEEDS=0 sh/cnn_single_layer.sh --data_dir=/data
 # Methods: fgsm gradalign; the other variables are in sh/commands.sh.
@@ -20,7 +20,7 @@ commands() {
   for seed in $SEEDS; do
     for method in $METHODS; do
       lambda=0
-      if [[ $method == gradalign ]]; then lambda=$(decimals3 10 "0.02 * 10 ^ (e / 8)"); fi
+      if [[ $method == gradalign ]]; then lambda=$(python methods.py lambda --dataset cifar10 --eps 10); fi
       emit "$COMMON --grad_align_cos_lambda=$lambda --seed=$seed"
     done
   done

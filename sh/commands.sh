@@ -32,35 +32,20 @@ check_methods() {
   done
 }
 
-# decimals3 EXPR: an awk expression in e (the eps of the run), printed with 3 decimals.
-decimals3() { awk -v e="$1" "BEGIN { printf \"%.3f\", $2 }"; }
-
-# ratio A B: A / B as a plain number (8 / 5 -> 1.6, 8 / 2 -> 4).
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%g", a / b }'; }
-
-# method_flags METHOD EPS: the method's train.py flags at EPS (SPEC §5), from the script's settings
-# EPOCHS, LR_MAX, GA_LR_MAX, FREE_EPOCHS, FREE_LR_MAX and its function gradalign_lambda EPS.
-method_flags() {
-  local eps=$2 schedule="--epochs=$EPOCHS --lr_max=$LR_MAX"
-  case $1 in
-    fgsm) echo "--attack=fgsm --attack_init=zero $schedule" ;;
-    fgsm_rs) echo "--attack=fgsm --attack_init=random $schedule" ;;  # fgsm_alpha stays 1.25
-    gradalign) echo "--attack=fgsm --attack_init=zero --grad_align_cos_lambda=$(gradalign_lambda "$eps")" \
-                    "--epochs=$EPOCHS --lr_max=$GA_LR_MAX" ;;
-    pgd2) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=2 --pgd_alpha_train=$(ratio "$eps" 2) $schedule" ;;
-    pgd10) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=$(ratio "$eps" 5) $schedule" ;;
-    free_at) echo "--attack=fgsm --attack_init=zero --fgsm_alpha=1.0 --minibatch_replay=8" \
-                  "--epochs=$FREE_EPOCHS --lr_max=$FREE_LR_MAX" ;;
-  esac
-}
-
 # eps_grid DATASET: every (seed, method, eps) command of an eps sweep on DATASET, in that loop order.
+# The flags of each method at each eps (and the dataset's schedule) come from methods.py's table.
 eps_grid() {
-  local seed method eps
+  local seed method eps key rest grid
+  local -A method_flags=()
+  grid=$(python methods.py grid --dataset "$1" --methods "$METHODS" --eps "$EPS") || exit 2
+  while read -r method eps rest; do
+    method_flags["$method $eps"]=$rest
+  done <<< "$grid"
   for seed in $SEEDS; do
     for method in $METHODS; do
       for eps in $EPS; do
-        emit "--dataset=$1 $(method_flags "$method" "$eps") --eps=$eps $COMMON --seed=$seed"
+        key="$method $eps"
+        emit "--dataset=$1 ${method_flags[$key]} --eps=$eps $COMMON --seed=$seed"
       done
     done
   done

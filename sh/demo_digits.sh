@@ -19,19 +19,15 @@ OUT=${OUT:-runs/demo_digits}
 REPORT=${REPORT:-reports/demo_digits}
 COMMON="--dataset=digits --model=cnn --n_filters_cnn=8 --epochs=100 --lr_max=0.005 --eval_iter_freq=50 --clamp_grad=half --device=cpu --out_dir=$OUT"
 
-method_flags() {  # $1 method, $2 eps (1/255 units)
-  case $1 in
-    fgsm) echo "--attack=fgsm --attack_init=zero" ;;
-    fgsm_rs) echo "--attack=fgsm --attack_init=random" ;;
-    gradalign) echo "--attack=fgsm --attack_init=zero --grad_align_cos_lambda=1.0" ;;
-    pgd10) echo "--attack=pgd --attack_init=zero --pgd_train_n_iters=10 --pgd_alpha_train=$(python -c "print(round($2 / 5, 3))")" ;;
-    *) echo "unknown method $1 (fgsm fgsm_rs gradalign pgd10)" >&2; exit 2 ;;
-  esac
-}
-
 commands() {
+  local -A method_flags=()
+  local method eps rest grid
+  grid=$(python methods.py grid --dataset digits --methods "$METHODS" --eps "$EPS") || exit 2
+  while read -r method eps rest; do  # the flags of each method at each eps, from methods.py's table
+    method_flags["$method $eps"]=$rest
+  done <<< "$grid"
   for seed in $SEEDS; do for eps in $EPS; do for method in $METHODS; do
-    echo "python train.py $COMMON --eps=$eps $(method_flags "$method" "$eps") --seed=$seed $*"
+    echo "python train.py $COMMON --eps=$eps ${method_flags["$method $eps"]} --seed=$seed $*"
   done; done; done
 }
 

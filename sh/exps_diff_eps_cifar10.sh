@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# CIFAR-10, PreAct ResNet-18, eps 1..16/255 (the paper's Fig. 1 and Table 4; SPEC §5):
+# CIFAR-10, PreAct ResNet-18, eps 1..16/255 (the paper's Fig. 1 and Table 4):
 # 6 methods x 16 eps x 5 seeds = 480 runs of 30 epochs (Free-AT: 96 epochs of replayed batches).
 #   DRY_RUN=1 sh/exps_diff_eps_cifar10.sh                      # print the 480 commands
 #   JOBS=4 sh/exps_diff_eps_cifar10.sh --data_dir=/data --out_dir=runs/cifar10
 #   METHODS="fgsm gradalign" EPS="8 16" SEEDS=0 sh/exps_diff_eps_cifar10.sh
-# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at; the other variables are in sh/commands.sh.
+# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at; their flags, the schedule (30 epochs, lr_max 0.2;
+# GradAlign 0.30; Free-AT 96 epochs at 0.04) and GradAlign's lambda per eps are in methods.py.
+# The other variables are in sh/commands.sh.
 # Commands run from the repository root (relative paths in the flags are relative to it). Relaunching
 # skips finished runs: train.py exits at once when the run's final.json exists.
 set -euo pipefail
@@ -14,19 +16,7 @@ source sh/commands.sh
 ALL_METHODS="fgsm fgsm_rs gradalign pgd2 pgd10 free_at"
 METHODS=${METHODS:-$ALL_METHODS}
 EPS=${EPS:-$(seq -s " " 1 16)}
-EPOCHS=30 LR_MAX=0.2 GA_LR_MAX=0.30 FREE_EPOCHS=96 FREE_LR_MAX=0.04
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"
-
-# GradAlign's lambda at eps: 0.02 * 10^(eps/8) (0.200 at 8, 2.000 at 16), with 3 decimals.
-gradalign_lambda() {
-  # Exception on purpose: the reference script has 1.124 at eps 14 where the formula (1.12468) rounds
-  # to 1.125. SPEC §5 takes the script's values verbatim, so we do too (and the run names match).
-  if [[ $1 == 14 ]]; then
-    echo 1.124
-    return
-  fi
-  decimals3 "$1" "0.02 * 10 ^ (e / 8)"
-}
 
 commands() { eps_grid cifar10; }
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# SVHN, PreAct ResNet-18, eps 1..12/255 (the paper's Fig. 8 and Table 5; SPEC §5):
+# SVHN, PreAct ResNet-18, eps 1..12/255 (the paper's Fig. 8 and Table 5):
 # 6 methods x 12 eps x 5 seeds = 360 runs of 15 epochs (Free-AT: 45 epochs), lr_max 0.05 (Free-AT 0.01).
 #   DRY_RUN=1 sh/exps_diff_eps_svhn.sh                         # print the 360 commands
 #   JOBS=4 sh/exps_diff_eps_svhn.sh --data_dir=/data --out_dir=runs/svhn
 #   METHODS="gradalign pgd10" EPS="8 12" SEEDS="0 1" sh/exps_diff_eps_svhn.sh
-# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at; the other variables are in sh/commands.sh.
-# The reference's GradAlign lines pass --lr_max=0.30 --lr_max=0.05 (argparse keeps the last): we pass
+# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at; their flags, the schedule and GradAlign's lambda
+# per eps are in methods.py. The other variables are in sh/commands.sh.
+# The authors' GradAlign lines pass --lr_max=0.30 --lr_max=0.05 (argparse keeps the last): we pass
 # 0.05 once. Relaunching skips finished runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,11 +15,7 @@ source sh/commands.sh
 ALL_METHODS="fgsm fgsm_rs gradalign pgd2 pgd10 free_at"
 METHODS=${METHODS:-$ALL_METHODS}
 EPS=${EPS:-$(seq -s " " 1 12)}
-EPOCHS=15 LR_MAX=0.05 GA_LR_MAX=0.05 FREE_EPOCHS=45 FREE_LR_MAX=0.01
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"
-
-# GradAlign's lambda at eps: exp(eps * ln(1.6) / 8 + ln(2.5^2 / 4)) (2.500 at 8, 3.162 at 12), 3 decimals.
-gradalign_lambda() { decimals3 "$1" "exp(e * log(1.6) / 8 + log(2.5 ^ 2 / 4))"; }
 
 commands() { eps_grid svhn; }
 

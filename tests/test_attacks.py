@@ -1,6 +1,6 @@
 """Attacks, the box clamp, robust accuracy, cosines, learning rates and the periodic evaluation (utils.py).
 
-SPEC §3.0 (the box-clamp gradient rule), §3.1 items 3, 6, 9 and 12. CPU only, small CNNs on 8x8 digits.
+The box-clamp gradient rule, the learning-rate schedules, the FGSM step, the periodic and the final evaluation. CPU only, small CNNs on 8x8 digits.
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def test_fgsm_zero_init_matches_independent_formula(trained, rule):
 
 
 def test_fgsm_zero_init_large_step_is_eps_sign(trained):
-    # With zero init and fgsm_alpha >= 1 the clipped step is eps * sign(g) (SPEC §3.1 item 6).
+    # With zero init and fgsm_alpha >= 1 the clipped step is eps * sign(g), as in the paper's FGSM.
     torch.manual_seed(0)
     model, x, y = trained
     eps = 0.1

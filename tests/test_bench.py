@@ -45,7 +45,7 @@ def test_quick_bench_on_cpu_writes_every_number(tmp_path, capsys):
     for steps in report["steps"].values():
         assert all(m["peak_mib"] is None for m in steps["methods"].values())
     printed = capsys.readouterr().out
-    assert "FGSM+GradAlign" in printed and "images/s" in printed and "floor" in printed
+    assert "FGSM + GradAlign" in printed and "images/s" in printed and "floor" in printed
 
 
 def test_bad_flags_exit_with_usage_error():

@@ -15,9 +15,10 @@ import time
 
 import pytest
 
+import config
 import launch
+import rundir
 import train
-import utils
 from tests.fixtures import write_cifar10, write_svhn
 from tests.test_robustness import RUN, comparable, run_dir_of
 from tests.test_robustness import launch as launch_train
@@ -47,9 +48,9 @@ def whole(tmp_path_factory):
 # (a SIGKILLed run whose stale lock names another node: test_robustness.py's kill-and-resume test)
 def test_recent_lock_naming_another_host_exits_3_and_writes_nothing(tmp_path, capsys):
     args = TINY + ["--out_dir", str(tmp_path)]
-    cfg, defaults = train.parse_config(args)
-    run_dir = os.path.join(str(tmp_path), train.run_name(cfg, defaults))
-    lock = write_lock(run_dir, "node-a17", 4242, age_s=utils.LEASE_SECONDS - 30)
+    cfg, defaults = config.parse_config(args)
+    run_dir = os.path.join(str(tmp_path), rundir.run_name(cfg, defaults))
+    lock = write_lock(run_dir, "node-a17", 4242, age_s=rundir.LEASE_SECONDS - 30)
     before = open(lock).read()
     assert train.main(args) == 3
     err = capsys.readouterr().err
@@ -58,38 +59,38 @@ def test_recent_lock_naming_another_host_exits_3_and_writes_nothing(tmp_path, ca
 
 
 def test_lock_names_its_holder_is_refreshed_and_released(tmp_path, monkeypatch):
-    monkeypatch.setattr(utils, "LEASE_SECONDS", 0.5)  # refreshed every 0.1 s
-    lock = utils.RunLock(str(tmp_path))
+    monkeypatch.setattr(rundir, "LEASE_SECONDS", 0.5)  # refreshed every 0.1 s
+    lock = rundir.RunLock(str(tmp_path))
     lock.acquire()
     try:
-        owner, _ = utils.read_lock(lock.path)
+        owner, _ = rundir.read_lock(lock.path)
         assert (owner.host, owner.pid, owner.since[:2]) == (os.uname().nodename, os.getpid(), "20")
         os.utime(lock.path, (0, 0))  # as if last refreshed in 1970
         time.sleep(0.4)
         assert time.time() - os.stat(lock.path).st_mtime < 0.3  # the heartbeat refreshed it
-        with pytest.raises(utils.RunLocked, match=f"pid {os.getpid()} on "):
-            utils.RunLock(str(tmp_path)).acquire()
-        assert utils.live_lock_owner(str(tmp_path)).pid == os.getpid()
+        with pytest.raises(rundir.RunLocked, match=f"pid {os.getpid()} on "):
+            rundir.RunLock(str(tmp_path)).acquire()
+        assert rundir.live_lock_owner(str(tmp_path)).pid == os.getpid()
     finally:
         lock.release()
     assert os.listdir(tmp_path) == []
-    assert utils.live_lock_owner(str(tmp_path)) is None
+    assert rundir.live_lock_owner(str(tmp_path)) is None
 
 
 @pytest.mark.parametrize("content", ["", "{half a lock", '{"host": "node-a17"}'])
 def test_an_unreadable_lock_is_never_taken_for_a_live_one(tmp_path, content):
     with open(tmp_path / ".lock", "w") as f:
         f.write(content)  # fresh mtime, but names no holder
-    lock = utils.RunLock(str(tmp_path))
+    lock = rundir.RunLock(str(tmp_path))
     lock.acquire()
-    assert utils.read_lock(lock.path)[0].pid == os.getpid()
+    assert rundir.read_lock(lock.path)[0].pid == os.getpid()
     lock.release()
 
 
 def test_a_lock_taken_over_meanwhile_is_put_back_and_a_lost_lock_is_reported(tmp_path, monkeypatch):
     # Two contenders saw the same stale lock; the first replaced it. The second's rename-aside then
     # catches the first's fresh lock: it must link it back, not remove it.
-    holder = utils.RunLock(str(tmp_path))
+    holder = rundir.RunLock(str(tmp_path))
     holder.acquire()
     inode = os.stat(holder.path).st_ino
     holder._set_aside(inode + 1, holder.path + ".stale.test")  # judged stale: a lock with another inode
@@ -97,15 +98,15 @@ def test_a_lock_taken_over_meanwhile_is_put_back_and_a_lost_lock_is_reported(tmp
     holder.release()
     assert os.listdir(tmp_path) == []
 
-    monkeypatch.setattr(utils, "LEASE_SECONDS", 0.25)
+    monkeypatch.setattr(rundir, "LEASE_SECONDS", 0.25)
     lost = threading.Event()
-    lock = utils.RunLock(str(tmp_path), on_lost=lost.set)
+    lock = rundir.RunLock(str(tmp_path), on_lost=lost.set)
     lock.acquire()
     os.remove(lock.path)  # another process judged it stale and took over
     write_lock(str(tmp_path), "node-a17", 4242, age_s=0)
     assert lost.wait(5) and not lock.held
     lock.release()
-    assert utils.read_lock(lock.path)[0].host == "node-a17"  # the new holder's lock is left alone
+    assert rundir.read_lock(lock.path)[0].host == "node-a17"  # the new holder's lock is left alone
 
 
 # ----------------------------------------------------------------------------------------- file modes
@@ -118,7 +119,7 @@ def test_files_of_a_finished_run_follow_the_umask(tmp_path, umask):
         assert train.main(args) == 0
         logged = launch.run_command([sys.executable, "-c", "pass"], str(tmp_path / "logs" / "x.log"))
         assert logged == 0
-        utils.atomic_torch_save({"a": 1}, str(tmp_path / "resume.pt"))
+        rundir.atomic_torch_save({"a": 1}, str(tmp_path / "resume.pt"))
     finally:
         os.umask(old)
     paths = [os.path.join(folder, name) for folder, _, names in os.walk(tmp_path) for name in names]
@@ -165,9 +166,9 @@ def test_a_job_stopped_by_submitit_is_requeued_and_finishes_from_resume_pt(tmp_p
                              stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 240
-        while not os.path.exists(os.path.join(run_dir, train.RESUME_FILE)) and time.time() < deadline:
+        while not os.path.exists(os.path.join(run_dir, rundir.RESUME_FILE)) and time.time() < deadline:
             time.sleep(0.01)
-        child = utils.read_lock(os.path.join(run_dir, ".lock"))[0].pid
+        child = rundir.read_lock(os.path.join(run_dir, ".lock"))[0].pid
         os.kill(child, signal.SIGSTOP)  # frozen mid-run, so the stop lands before it ends
         os.kill(_parent_pid(child), signal.SIGUSR2)  # what Slurm sends submitit's job before its time limit
         output, _ = sweep.communicate(timeout=240)
@@ -189,11 +190,11 @@ def test_status_classifies_finished_in_progress_interrupted_failed_and_absent_ru
     finished, running, interrupted, failed, absent = tasks
     for task in tasks[:4]:
         os.makedirs(task.run_dir)
-        utils.atomic_write_json(os.path.join(task.run_dir, "config.json"), {})
-    utils.atomic_write_json(os.path.join(finished.run_dir, "final.json"), {})
+        rundir.atomic_write_json(os.path.join(task.run_dir, "config.json"), {})
+    rundir.atomic_write_json(os.path.join(finished.run_dir, "final.json"), {})
     write_lock(running.run_dir, "node-a17", 4242, age_s=10)
     for task in (interrupted, failed):
-        open(os.path.join(task.run_dir, train.RESUME_FILE), "wb").close()
+        open(os.path.join(task.run_dir, rundir.RESUME_FILE), "wb").close()
     launch.run_command([sys.executable, "-c", "import sys; sys.exit(4)"], failed.log_path)
     launch.run_command([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"],
                        interrupted.log_path)
@@ -218,20 +219,20 @@ def _another_value(action: argparse.Action, current):
 
 
 def test_every_config_field_is_in_the_run_name_or_listed_as_changing_nothing():
-    fields = {f.name for f in dataclasses.fields(train.Config)}
-    assert not set(train.NAME_FIELDS) & set(train.NOT_NAMED)
-    assert fields == set(train.NAME_FIELDS) | set(train.NOT_NAMED), "name the new field, or list it in NOT_NAMED"
-    parser = train.build_parser()
-    base_cfg, defaults = train.parse_config(TINY)
-    base = train.run_name(base_cfg, defaults)
+    fields = {f.name for f in dataclasses.fields(config.Config)}
+    assert not set(rundir.NAME_FIELDS) & set(rundir.NOT_NAMED)
+    assert fields == set(rundir.NAME_FIELDS) | set(rundir.NOT_NAMED), "name the new field, or list it in NOT_NAMED"
+    parser = config.build_parser()
+    base_cfg, defaults = config.parse_config(TINY)
+    base = rundir.run_name(base_cfg, defaults)
     actions = {a.dest: a for a in parser._actions}
-    for field in train.NAME_FIELDS:
+    for field in rundir.NAME_FIELDS:
         value = _another_value(actions[field], getattr(base_cfg, field))
-        changed = train.run_name(dataclasses.replace(base_cfg, **{field: value}), defaults)
+        changed = rundir.run_name(dataclasses.replace(base_cfg, **{field: value}), defaults)
         assert changed != base, f"--{field} is listed as named but does not change the name"
     for field in ("dataset", "model", "attack", "attack_init", "eps", "grad_align_cos_lambda", "seed"):
         value = _another_value(actions[field], getattr(base_cfg, field))
-        assert train.run_name(dataclasses.replace(base_cfg, **{field: value}), defaults) != base, field
+        assert rundir.run_name(dataclasses.replace(base_cfg, **{field: value}), defaults) != base, field
 
 
 # ------------------------------------------------------------------------------- bad input, no writes

@@ -1,4 +1,4 @@
-"""The results-moving details of the reference's loop (SPEC §3.0-3.1, issue 'fidelity details')."""
+"""The details of the authors' training loop that move results (README: "Fidelity notes")."""
 from __future__ import annotations
 
 import copy

@@ -1,4 +1,4 @@
-"""GradAlign's regulariser utils.grad_align_reg (SPEC §1 claim 5, §3.1 item 8)."""
+"""GradAlign's regulariser utils.grad_align_reg (arXiv 2007.02617)."""
 from __future__ import annotations
 
 import math

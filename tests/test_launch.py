@@ -68,7 +68,8 @@ def test_local_sweep_end_to_end_with_a_failing_command(tmp_path):
 
 def test_nan_loss_is_reported_as_such(tmp_path):
     out = tmp_path / "runs"
-    done = launch_py(tmp_path, [command(out)], env={"GRADALIGN_TEST_NAN_AT": "1"})
+    faulty = command(out).replace("python train.py", "python tests/faulty_train.py --nan_at 1 train.py", 1)
+    done = launch_py(tmp_path, [faulty])
     assert done.returncode == 1
     assert f"FAILED {run_name(out)}: exit 4 (the training loss became NaN or inf)" in done.stdout
 

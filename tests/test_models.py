@@ -1,4 +1,4 @@
-"""Architectures, state_dict keys, initialisation and checkpoint loading (models.py, SPEC §4)."""
+"""Architectures, state_dict keys, initialisation and checkpoint loading (models.py)."""
 from __future__ import annotations
 
 import inspect
@@ -264,7 +264,7 @@ def test_cnn_init():
 
 
 def test_init_visits_the_alias_again_last():
-    # SPEC §4: model.apply reaches the first conv twice (through _model and the alias), the second time
+    # The authors' init: model.apply reaches the first conv twice (through _model and the alias), the second time
     # after the linear layer, so the conv's final weights are the THIRD normal draw after construction.
     torch.manual_seed(24)
     models.CNN(10, (1, 8, 8), 1, 4)  # construction consumes the same random numbers as in build_model

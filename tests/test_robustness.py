@@ -11,17 +11,20 @@ import time
 import pytest
 import torch
 
+import rundir
 import train
-import utils
 from tests.test_train import ROOT, TINY
 
 # 4 iterations per epoch; 3 epochs -> global iterations 0..12, resumable states after epochs 0, 1, 2.
 RUN = TINY + ["--attack", "fgsm", "--grad_align_cos_lambda", "0.5", "--epochs", "3"]
 
 
-def launch(out_dir, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *RUN, "--out_dir", str(out_dir), *extra], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=300)
+def launch(out_dir, *extra: str, fault: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """train.py in a subprocess; fault: ("--kill_at", N) or ("--nan_at", N) runs it through
+    tests/faulty_train.py, which injects that fault at global iteration N."""
+    script = [os.path.join("tests", "faulty_train.py"), *fault, "train.py"] if fault else ["train.py"]
+    return subprocess.run([sys.executable, *script, *RUN, "--out_dir", str(out_dir), *extra], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
 
 
 def run_dir_of(out_dir, *extra: str) -> str:
@@ -40,7 +43,7 @@ def comparable(run_dir: str):
 
 def test_sigkill_mid_epoch_then_rerun_on_another_node_gives_the_uninterrupted_result(tmp_path):
     assert launch(tmp_path / "whole").returncode == 0
-    killed = launch(tmp_path / "cut", env={"GRADALIGN_TEST_KILL_AT": "7"})  # mid epoch 2
+    killed = launch(tmp_path / "cut", fault=("--kill_at", "7"))  # mid epoch 2
     assert killed.returncode == -9
     run_dir = run_dir_of(tmp_path / "cut")
     assert not os.path.exists(os.path.join(run_dir, "final.json"))
@@ -51,7 +54,7 @@ def test_sigkill_mid_epoch_then_rerun_on_another_node_gives_the_uninterrupted_re
     stale = {"host": "node-a17", "pid": 4242, "since": "2026-01-01T00:00:00Z", "pid_ns": None}
     with open(os.path.join(run_dir, ".lock"), "w") as f:
         json.dump(stale, f)
-    os.utime(os.path.join(run_dir, ".lock"), (time.time() - utils.LEASE_SECONDS - 60,) * 2)
+    os.utime(os.path.join(run_dir, ".lock"), (time.time() - rundir.LEASE_SECONDS - 60,) * 2)
     resumed = launch(tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
@@ -61,7 +64,7 @@ def test_sigkill_mid_epoch_then_rerun_on_another_node_gives_the_uninterrupted_re
 
 
 def test_nan_loss_stops_with_exit_4_and_keeps_the_last_good_state(tmp_path):
-    proc = launch(tmp_path, env={"GRADALIGN_TEST_NAN_AT": "6"})
+    proc = launch(tmp_path, fault=("--nan_at", "6"))
     assert proc.returncode == 4
     assert "iteration 6" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     run_dir = run_dir_of(tmp_path)
@@ -152,10 +155,9 @@ def test_eval_rejects_restarts_without_random_start(tmp_path):
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path):
-    import utils
-    first, second = utils.RunLock(str(tmp_path)), utils.RunLock(str(tmp_path))
+    first, second = rundir.RunLock(str(tmp_path)), rundir.RunLock(str(tmp_path))
     first.acquire()
-    with pytest.raises(utils.RunLocked, match=str(os.getpid())):
+    with pytest.raises(rundir.RunLocked, match=str(os.getpid())):
         second.acquire()
     assert os.listdir(tmp_path) == [".lock"]  # no temporary file left behind
     first.release()

@@ -1,4 +1,4 @@
-"""The sweep scripts in sh/ print exactly the reference's sweeps (SPEC §5) with DRY_RUN=1."""
+"""The sweep scripts in sh/ print exactly the authors' sweeps with DRY_RUN=1."""
 from __future__ import annotations
 
 import os
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR, SVHN, CNN = "sh/exps_diff_eps_cifar10.sh", "sh/exps_diff_eps_svhn.sh", "sh/cnn_single_layer.sh"
 COMMON = {"--eval_iter_freq": "200", "--batch_size_eval": "1024", "--half_prec": True,
           "--eval_early_stopped_model": True, "--n_final_eval": "1000"}
-# GradAlign's lambda in the reference scripts, verbatim (CIFAR-10 eps 14: 1.124, not the formula's 1.125).
+# GradAlign's lambda in the authors' scripts, verbatim (CIFAR-10 eps 14: 1.124, not the formula's 1.125).
 CIFAR_LAMBDA = ["0.027", "0.036", "0.047", "0.063", "0.084", "0.112", "0.150", "0.200", "0.267", "0.356", "0.474",
                 "0.632", "0.843", "1.124", "1.500", "2.000"]
 SVHN_LAMBDA = ["1.657", "1.757", "1.864", "1.976", "2.096", "2.223", "2.357", "2.500", "2.651", "2.812", "2.982",
@@ -33,7 +33,7 @@ def dry_run(script: str, *args: str, **env: str) -> list[list[str]]:
 
 
 def flags(argv: list[str]) -> dict:
-    """{--flag: value (True for a bare flag)}; fails on a repeated flag (the reference's lr_max trap)."""
+    """{--flag: value (True for a bare flag)}; fails on a repeated flag (the authors' lr_max trap)."""
     assert argv[:2] == ["python", "train.py"], argv
     result = {}
     for word in argv[2:]:
@@ -44,7 +44,7 @@ def flags(argv: list[str]) -> dict:
 
 
 def expected_flags(dataset: str, method: str, eps: int, seed: int) -> dict:
-    """What SPEC §5 says the command of (method, eps, seed) is."""
+    """The command of (method, eps, seed) in the authors' sweep scripts."""
     _, _, epochs, lr, ga_lr, free_epochs, free_lr, lambdas = SETTINGS[dataset]
     e = str(eps)
     method_flags = {

@@ -53,7 +53,7 @@ def test_every_method_writes_the_run_files(tmp_path, method, lam):
     run_dir = run_train(tmp_path, *extra)
     for name in ("config.json", "metrics.jsonl", "model.pth", "final.json"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
-    assert not os.path.exists(os.path.join(run_dir, "log.txt"))  # --debug: no log file, as in the reference
+    assert not os.path.exists(os.path.join(run_dir, "log.txt"))  # --debug: no log file, as in the authors' code
     assert not os.path.exists(os.path.join(run_dir, train.RESUME_FILE))
     final = json.load(open(os.path.join(run_dir, "final.json")))
     assert 0 <= final["last"]["pgd_acc"] <= final["last"]["clean_acc"] <= 1
@@ -97,6 +97,33 @@ def test_log_file_and_eval_py_reproduces_final_json(tmp_path, capsys):
     assert result["clean_acc"] == final["last"]["clean_acc"]
     assert result["pgd_acc"] == final["last"]["pgd_acc"]
     assert (result["n_eval"], result["attack_iters"], result["n_restarts"]) == (64, 50, 10)
+
+
+def eval_json(capsys, *flags: str) -> tuple[int, dict | None]:
+    """eval.main's exit code and the JSON object on the last line of its stdout (None if it failed)."""
+    capsys.readouterr()
+    code = eval_py.main(list(flags))
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1]) if code == 0 else None
+
+
+def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys):
+    run_dir = run_train(tmp_path, "--attack", "fgsm", "--n_filters_cnn", "3")
+    ckpt = os.path.join(run_dir, "model.pth")
+    architecture = ["--dataset", "digits", "--model", "cnn", "--n_layers", "1", "--n_filters_cnn", "3"]
+    short = eval_json(capsys, "--model_path", ckpt, "--eps", "76")
+    spelled_out = eval_json(capsys, "--model_path", ckpt, "--eps", "76", *architecture)
+    assert short[0] == spelled_out[0] == 0
+    assert short[1] == spelled_out[1] and short[1]["n_eval"] == 256
+    # An explicit flag overrides config.json (here wrongly: the checkpoint has 3 filters).
+    assert eval_json(capsys, "--model_path", ckpt, "--eps", "76", "--n_filters_cnn", "4")[0] == 2
+    # A checkpoint without config.json beside it (as the authors' files) needs the flags.
+    bare = tmp_path / "authors" / "model.pth"
+    bare.parent.mkdir()
+    bare.write_bytes(open(ckpt, "rb").read())
+    assert eval_json(capsys, "--model_path", str(bare), "--eps", "76")[0] == 2
+    assert eval_json(capsys, "--model_path", str(bare), "--eps", "76", *architecture)[1] == {
+        **spelled_out[1], "model_path": str(bare)}
 
 
 def test_second_launch_skips_and_overwrite_retrains(tmp_path, capsys):

@@ -1,0 +1,199 @@
+"""The command line of train.py (its flags and the frozen Config) and the flags eval.py shares with it.
+
+Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; Config converts it
+once (Config.eps_frac). launch.py parses train.py commands here to name their runs without importing
+the training code.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import data
+import models
+import utils
+
+ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none")
+
+# Exit codes of train.py and eval.py (launch.py reports them in these words).
+EXIT_OK, EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 0, 2, 3, 4
+EXIT_MEANINGS = {1: "error (see the log)", EXIT_USAGE: "bad input", EXIT_LOCKED: "in progress elsewhere (locked)",
+                 EXIT_NONFINITE: "the training loss became NaN or inf"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block) and exits with code 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def add_shared_flags(p: argparse.ArgumentParser, *, from_run: bool = False, batch_size_eval: int = 256,
+                     half_prec_help: str = "") -> None:
+    """The flags train.py and eval.py both take, declared once. from_run: the dataset and architecture
+    flags default to None (eval.py then reads them from the run's config.json)."""
+    def default(value):
+        return None if from_run else value
+    run = " (default: the run's config.json, else {})" if from_run else ""
+    a = p.add_argument
+    a("--dataset", default=default("cifar10"), choices=sorted(data.DATASETS),
+      help="digits is the offline one" + run.format("cifar10"))
+    a("--model", default=default("resnet18"), choices=models.MODELS,
+      help="PreAct ResNet-18 or the small CNN" + run.format("resnet18"))
+    a("--n_layers", type=int, default=default(1),
+      help="conv layers of --model cnn (the authors always used 1)" + run.format(1))
+    a("--n_filters_cnn", type=int, default=default(16), help="filters of --model cnn" + run.format(16))
+    a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
+    a("--seed", type=int, default=0,
+      help="random seed (train.py: weights, data order, random starts; eval.py: PGD's random starts)")
+    a("--batch_size_eval", type=int, default=batch_size_eval, help="batch size of the evaluations")
+    a("--half_prec", action="store_true",
+      help=half_prec_help or "mixed precision: autocast fp16 on CUDA, bf16 on CPU")
+    a("--gpu", type=int, default=0, help="which GPU: same as --device cuda:N")
+    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--data_dir", default=os.environ.get("DATA_DIR", "./data"), help="dataset folder (env DATA_DIR)")
+    a("--download", action="store_true", help="download missing datasets through torchvision")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags: the authors' flags (same names, defaults and meaning), then this repo's."""
+    p = OneLineParser(prog="train.py", description="FGSM / FGSM-RS / PGD / Free-AT adversarial training, "
+                      "optionally with GradAlign (arXiv 2007.02617).",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_shared_flags(p, half_prec_help="mixed precision for training and periodic evaluation "
+                                       "(fp16 + GradScaler on CUDA, bf16 on CPU)")
+    a = p.add_argument
+    a("--batch_size", type=int, default=128, help="training batch size")
+    a("--epochs", type=int, default=30, help="training epochs (plus the one-iteration epoch 0)")
+    a("--lr_schedule", default="cyclic", choices=("cyclic", "piecewise"))
+    a("--lr_max", type=float, default=0.2, help="peak learning rate")
+    a("--attack", default="fgsm", choices=ATTACKS, help="training attack (Free-AT: fgsm with --minibatch_replay>1)")
+    a("--attack_iters", type=int, default=10, help="PGD steps of the periodic evaluation")
+    a("--pgd_train_n_iters", type=int, default=10, help="PGD steps for --attack pgd training")
+    a("--pgd_alpha_train", type=float, default=2.0, help="PGD training step in 1/255 units")
+    a("--fgsm_alpha", type=float, default=1.25, help="FGSM step as a multiple of eps")
+    a("--minibatch_replay", type=int, default=1, help="m of Free-AT: each batch is replayed m times")
+    a("--weight_decay", type=float, default=5e-4)
+    a("--attack_init", default="random", choices=("zero", "random"), help="start of FGSM/PGD training")
+    a("--debug", action="store_true", help="no log file; final evaluation PGD-10 with 3 restarts")
+    a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign's lambda (0: off)")
+    a("--eval_early_stopped_model", action="store_true", help="also evaluate the early-stopped ('best') weights")
+    a("--eval_iter_freq", type=int, default=200, help="iterations between periodic evaluations")
+    a("--n_eval_every_k_iter", type=int, default=256, help="size of the periodic-evaluation subsets")
+    a("--n_final_eval", type=int, default=-1, help="first test points of the final evaluation (-1: all)")
+    a("--fname", default="plain_cifar10", help="unused, kept for the authors' scripts")
+    # --- additions to the authors' flags
+    a("--clamp_grad", default="zero", choices=utils.CLAMP_RULES,
+      help="gradient of the box clamp in training attacks at pixels exactly 0 or 1: zero = the paper's "
+           "runs (PyTorch 1.4), half = the authors' code on PyTorch >= 1.10 (README: Fidelity notes)")
+    a("--out_dir", default="runs", help="parent folder of the run directories")
+    a("--overwrite", action="store_true", help="retrain even if the run has finished")
+    a("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
+      help="keep the dataset on the GPU and augment there (default: on for CUDA)")
+    return p
+
+
+@dataclass(frozen=True)
+class Config:
+    """The command line, frozen; derived values are properties (eps etc. in [0, 1] units)."""
+    batch_size: int
+    data_dir: str
+    dataset: str
+    model: str
+    epochs: int
+    lr_schedule: str
+    lr_max: float
+    attack: str
+    eps: float
+    attack_iters: int
+    pgd_train_n_iters: int
+    pgd_alpha_train: float
+    fgsm_alpha: float
+    minibatch_replay: int
+    weight_decay: float
+    attack_init: str
+    seed: int
+    gpu: int
+    debug: bool
+    half_prec: bool
+    grad_align_cos_lambda: float
+    eval_early_stopped_model: bool
+    eval_iter_freq: int
+    n_eval_every_k_iter: int
+    n_layers: int
+    n_filters_cnn: int
+    batch_size_eval: int
+    n_final_eval: int
+    fname: str
+    clamp_grad: str
+    device: str
+    download: bool
+    out_dir: str
+    overwrite: bool
+    data_on_device: bool | None
+
+    @property
+    def eps_frac(self) -> float:
+        return self.eps / 255
+
+    @property
+    def pgd_alpha_eval(self) -> float:
+        """Step of every evaluation PGD: eps / 4."""
+        return utils.eval_alpha(self.eps_frac)
+
+    @property
+    def pgd_alpha_train_frac(self) -> float:
+        return self.pgd_alpha_train / 255
+
+    @property
+    def free_at(self) -> bool:
+        return self.attack == "fgsm" and self.minibatch_replay > 1
+
+    @property
+    def final_attack(self) -> tuple[int, int]:
+        """(PGD steps, restarts) of the final evaluation: 50x10, or 10x3 with --debug."""
+        return (10, 3) if self.debug else (50, 10)
+
+
+def check_flags(cfg: Config) -> str | None:
+    """The first problem with the flags, as a one-line message naming the fix, or None."""
+    checks = [
+        (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
+        (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
+        (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),
+        (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay:g}); the paper uses 5e-4"),
+        (cfg.epochs >= 0, f"--epochs must be >= 0 (got {cfg.epochs})"),
+        (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
+        (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
+        (cfg.minibatch_replay >= 1, f"--minibatch_replay must be >= 1 (got {cfg.minibatch_replay})"),
+        (cfg.eval_iter_freq >= 1, f"--eval_iter_freq must be >= 1 (got {cfg.eval_iter_freq})"),
+        (cfg.attack_iters >= 0 and cfg.pgd_train_n_iters >= 0, "PGD iteration counts must be >= 0"),
+        (cfg.n_layers >= 1 and cfg.n_filters_cnn >= 1, "--n_layers and --n_filters_cnn must be >= 1"),
+        (cfg.n_final_eval != 0, "--n_final_eval 0 evaluates nothing: give a positive number or -1 for all"),
+        (cfg.n_eval_every_k_iter >= cfg.batch_size,
+         (f"--n_eval_every_k_iter {cfg.n_eval_every_k_iter} is below --batch_size {cfg.batch_size}: the "
+          "early-stopping subset (whole training batches) would be empty; raise it or lower --batch_size")),
+        (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
+        (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
+         "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
+    ]
+    return next((message for ok, message in checks if not ok), None)
+
+
+def defaults() -> dict:
+    """The default of every Config field (run names list the settings that differ from them)."""
+    parser = build_parser()
+    return {f.name: parser.get_default(f.name) for f in dataclasses.fields(Config)}
+
+
+def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
+    """Parses and checks the flags that need no data; exits with code 2 on a bad one.
+    Returns the Config and the defaults of its fields."""
+    parser = build_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problem = check_flags(cfg)
+    if problem:
+        parser.error(problem)
+    return cfg, defaults()

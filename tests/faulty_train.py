@@ -1,0 +1,49 @@
+"""train.py with one fault injected, for the tests that check how a run survives it.
+
+    python tests/faulty_train.py --kill_at 7 train.py <train.py flags>   # SIGKILL at global iteration 7
+    python tests/faulty_train.py --nan_at 6 train.py <train.py flags>    # a NaN loss at global iteration 6
+
+The word train.py before the flags keeps the command a train.py command for launch.py (which names
+the run from the flags after it). The fault is counted in training steps taken by this process, which
+equals the global iteration for a run that starts fresh. Nothing here changes train.py's files:
+train.train_step is wrapped in this process only.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import train  # after ROOT is on the path
+
+
+def inject(kill_at: int = -1, nan_at: int = -1) -> None:
+    """Wraps train.train_step: SIGKILL before step kill_at, a NaN loss returned by step nan_at."""
+    original = train.train_step
+    calls = iter(range(10**9))
+
+    def faulty(*args, **kwargs):
+        iteration = next(calls)
+        if iteration == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if iteration == nan_at else loss
+    train.train_step = faulty
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="faulty_train.py")
+    parser.add_argument("--kill_at", type=int, default=-1)
+    parser.add_argument("--nan_at", type=int, default=-1)
+    parser.add_argument("script", choices=["train.py"])
+    args, train_argv = parser.parse_known_args(argv)
+    inject(args.kill_at, args.nan_at)
+    return train.main(train_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
