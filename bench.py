@@ -51,7 +51,7 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     key: (m.label, [f for f in methods.flags(key, BENCH_EPS, "cifar10") if not f.startswith(("--epochs", "--lr_max"))],
           m.passes)
     for key, m in methods.METHODS.items()}
-INPUT_SHAPES = {"cnn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the cnn benches on digits-shaped input
+INPUT_SHAPES = {"cnn": (1, 8, 8), "cnn_bn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the CNNs bench on digits-shaped input
 N_CLASSES = 10
 EVAL_RESERVE_S = 25.0  # of the CPU time budget, kept for the evaluations (digits training included)
 BENCH_LR = 1e-4  # learning rate of the timed steps: small, so repeated updates keep the weights finite
@@ -96,6 +96,8 @@ class Settings:
     threads: int
     out: str
     quick: bool
+    n_layers: int = 1               # conv layers of cnn and cnn_bn
+    n_filters_cnn: int = 16         # their filters
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own choice)")
     a("--out", default="bench.json", help="where the numbers go (default bench.json)")
     a("--quick", action="store_true", help="tiny sizes and one round (for the tests)")
+    a("--n_layers", type=int, default=1, help="conv layers of cnn and cnn_bn in the timed training steps (as train.py's flag)")
+    a("--n_filters_cnn", type=int, default=16, help="filters of cnn and cnn_bn in the timed training steps (as train.py's flag)")
     return p
 
 
@@ -126,6 +130,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
         parser.error(str(exc))
     if (args.batch_size is not None and args.batch_size < 1) or (args.repeats is not None and args.repeats < 1):
         parser.error("--batch_size and --repeats must be >= 1")
+    if args.n_layers < 1 or args.n_filters_cnn < 1:
+        parser.error("--n_layers and --n_filters_cnn must be >= 1")
     cuda = device.type == "cuda"
     n_digits_test = len(data.load_split("digits", "", train=False))
     if args.quick:
@@ -140,6 +146,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
         batch_sizes = {"cnn": 128, "resnet18": 32}
         evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(32, 32, 5, 2)}
         digits_epochs = 15
+    batch_sizes["cnn_bn"], evals["cnn_bn"] = batch_sizes["cnn"], evals["cnn"]
     if args.batch_size is not None:
         batch_sizes = dict.fromkeys(batch_sizes, args.batch_size)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -147,7 +154,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return Settings(device=str(device), models=tuple(dict.fromkeys(args.models)), batch_sizes=batch_sizes,
                     evals=evals, digits_epochs=digits_epochs, repeats=repeats, warmup=3 if cuda else 1,
                     min_sample_s=0.0 if args.quick else 0.05, budget_s=budget_s, half_prec=args.half_prec,
-                    threads=args.threads, out=args.out, quick=args.quick)
+                    threads=args.threads, out=args.out, quick=args.quick, n_layers=args.n_layers,
+                    n_filters_cnn=args.n_filters_cnn)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -201,7 +209,8 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
 # ---------------------------------------------------------------------------------- training steps
 def method_config(model_name: str, method: str, batch_size: int, s: Settings) -> train.Config:
     """train.py's frozen config for one method, through its own parser and checks."""
-    argv = ["--model", model_name, "--dataset", "digits" if model_name == "cnn" else "cifar10",
+    argv = ["--model", model_name, "--dataset", "cifar10" if model_name == "resnet18" else "digits",
+            "--n_layers", str(s.n_layers), "--n_filters_cnn", str(s.n_filters_cnn),
             "--batch_size", str(batch_size), "--n_eval_every_k_iter", str(max(256, batch_size)),
             "--eps", str(BENCH_EPS), "--device", s.device, *METHODS[method][1]]
     return train.parse_config(argv + (["--half_prec"] if s.half_prec else []))[0]
@@ -245,7 +254,8 @@ def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: fl
     """Step cost of every method for one model, in forward+backward units of the same batch."""
     torch.manual_seed(0)
     batch_size, shape = s.batch_sizes[model_name], INPUT_SHAPES[model_name]
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).train()
+    model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
+    model = utils.to_device(model, device).train()
     fwd_model = utils.Autocast(model, device.type) if s.half_prec else model
     x = torch.rand(batch_size, *shape, device=device)
     y = torch.randint(0, N_CLASSES, (batch_size,), device=device)
@@ -323,8 +333,8 @@ def timed_robust_accuracy(model: nn.Module, batches, eps: float, size: EvalSize,
 
 
 def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
-    """cnn: the trained digits model on the first test points; resnet18: untrained, on random images
-    labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
+    """cnn: the trained digits model on the first test points; resnet18 and cnn_bn: untrained, on random
+    images labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
     size = s.evals[model_name]
     if model_name == "cnn":
         model, eps, train_s = train_digits_cnn(s, device)
@@ -334,7 +344,8 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
                 "train_seconds": train_s, **timed_robust_accuracy(model, batches, eps, size, device)}
     torch.manual_seed(0)
     shape = INPUT_SHAPES[model_name]
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).eval()
+    model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
+    model = utils.to_device(model, device).eval()
     x = torch.rand(size.n_eval, *shape, device=device)
     with torch.no_grad():
         y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])

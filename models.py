@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("resnet18", "cnn")
+MODELS = ("resnet18", "cnn", "cnn_bn")
 
 
 class Normalize(nn.Module):
@@ -98,6 +98,32 @@ class CNN(nn.Module):
         return self._model[0].weight
 
 
+class CNNBN(nn.Module):
+    """n_conv x [Conv2d(3x3, stride 1, pad 1, no bias), BatchNorm2d, ReLU], Flatten, Linear -> n_classes.
+
+    Not in the paper: a small model with BatchNorm for the offline digits demo. Like the paper's deep
+    network (and unlike the single-layer CNN), GradAlign cannot make its input gradients agree by
+    switching every ReLU off, since BatchNorm re-centres each channel on every batch. Keys _model.*.
+    """
+
+    def __init__(self, n_classes: int, shape_in: tuple[int, int, int], n_conv: int = 2, n_filters: int = 16):
+        super().__init__()
+        channels, height, width = shape_in
+        layers: list[nn.Module] = []
+        for i in range(n_conv):
+            layers += [nn.Conv2d(channels if i == 0 else n_filters, n_filters, 3, 1, 1, bias=False),
+                       nn.BatchNorm2d(n_filters), nn.ReLU()]
+        layers += [nn.Flatten(), nn.Linear(n_filters * height * width, n_classes)]
+        self._model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model(x)
+
+    def first_layer_filters(self) -> torch.Tensor:
+        """Weights of the first conv, (n_filters, C, 3, 3)."""
+        return self._model[0].weight
+
+
 def init_weights(module: nn.Module) -> None:
     """The authors' initialisation, applied to every module with model.apply.
 
@@ -124,6 +150,8 @@ def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
         model = PreActResNet18(n_classes)
     elif name == "cnn":
         model = CNN(n_classes, shape_in, n_conv=n_layers, n_filters=n_filters_cnn)
+    elif name == "cnn_bn":
+        model = CNNBN(n_classes, shape_in, n_conv=n_layers, n_filters=n_filters_cnn)
     else:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     model.apply(init_weights)

@@ -98,9 +98,9 @@ def method_name(config: dict) -> str:
 
 
 def model_name(config: dict) -> str:
-    """resnet18, or cnn-<layers>x<filters> for the small CNN."""
-    if config.get("model") == "cnn":
-        return f"cnn-{config.get('n_layers', 1)}x{config.get('n_filters_cnn', 16)}"
+    """resnet18, or cnn-<layers>x<filters> (cnn_bn-<layers>x<filters>) for the small CNNs."""
+    if config.get("model") in ("cnn", "cnn_bn"):
+        return f"{config['model']}-{config.get('n_layers', 1)}x{config.get('n_filters_cnn', 16)}"
     return str(config.get("model", "resnet18"))
 
 

@@ -236,7 +236,7 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     metrics = utils.periodic_metrics(fwd_model, loaders.test_subset, loaders.train_subset, cfg.eps_frac,
                                      cfg.pgd_alpha_eval, cfg.attack_iters, cfg.clamp_grad)
     model.train()
-    if isinstance(model, models.CNN):
+    if isinstance(model, (models.CNN, models.CNNBN)):
         metrics["filter_norms"] = model.first_layer_filters().detach().flatten(1).norm(dim=1).tolist()
     return metrics
 

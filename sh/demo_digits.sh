@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
 # The paper in miniature on scikit-learn's 8x8 digits (offline, CPU, a few minutes on 2 cores):
-# FGSM, FGSM-RS, FGSM + GradAlign and PGD-10 with an 8-filter CNN, eps 0.1 / 0.2 / 0.3, 3 seeds,
-# then report.py prints the table and writes the plots. At eps 0.3 FGSM collapses (PGD-50-10
-# accuracy ~0, cos_x_eta ~0.47) while GradAlign keeps some robustness and aligned gradients.
+# FGSM, FGSM-RS, FGSM + GradAlign and PGD-10 with a small CNN with BatchNorm, then report.py prints
+# the table and writes the plots. The recipe below was chosen by sh/search_digits.sh on seeds 0-4
+# and is run here on seeds 5-9, which the choice never saw (docs/search_digits.md, README "The
+# digits demo": it does not reach GradAlign's robustness claim, and says so).
 #
 # --clamp_grad=half: 58% of the digits pixels are exactly 0 or 1; under the paper's clamp gradient
 # (zero) a zero-start attack never moves them and every method ends at ~0% robust accuracy.
 #
-# Env: SEEDS ("0 1 2"), EPS ("25.5 51 76.5", in 1/255 units), METHODS, JOBS (2), OUT (runs/demo_digits),
-# REPORT (reports/demo_digits), DRY_RUN=1 prints the commands only. Extra arguments go to every train.py.
+# Env: SEEDS ("5 6 7 8 9"), EPS ("63.75", in 1/255 units), EPOCHS (50), METHODS, JOBS (2),
+# OUT (runs/demo_digits), REPORT (reports/demo_digits), DRY_RUN=1 prints the commands only.
+# Extra arguments go to every train.py. The methods' flags (GradAlign's lambda included) come from
+# methods.py's table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SEEDS=${SEEDS:-"0 1 2"}
-EPS=${EPS:-"25.5 51 76.5"}
+SEEDS=${SEEDS:-"5 6 7 8 9"}
+EPS=${EPS:-"63.75"}
+EPOCHS=${EPOCHS:-50}
 METHODS=${METHODS:-"fgsm fgsm_rs gradalign pgd10"}
 JOBS=${JOBS:-2}
 OUT=${OUT:-runs/demo_digits}
 REPORT=${REPORT:-reports/demo_digits}
-COMMON="--dataset=digits --model=cnn --n_filters_cnn=8 --epochs=100 --lr_max=0.005 --eval_iter_freq=50 --clamp_grad=half --device=cpu --out_dir=$OUT"
+# The recipe (sh/search_digits.sh's choice): model, schedule and clamp rule.
+COMMON="--dataset=digits --model=cnn_bn --n_layers=2 --n_filters_cnn=16 --epochs=$EPOCHS --lr_max=0.005 --eval_iter_freq=50 --clamp_grad=half --device=cpu --out_dir=$OUT"
 
 commands() {
   local -A method_flags=()
@@ -34,7 +39,8 @@ commands() {
 if [ "${DRY_RUN:-0}" = 1 ]; then commands "$@"; exit 0; fi
 # One thread per run: JOBS runs share the cores.
 commands "$@" | OMP_NUM_THREADS=1 python launch.py --jobs "$JOBS" --log_dir "$OUT/logs"
-# Training curves (Fig. 2 in miniature) of seed 0 at the largest eps.
+# Training curves (Fig. 2 in miniature) of the first seed at the largest eps.
 largest=$(printf '%s\n' $EPS | sort -g | tail -1)
-curves=$(ls -d "$OUT"/digits_cnn_*_eps${largest}_*seed0 2>/dev/null || true)
+first_seed=$(printf '%s\n' $SEEDS | head -1)
+curves=$(ls -d "$OUT"/digits_cnn_bn_*_eps${largest}_*_seed${first_seed} 2>/dev/null || true)
 python report.py "$OUT" --out "$REPORT" ${curves:+--curves $curves}

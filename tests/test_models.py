@@ -68,6 +68,25 @@ def test_cnn_state_dict_keys():
     assert sd2["_model.5.weight"].shape == (10, 4 * 8 * 8)
 
 
+def test_cnn_bn_state_dict_keys_and_batchnorm():
+    torch.manual_seed(0)
+    model = models.build_model("cnn_bn", 10, (1, 8, 8), 2, 4)
+    sd = model.state_dict()
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    assert set(sd) == ({"_model.0.weight", "_model.3.weight", "_model.7.weight", "_model.7.bias"}
+                       | {f"_model.{i}.{k}" for i in (1, 4) for k in bn})  # no conv bias, no alias
+    assert sd["_model.3.weight"].shape == (4, 4, 3, 3)
+    assert sd["_model.7.weight"].shape == (10, 4 * 8 * 8)
+    assert model.first_layer_filters().shape == (4, 1, 3, 3)
+    # BatchNorm in train mode: each channel after the first conv is centred on the batch
+    x = torch.rand(16, 1, 8, 8)
+    pre = model._model[:2](x)
+    assert pre.mean(dim=(0, 2, 3)).abs().max() < 1e-5
+    assert model(x).shape == (16, 10)
+    model.eval()
+    assert not torch.allclose(model._model[:2](x).mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-3)
+
+
 def test_unknown_model_name_raises():
     with pytest.raises(ValueError):
         models.build_model("lenet", 10, (3, 32, 32))
@@ -309,7 +328,7 @@ def test_cnn_forward_shapes():
 
 # ------------------------------------------------------------------------------------ no host sync
 def test_forward_methods_have_no_host_sync_in_source():
-    for cls in (models.Normalize, models.PreActBlock, models.PreActResNet18, models.CNN):
+    for cls in (models.Normalize, models.PreActBlock, models.PreActResNet18, models.CNN, models.CNNBN):
         src = inspect.getsource(cls.forward)
         for bad in (".item(", ".cpu(", "numpy", ".tolist("):
             assert bad not in src, (cls.__name__, bad)
