@@ -43,7 +43,7 @@ PASSES_PER_STEP = {**{m.label: m.passes for m in methods.METHODS.values()},
                    "FGSM-RS + GradAlign": methods.METHODS["gradalign"].passes}
 # Config keys that do not change results (or are the group key / seed); the others must agree in a group.
 NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
-                "data_dir", "out_dir", "download", "overwrite", "data_on_device", "batch_size_eval", "fname",
+                "data_dir", "out_dir", "download", "overwrite", "fname",
                 "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval", "final_autoattack"}
 CSV_COLUMNS = ["dataset", "model", "method", "eps", "n_seeds", "seeds", "n_eval", "attack_iters", "n_restarts",
                "last_clean_mean", "last_clean_std", "last_pgd_mean", "last_pgd_std",

@@ -19,7 +19,8 @@ step -> evaluation -> the epoch loop -> run and main. The run directory's plumbi
 the attacks and GradAlign's regulariser in utils.py.
 
 Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
-training loss became NaN or inf (config.EXIT_MEANINGS).
+training loss became NaN or inf (config.EXIT_MEANINGS). SIGTERM or SIGUSR2 (preemption, a near time
+limit) stops the run: it releases the run's lock and ends by that signal; relaunching resumes it.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -615,25 +617,44 @@ def main(argv: list[str] | None = None) -> int:
     try:
         device = utils.resolve_device(cfg.device, cfg.gpu)
         loaders = load_data(cfg, device)
-    except (ValueError, data.DataMissingError) as exc:
+    except (ValueError, data.DataMissingError) as exc:  # data.DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    os.makedirs(run_dir, exist_ok=True)
-    lock = rundir.RunLock(run_dir)
     try:
-        lock.acquire()
-    except rundir.RunLocked as exc:
-        print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
-        return EXIT_LOCKED
-    try:
-        if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
-            if lacks_autoattack(cfg, final_path):
-                return add_autoattack(cfg, run_dir, device, loaders)
-            print(f"{run_dir} is finished: nothing to do")
-            return EXIT_OK
-        return run(cfg, name, device, loaders)
-    finally:
-        lock.release()
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        print(f"train.py: error: cannot create {run_dir} ({exc.strerror}); pick another --out_dir", file=sys.stderr)
+        return EXIT_USAGE
+    lock = rundir.RunLock(run_dir, on_lost=lambda: lock_lost(run_dir))
+    with rundir.stop_on_signals():
+        try:
+            lock.acquire()
+            if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
+                if lacks_autoattack(cfg, final_path):
+                    return add_autoattack(cfg, run_dir, device, loaders)
+                print(f"{run_dir} is finished: nothing to do")
+                return EXIT_OK
+            return run(cfg, name, device, loaders)
+        except rundir.RunLocked as exc:
+            print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
+            return EXIT_LOCKED
+        except rundir.Stopped as exc:
+            lock.release()  # before ending: a requeued job, on any node, can take the run over at once
+            print(f"train.py: stopped by {signal.Signals(exc.signum).name}; {run_dir}/{RESUME_FILE} holds the "
+                  "last finished epoch: relaunch the same command to resume", file=sys.stderr)
+            signal.signal(exc.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), exc.signum)  # end as the signal would have ended us (status: killed by it)
+            raise
+        finally:
+            lock.release()
+
+
+def lock_lost(run_dir: str) -> None:
+    """Called by the lock's refreshing thread when another process took the run over (this one had
+    stalled for longer than the lease): stops this run through the SIGTERM path."""
+    print(f"train.py: the lock of {run_dir} was taken over by another process (this one stalled longer than "
+          "the lease); stopping", file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":
