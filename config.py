@@ -11,6 +11,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 
+import autoattack_eval
 import data
 import models
 import utils
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--debug", action="store_true", help="no log file; final evaluation PGD-10 with 3 restarts")
     a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign's lambda (0: off)")
     a("--eval_early_stopped_model", action="store_true", help="also evaluate the early-stopped ('best') weights")
+    a("--final_autoattack", action="store_true",
+      help="final.json also gets standard AutoAttack accuracy (optional extra: requirements-aa.txt)")
     a("--eval_iter_freq", type=int, default=200, help="iterations between periodic evaluations")
     a("--n_eval_every_k_iter", type=int, default=256, help="size of the periodic-evaluation subsets")
     a("--n_final_eval", type=int, default=-1, help="first test points of the final evaluation (-1: all)")
@@ -92,6 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overwrite", action="store_true", help="retrain even if the run has finished")
     a("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
       help="keep the dataset on the GPU and augment there (default: on for CUDA)")
+    a("--half_prec_dtype", default="auto", choices=utils.HALF_PREC_DTYPES,
+      help="dtype of --half_prec: auto = float16 on CUDA, bfloat16 on CPU; float16 always comes with a "
+           "GradScaler, scaled input gradients and skipped non-finite steps (on the CPU too)")
+    a("--tf32", action="store_true", help="let CUDA matmuls and convolutions use TF32 (default: IEEE fp32)")
     return p
 
 
@@ -120,6 +127,7 @@ class Config:
     half_prec: bool
     grad_align_cos_lambda: float
     eval_early_stopped_model: bool
+    final_autoattack: bool
     eval_iter_freq: int
     n_eval_every_k_iter: int
     n_layers: int
@@ -133,6 +141,8 @@ class Config:
     out_dir: str
     overwrite: bool
     data_on_device: bool | None
+    half_prec_dtype: str
+    tf32: bool
 
     @property
     def eps_frac(self) -> float:
@@ -162,6 +172,8 @@ def check_flags(cfg: Config) -> str | None:
     checks = [
         (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
         (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
+        (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),
+        (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay:g}); the paper uses 5e-4"),
         (cfg.epochs >= 0, f"--epochs must be >= 0 (got {cfg.epochs})"),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
         (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
@@ -176,6 +188,13 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.grad_align_cos_lambda >= 0, "--grad_align_cos_lambda must be >= 0"),
         (cfg.minibatch_replay == 1 or cfg.attack == "fgsm",
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
+        (cfg.half_prec or cfg.half_prec_dtype == "auto",
+         f"--half_prec_dtype {cfg.half_prec_dtype} has no effect without --half_prec: add --half_prec or drop it"),
+        (not cfg.final_autoattack or autoattack_eval.available(),
+         f"--final_autoattack needs torchattacks, an optional extra: run `{autoattack_eval.INSTALL}`"),
+        (not cfg.final_autoattack or data.DATASETS[cfg.dataset].n_classes >= autoattack_eval.MIN_CLASSES_DLR,
+         (f"--final_autoattack needs at least {autoattack_eval.MIN_CLASSES_DLR} classes (AutoAttack's DLR loss); "
+          f"{cfg.dataset} has {data.DATASETS[cfg.dataset].n_classes}: drop the flag")),
     ]
     return next((message for ok, message in checks if not ok), None)
 

@@ -8,6 +8,7 @@ RandomHorizontalFlip(0.5), without PIL or worker processes.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ N_DIGITS_TRAIN = 1400    # the first 1400 of scikit-learn's 1797 digits; the las
 
 class DataMissingError(Exception):
     """The dataset's files are not where --data_dir points (one-line message with the fix)."""
+
+
+class DataUnreadableError(DataMissingError):
+    """A dataset file exists but cannot be read (damaged, truncated, another format); the message names it."""
 
 
 @dataclass(frozen=True)
@@ -121,6 +126,32 @@ def _read(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64).reshape(-1)
 
 
+def _first_unreadable(name: str, data_dir: str, train: bool) -> str | None:
+    """The first CIFAR-10 batch or MNIST IDX file that its reader rejects (None if each reads alone);
+    SVHN's one .mat file."""
+    if name == "mnist":
+        images, labels = _mnist_files(data_dir, train)
+        for path, reader in ((images, datasets.mnist.read_image_file), (labels, datasets.mnist.read_label_file)):
+            try:
+                reader(path)
+            except Exception:  # noqa: BLE001 - any failure means this file is the damaged one
+                return path
+        return None
+    if not name.startswith("cifar10"):
+        return _source(name, data_dir, train)[1]
+    files = _CIFAR10.train_list if train else _CIFAR10.test_list
+    for file_name, _ in files:
+        path = os.path.join(data_dir, _CIFAR10.base_folder, file_name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+            np.asarray(entry["labels"] if "labels" in entry else entry["fine_labels"], dtype=np.int64)
+        except Exception:  # noqa: BLE001 - any failure means this file is the damaged one
+            return path
+    return None
+
+
 def _binary(images: np.ndarray, labels: np.ndarray, grey: bool) -> tuple[np.ndarray, np.ndarray]:
     """Deer (4) -> 0 and ship (8) -> 1, other classes dropped, order kept; grey: floored channel mean."""
     keep = np.isin(labels, BINARY_CLASSES)
@@ -163,12 +194,15 @@ def load_split(name: str, data_dir: str, train: bool, download: bool = False) ->
                                    "(or DATA_DIR) at them") from None
     try:
         images, labels = _read(name, data_dir, train)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
-        if "not found" not in str(exc).lower():
-            raise
-        raise DataMissingError(f"{label} not found under {os.path.abspath(data_dir)} (expected {expected}); "
-                               "put the dataset there, point --data_dir (or DATA_DIR) at it, or pass --download"
-                               ) from None
+    except Exception as exc:  # noqa: BLE001 - a damaged file can fail in any of the readers' ways
+        if isinstance(exc, RuntimeError) and "not found" in str(exc).lower():  # torchvision's "not found or corrupted"
+            raise DataMissingError(f"{label} not found under {os.path.abspath(data_dir)} (expected {expected}); "
+                                   "put the dataset there, point --data_dir (or DATA_DIR) at it, or pass --download"
+                                   ) from None
+        culprit = _first_unreadable(name, os.path.abspath(data_dir), train) or expected
+        raise DataUnreadableError(f"cannot read the {label} file {culprit} ({_one_line(exc)[:160]}); it is damaged "
+                                  "or not in the expected format: replace it (--download fetches a verified copy)"
+                                  ) from None
     if name.startswith("cifar10_binary"):
         images, labels = _binary(images, labels, grey=name.endswith("_gs"))
     return Split(torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels), 255.0)

@@ -10,6 +10,9 @@ authors' eval.py looked it up (models/<name>.pth). The dataset and architecture 
 flags given explicitly override it, and files without one (the authors') need the flags. eps is in
 1/255 units; the PGD step is eps/4. An example counts as robust only if no restart fools it. Progress goes to stderr; the LAST line on stdout is one JSON
 object: {"clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "model_path", ...}.
+--attack autoattack (or apgd-ce, apgd-t) also runs that attack on the same points after PGD-50-10 and
+adds its accuracy ("aa_acc", "apgd_ce_acc", "apgd_t_acc"), name, version, library and passes per
+example; it needs the optional extra `pip install --no-deps -r requirements-aa.txt`.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 
 from tqdm import tqdm
 
+import autoattack_eval
 import config
 import data
 import models
@@ -43,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n_restarts", type=int, default=10, help="PGD random restarts")
     a("--attack_init", default="random", choices=("random", "zero"),
       help="PGD start: uniform in the eps-ball, or zero (then only one restart makes sense)")
+    a("--attack", default="pgd", choices=("pgd", *autoattack_eval.ATTACKS),
+      help="pgd: PGD only; autoattack (the standard version), apgd-ce or apgd-t: PGD, then that attack on the "
+           "same points (optional extra: requirements-aa.txt)")
     return p
 
 
@@ -84,10 +91,15 @@ def check_flags(args) -> str | None:
 
 def evaluate(args) -> dict:
     """Loads data and checkpoint (raising one-line errors), then measures clean and PGD accuracy."""
+    if args.attack != "pgd":
+        autoattack_eval.load_library()  # before any work: a missing extra fails at once
     device = utils.resolve_device(args.device, args.gpu)
     path = resolve_model_path(args.model_path)
     args = fill_from_run(args, path)
     info = data.DATASETS[args.dataset]
+    problem = autoattack_eval.class_problem(args.attack, info.n_classes) if args.attack != "pgd" else None
+    if problem:  # before the checkpoint is read or any point attacked
+        raise ValueError(problem)
     data.check_model_input(args.model, info.shape)
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
@@ -110,10 +122,16 @@ def evaluate(args) -> dict:
             zero = utils.attack_accuracy(forward, batches, eps, utils.eval_alpha(eps), args.attack_iters,
                                          random_start=False, clean=True, progress=bar.update)
             result = utils.RobustEval(zero.clean_acc, zero.robust_acc, zero.n_eval, zero.n_eval * args.attack_iters)
-    return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
-            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
-            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
-            "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
+           "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
+           "set": args.set, "weights": "best" if args.early_stopped_model else "last",
+           "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+    if args.attack != "pgd":
+        with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
+            extra = autoattack_eval.attack_accuracy(forward, batches, eps, args.attack, args.seed, info.n_classes,
+                                                    progress=bar.update)
+        out.update(extra.json_fields())
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,11 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(problem)
     try:
         result = evaluate(args)
-    except (ValueError, data.DataMissingError, models.CheckpointError) as exc:
+    except (ValueError, data.DataMissingError, models.CheckpointError, autoattack_eval.AttackUnavailable) as exc:
         print(f"eval.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"clean {result['clean_acc']:.2%}, PGD-{args.attack_iters}-{args.n_restarts} {result['pgd_acc']:.2%} "
           f"on the first {result['n_eval']} {args.set} points", file=sys.stderr)
+    if args.attack != "pgd":
+        print(f"{result['attack']} ({result['attack_version']}, {result['attack_library']}) "
+              f"{result[autoattack_eval.PREFIX[args.attack] + '_acc']:.2%}", file=sys.stderr)
     print(json.dumps(result))
     return EXIT_OK
 

@@ -9,9 +9,16 @@ One command per line (`python train.py --flag=value ...`, shell quoting; blank l
 with # are skipped). A leading `python`/`python3` becomes this interpreter. Commands run from the
 repository root, so `train.py` and relative paths in the flags resolve there. Locally, a command without
 --device/--gpu gets `--device cuda:K` (command i on GPU i mod the number of GPUs) or `--device cpu`.
-Each run's stdout and stderr go to LOG_DIR/<run name>.log. Finished runs cost nothing: train.py exits
-at once when its final.json exists. Exit status: 0 if every command exited 0, else 1; the failed runs
-are listed by name with train.py's exit code (2 bad input, 3 in progress elsewhere, 4 NaN/inf loss).
+Each run's stdout and stderr go to LOG_DIR/<run name>.log, each attempt opened by a `$ command` line and
+closed by a `[launch.py] exit N` line (N: train.py's exit code; -K: killed by signal K). Finished runs cost
+nothing: train.py exits at once when its final.json exists. Exit status: 0 if every command exited 0,
+else 1; the failed runs are listed by name with train.py's exit code (2 bad input, 3 in progress
+elsewhere, 4 NaN/inf loss).
+
+Under Slurm each job is requeued when it is preempted or nears its time limit (at most --max_requeues
+times) and resumes from its run's resume.pt; --no_wait submits and exits. Watching a sweep:
+
+    python launch.py --status cmds.txt     # finished / in progress / interrupted / failed / not started
 """
 from __future__ import annotations
 
@@ -25,9 +32,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import submitit
+
 REPO = os.path.dirname(os.path.abspath(__file__))
+EXIT_MARK = "[launch.py] exit "  # the log line after each attempt: EXIT_MARK + the exit code
+STOP_WAIT_S = 60   # how long a stopped command may take to free its lock before it is killed
+POLL_S = 0.2       # how often a running command is checked
 
 
 @dataclass(frozen=True)
@@ -96,14 +109,98 @@ def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None) -> l
     return tasks
 
 
-def run_command(argv: list[str], log_path: str, cwd: str = REPO) -> int:
-    """Runs argv in cwd with stdout and stderr appended to log_path; returns the exit code."""
+def run_command(argv: list[str], log_path: str, cwd: str = REPO,
+                started: Callable[[subprocess.Popen], None] | None = None) -> int:
+    """Runs argv in cwd with stdout and stderr appended to log_path, then appends the exit line;
+    returns the exit code. started(process) is called once the command runs."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
-        return subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                              check=False).returncode
+        process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        if started is not None:
+            started(process)
+        try:  # polled, not a blocking wait: a signal handler (submitit's checkpoint) can then wait for it too
+            while process.poll() is None:
+                time.sleep(POLL_S)
+        finally:  # also when submitit requeues the job from its signal handler
+            if process.poll() is not None:
+                log.write(f"{EXIT_MARK}{process.returncode}\n")
+        return process.returncode
+
+
+def last_exit_code(log_path: str) -> int | None:
+    """The exit code of the last attempt in a run's log; None if there is no log or the last attempt
+    has no exit line (still running, or its launcher was killed)."""
+    try:
+        with open(log_path, errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    code = None
+    for line in lines:
+        if line.startswith("$ "):
+            code = None
+        elif line.startswith(EXIT_MARK):
+            with contextlib.suppress(ValueError):
+                code = int(line[len(EXIT_MARK):])
+    return code
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    """One Slurm job: runs one train.py command and returns its exit code.
+
+    When the job is preempted or nears its time limit, submitit calls checkpoint() (on SIGUSR2). It
+    stops the command (SIGTERM: train.py frees its run's lock; resume.pt holds its last finished
+    epoch) and returns this job again as a DelayedSubmission, which submitit requeues; the new attempt,
+    on whichever node, resumes from resume.pt. After max_requeues requeues it returns None: no more.
+    """
+
+    def __init__(self, argv: list[str], log_path: str, max_requeues: int, requeues: int = 0):
+        self.argv, self.log_path = list(argv), log_path
+        self.max_requeues, self.requeues = max_requeues, requeues
+        self._process: subprocess.Popen | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_process": None}
+
+    def _started(self, process: subprocess.Popen) -> None:
+        self._process = process
+
+    def __call__(self) -> int:
+        from config import EXIT_LOCKED  # imports torch: only in the job
+        from rundir import LEASE_SECONDS
+        rc = run_command(self.argv, self.log_path, started=self._started)
+        if self.requeues > 0 and rc == EXIT_LOCKED:
+            # The previous attempt may have died without freeing the lock (a node failure): its lease
+            # runs out within rundir.LEASE_SECONDS; keep trying until then.
+            deadline = time.time() + LEASE_SECONDS + 60
+            while rc == EXIT_LOCKED and time.time() < deadline:
+                time.sleep(30)
+                rc = run_command(self.argv, self.log_path, started=self._started)
+        return rc
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
+        self.stop_command()
+        if self.requeues >= self.max_requeues:
+            return None
+        return submitit.helpers.DelayedSubmission(
+            TrainJob(self.argv, self.log_path, self.max_requeues, self.requeues + 1))
+
+    def stop_command(self) -> None:
+        """SIGCONT then SIGTERM (as Slurm stops a job; a suspended command acts on it once continued),
+        then waits up to STOP_WAIT_S for it to free its lock and end; kills it if it does not."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+        deadline = time.time() + STOP_WAIT_S
+        while process.poll() is None and time.time() < deadline:
+            time.sleep(POLL_S)
+        if process.poll() is None:
+            process.kill()
 
 
 def run_task(task: Task) -> Outcome:
@@ -128,21 +225,24 @@ def run_local(tasks: list[Task], jobs: int) -> list[Outcome]:
     return outcomes
 
 
-def run_submitit(tasks: list[Task], args: argparse.Namespace) -> list[Outcome]:
-    """One Slurm job per task (a job array) through submitit; --submitit_local runs them as local
-    processes through the same submitit code path."""
-    import submitit
+def run_submitit(tasks: list[Task], args: argparse.Namespace) -> list[Outcome] | None:
+    """One Slurm job per task (a job array of TrainJobs) through submitit; --submitit_local runs them as
+    local processes through the same submitit code path. Returns None with --no_wait (nothing awaited)."""
     from submitit.core.utils import UncompletedJobError
     executor = submitit.AutoExecutor(folder=os.path.join(args.log_dir, "submitit"),
-                                     cluster="local" if args.submitit_local else "slurm")
+                                     cluster="local" if args.submitit_local else "slurm",
+                                     slurm_max_num_timeout=args.max_requeues)
     params = {"timeout_min": args.time_min, "gpus_per_node": args.gpus_per_job, "cpus_per_task": args.cpus_per_job,
               "mem_gb": args.mem_gb, "name": "gradalign", "slurm_array_parallelism": args.jobs}
     if args.partition:
         params["slurm_partition"] = args.partition
     executor.update_parameters(**params)
     start = time.time()
-    jobs = executor.map_array(run_command, [t.argv for t in tasks], [t.log_path for t in tasks])
+    with executor.batch():
+        jobs = [executor.submit(TrainJob(t.argv, t.log_path, args.max_requeues)) for t in tasks]
     print(f"submitted {len(jobs)} jobs ({jobs[0].job_id.split('_')[0] if jobs else '-'})", flush=True)
+    if args.no_wait:
+        return None
     outcomes = []
     for task, job in zip(tasks, jobs):
         try:
@@ -200,13 +300,61 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus_per_job", type=int, default=1)
     p.add_argument("--cpus_per_job", type=int, default=8)
     p.add_argument("--mem_gb", type=int, default=32, help="memory per job, GB")
+    p.add_argument("--max_requeues", type=int, default=3,
+                   help="with --slurm: times a preempted or timed-out job is requeued (it resumes from resume.pt)")
+    p.add_argument("--no_wait", action="store_true", help="with --slurm: submit, print the job array id and exit")
+    p.add_argument("--status", action="store_true",
+                   help="run nothing: classify each command's run (finished, in progress, interrupted, failed, "
+                        "not started) from its run directory and its log in --log_dir")
     return p
+
+
+STATES = ("finished", "in progress", "interrupted", "failed", "not started")
+
+
+def run_state(task: Task) -> tuple[str, str]:
+    """(one of STATES, a detail) for a command, from its run directory and its log; reads only.
+
+    finished: final.json exists. in progress: a live lock (refreshed within the lease). failed: the
+    last attempt in the log exited with a code > 0. interrupted: started (config.json or resume.pt)
+    and none of these; relaunching resumes it. not started: nothing of it on disk.
+    """
+    import rundir
+    run_dir = task.run_dir
+    if run_dir and os.path.exists(os.path.join(run_dir, "final.json")):
+        return "finished", ""
+    owner = rundir.live_lock_owner(run_dir) if run_dir else None
+    if owner is not None:
+        return "in progress", owner.describe()
+    rc = last_exit_code(task.log_path)
+    if rc is not None and rc > 0:
+        return "failed", f"exit {rc} ({describe(rc)}); log {task.log_path}"
+    if run_dir and os.path.exists(os.path.join(run_dir, rundir.RESUME_FILE)):
+        return "interrupted", f"{rundir.RESUME_FILE} kept, no live lock"
+    if run_dir and os.path.exists(os.path.join(run_dir, "config.json")):
+        return "interrupted", "stopped before its first epoch ended"
+    return "not started", ""
+
+
+def status_report(tasks: list[Task]) -> tuple[str, bool]:
+    """(the report: counts per state, then one line per run that is not finished; whether all are)."""
+    states = [(task, *run_state(task)) for task in tasks]
+    counts = {s: sum(state == s for _, state, _ in states) for s in STATES}
+    lines = [f"{len(tasks)} runs: " + ", ".join(f"{counts[s]} {s}" for s in STATES)]
+    for task, state, detail in states:
+        if state != "finished":
+            lines.append(f"{state.upper()} {task.name}" + (f": {detail}" if detail else ""))
+    return "\n".join(lines), counts["finished"] == len(tasks)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.jobs < 1:
         build_parser().error(f"--jobs must be >= 1 (got {args.jobs})")
+    if args.max_requeues < 0:
+        build_parser().error(f"--max_requeues must be >= 0 (got {args.max_requeues})")
+    if args.no_wait and not args.slurm:
+        build_parser().error("--no_wait needs --slurm (local runs end with launch.py)")
     args.log_dir = os.path.abspath(args.log_dir)
     if args.commands == "-":
         lines = sys.stdin.read().splitlines()
@@ -217,10 +365,18 @@ def main(argv: list[str] | None = None) -> int:
     if not commands:
         print("launch.py: no commands given", file=sys.stderr)
         return 2
+    if args.status:
+        report, all_finished = status_report(make_tasks(commands, args.log_dir, None))
+        print(report, flush=True)
+        return 0 if all_finished else 1
     # Locally we pick each run's device; under Slurm each job sees only its own GPUs (train.py's auto).
     tasks = make_tasks(commands, args.log_dir, None if args.slurm else visible_gpus())
     print(f"{len(tasks)} commands, logs in {args.log_dir}", flush=True)
     outcomes = run_submitit(tasks, args) if args.slurm else run_local(tasks, args.jobs)
+    if outcomes is None:  # --no_wait
+        print(f"not waiting; watch with: python launch.py --status <the same commands> --log_dir {args.log_dir}",
+              flush=True)
+        return 0
     print(summary(outcomes), flush=True)
     return 0 if all(o.returncode == 0 for o in outcomes) else 1
 

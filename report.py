@@ -9,7 +9,10 @@ give mean and std (population std, ddof=0) of the final clean and PGD accuracy, 
 last and the early-stopped ('best') weights. Writes OUT/report.md, OUT/report.csv (one row per group),
 OUT/robust_vs_eps_<dataset>_<model>.png, and OUT/curves.png with --curves. Groups whose evaluation
 protocol differs from the paper's (1000 test points, PGD-50-10, no --debug) or within the group are
-flagged with a dagger and explained under the tables.
+flagged with a dagger and explained under the tables. Runs trained with --final_autoattack add
+AutoAttack tables (accuracy, and PGD minus AutoAttack per method and eps, from the runs that have
+both); a mean gap over GAP_FLAG points is marked ‡ as possible gradient masking. Without such runs
+the report and its CSV have no AutoAttack columns.
 """
 from __future__ import annotations
 
@@ -36,12 +39,16 @@ OWN_PROTOCOL = {"digits": {"n_eval": 397, "attack_iters": 50, "n_restarts": 10}}
 METHOD_ORDER = methods.ROW_ORDER
 # Config keys that do not change results (or are the group key / seed); the others must agree in a group.
 NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
-                "data_dir", "out_dir", "download", "overwrite", "data_on_device", "batch_size_eval", "fname",
-                "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval"}
+                "data_dir", "out_dir", "download", "overwrite", "fname",
+                "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval", "final_autoattack"}
 CSV_COLUMNS = ["dataset", "model", "method", "eps", "n_seeds", "seeds", "n_eval", "attack_iters", "n_restarts",
                "last_clean_mean", "last_clean_std", "last_pgd_mean", "last_pgd_std",
                "best_clean_mean", "best_clean_std", "best_pgd_mean", "best_pgd_std", "n_best",
                "cos_x_eta_mean", "cos_x_eta_std", "train_minutes_mean", "flags"]
+# Added when some run has AutoAttack (train.py --final_autoattack); gaps are PGD minus AutoAttack, in points.
+AA_CSV_COLUMNS = ["n_aa", "last_aa_mean", "last_aa_std", "last_gap_mean", "last_gap_std",
+                  "best_aa_mean", "best_aa_std", "best_gap_mean", "best_gap_std", "masking"]
+GAP_FLAG = 5.0  # points of PGD minus AutoAttack above which a group is flagged as possible gradient masking
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,9 @@ def protocol_flags(runs: list[Run]) -> list[str]:
     n_best = sum("best" in r.final for r in runs)
     if 0 < n_best < len(runs):
         flags.append(f"early-stopped weights evaluated in {n_best} of {len(runs)} runs")
+    n_aa = sum("aa_acc" in r.final["last"] for r in runs)
+    if 0 < n_aa < len(runs):
+        flags.append(f"AutoAttack evaluated in {n_aa} of {len(runs)} runs")
     return flags
 
 
@@ -169,12 +179,29 @@ def aggregate(runs: list[Run]) -> list[dict]:
             for metric in ("clean", "pgd"):
                 mean, std = mean_std([100 * r[f"{metric}_acc"] for r in results])
                 row[f"{prefix}_{metric}_mean"], row[f"{prefix}_{metric}_std"] = mean, std
+        row.update(autoattack_columns(finals))
         row["cos_x_eta_mean"], row["cos_x_eta_std"] = mean_std(
             [f["last"]["cos_x_eta"] for f in finals if f["last"].get("cos_x_eta") is not None])
         row["train_minutes_mean"] = mean_std([f["train_minutes"] for f in finals if "train_minutes" in f])[0]
         row["flags"] = "; ".join(protocol_flags(members))
         rows.append(row)
     return sorted(rows, key=lambda r: (r["dataset"], r["model"], method_rank(r["method"]), r["eps"]))
+
+
+def autoattack_columns(finals: list[dict]) -> dict:
+    """AutoAttack accuracy (%) and the PGD-minus-AutoAttack gap (points) of the last and best weights, over
+    the runs whose final.json has them; 'masking' names the weights whose mean gap exceeds GAP_FLAG."""
+    row = {"n_aa": sum("aa_acc" in f["last"] for f in finals)}
+    masking = []
+    for prefix in ("last", "best"):
+        results = [f[prefix] for f in finals if prefix in f and f[prefix].get("aa_acc") is not None]
+        row[f"{prefix}_aa_mean"], row[f"{prefix}_aa_std"] = mean_std([100 * r["aa_acc"] for r in results])
+        row[f"{prefix}_gap_mean"], row[f"{prefix}_gap_std"] = mean_std(
+            [100 * (r["pgd_acc"] - r["aa_acc"]) for r in results])
+        if row[f"{prefix}_gap_mean"] > GAP_FLAG + 1e-9:  # a gap of exactly 5 points (in floats) is not flagged
+            masking.append(prefix)
+    row["masking"] = " ".join(masking)
+    return row
 
 
 # ----------------------------------------------------------------------------------------- writing
@@ -187,16 +214,28 @@ def cell(row: dict | None, column: str, common: tuple) -> str:
     if row is None or np.isnan(row[f"{column}_mean"]):
         return "–"
     n = row["n_best"] if column.startswith("best") else row["n_seeds"]
+    if column.endswith(("_aa", "_gap")):
+        n = min(n, row["n_aa"])
     digits = 3 if column == "cos_x_eta" else 1
     text = f"{row[f'{column}_mean']:.{digits}f} ± {row[f'{column}_std']:.{digits}f}"
     if (n, row["n_eval"]) != common:
         text += f" [{n}×{row['n_eval']}]"
+    if column.endswith("_gap") and column.split("_")[0] in row["masking"].split():
+        text += " ‡"
     return text + (" †" if row["flags"] else "")
 
 
 TABLES = [("last_pgd", "Robust accuracy, last weights"), ("last_clean", "Clean accuracy, last weights"),
           ("best_pgd", "Robust accuracy, early-stopped weights"), ("best_clean", "Clean accuracy, early-stopped weights"),
           ("cos_x_eta", "Gradient alignment cos(grad at x, grad at x + eta) of the last weights (final.json)")]
+AA_TABLES = [("last_aa", "AutoAttack (standard) accuracy, last weights"),
+             ("last_gap", "PGD minus AutoAttack (points), last weights"),
+             ("best_aa", "AutoAttack (standard) accuracy, early-stopped weights"),
+             ("best_gap", "PGD minus AutoAttack (points), early-stopped weights")]
+
+
+def has_autoattack(rows: list[dict]) -> bool:
+    return any(r.get("n_aa") for r in rows)
 
 
 def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
@@ -213,8 +252,11 @@ def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
         legend = (f"Each cell: {common[0]} seeds × {common[1]} test points, robust accuracy under {attack}, "
                   "unless marked [seeds×points]; † marks a protocol difference (notes below).")
         out += [f"## {dataset}, {model}", "", legend, ""]
-        for column, title in TABLES:
+        for column, title in TABLES + (AA_TABLES if has_autoattack(part) else []):
             if not any(r["n_best"] for r in part) and column.startswith("best"):
+                continue
+            if column.startswith("best") and column.endswith(("_aa", "_gap")) and all(
+                    np.isnan(r["best_aa_mean"]) for r in part):
                 continue
             out += [f"### {title}", "", "| method | " + " | ".join(f"eps {fmt_eps(e)}" for e in eps_values) + " |",
                     "|---|" + "---|" * len(eps_values)]
@@ -224,6 +266,12 @@ def markdown(rows: list[dict], skipped: list[str] | None = None) -> str:
         notes = [f"- {r['method']}, eps {fmt_eps(r['eps'])}: {r['flags']}" for r in part if r["flags"]]
         if notes:
             out += ["Notes (†):", "", *notes, ""]
+        masked = [f"- {r['method']}, eps {fmt_eps(r['eps'])}: PGD minus AutoAttack "
+                  + ", ".join(f"{r[f'{w}_gap_mean']:.1f} points ({w} weights)" for w in r["masking"].split())
+                  for r in part if r.get("masking")]
+        if masked:
+            out += [f"Possible gradient masking (‡, PGD above AutoAttack by more than {GAP_FLAG:g} points):", "",
+                    *masked, ""]
     if skipped:
         out += ["## Skipped (no final.json)", "", *[f"- {name}" for name in skipped], ""]
     return "\n".join(out)
@@ -241,11 +289,12 @@ def write_csv(rows: list[dict], path: str) -> str:
         if isinstance(v, float):
             return "" if np.isnan(v) else f"{v:.4f}"
         return v
+    columns = CSV_COLUMNS + (AA_CSV_COLUMNS if has_autoattack(rows) else [])
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: value(row[k]) for k in CSV_COLUMNS})
+            writer.writerow({k: value(row[k]) for k in columns})
     return path
 
 
@@ -263,7 +312,8 @@ def slug(text: str) -> str:
 
 def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
     """Fig. 1 / Fig. 8: robust accuracy (%) vs eps per method, a band of ±1 std over seeds; one PNG per
-    dataset and model, with a second panel for the early-stopped weights when they were evaluated."""
+    dataset and model, with a second panel for the early-stopped weights when they were evaluated.
+    Runs with AutoAttack add its mean as a dashed line of the method's colour."""
     plt = pyplot()
     paths = []
     for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
@@ -281,7 +331,13 @@ def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
                 std = np.array([r[f"{column}_std"] for r in mine])
                 line, = ax.plot(eps, mean, marker="o", label=method)
                 ax.fill_between(eps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)", ylabel="PGD accuracy (%)")
+                aa_column = column.replace("_pgd", "_aa")
+                with_aa = [r for r in mine if not np.isnan(r.get(f"{aa_column}_mean", np.nan))]
+                if with_aa:  # AutoAttack of the same runs, dashed, in the method's colour
+                    ax.plot([r["eps"] for r in with_aa], [r[f"{aa_column}_mean"] for r in with_aa], marker="x",
+                            linestyle="--", color=line.get_color(), label=f"{method} (AutoAttack)")
+            ax.set(title=f"{dataset}, {model}: {title}", xlabel="eps (1/255)",
+                   ylabel="PGD accuracy (%)" + (", AutoAttack dashed" if has_autoattack(part) else ""))
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
         fig.tight_layout()

@@ -9,15 +9,18 @@ arXiv 2007.02617.
 Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; inside, eps is
 converted once (Config.eps_frac). A run writes out_dir/<run name>/: config.json, metrics.jsonl (one
 object per periodic evaluation), log.txt, model.pth ({'last', 'best'} state_dicts, the format of the
-authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy). Relaunching a finished
-run does nothing; relaunching an interrupted one resumes from its last completed epoch.
+authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy; with --final_autoattack
+also AutoAttack's). Relaunching a finished run does nothing (with --final_autoattack it adds AutoAttack
+to a final.json that lacks it, from model.pth); relaunching an interrupted one resumes from its last
+completed epoch.
 
 Reading order: flags and config (config.py) -> data -> the training perturbations and the training
 step -> evaluation -> the epoch loop -> run and main. The run directory's plumbing is in rundir.py,
 the attacks and GradAlign's regulariser in utils.py.
 
 Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
-training loss became NaN or inf (config.EXIT_MEANINGS).
+training loss became NaN or inf (config.EXIT_MEANINGS). SIGTERM or SIGUSR2 (preemption, a near time
+limit) stops the run: it releases the run's lock and ends by that signal; relaunching resumes it.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import autoattack_eval
 import data
 import models
 import rundir
@@ -117,6 +122,7 @@ class StepState:
     """What a training step reads besides the batch: the warm-up and Free-AT's persistent delta."""
     warm: float = 1.0
     free_delta: torch.Tensor | None = None
+    skipped: torch.Tensor | None = None  # written by the step: 1.0 if the GradScaler skipped it, else 0.0
 
 
 def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
@@ -168,24 +174,24 @@ class Stats:
     NAMES = ("train_loss", "train_reg", "train_acc", "delta_l2", "grad_norm_x")
 
     def __init__(self, device: torch.device):
-        self.sums = torch.zeros(len(self.NAMES), device=device)
-        self.n = self.n_grad = 0
+        self.sums = torch.zeros(len(self.NAMES) + 2, device=device)  # the sums, then the two example counts
 
     def add(self, loss, reg, logits, y, grad, delta_feasible) -> None:
-        """grad: the input gradient of the step (None when the step computed none)."""
+        """grad: the input gradient of the step (None when the step computed none). A step with a
+        non-finite number (under fp16, one the GradScaler skipped) is left out of every mean."""
         b = len(y)
         grad_norm = grad.detach().flatten(1).float().norm(dim=1).sum() if grad is not None else loss.new_zeros(())
-        self.sums += torch.stack([loss.detach().float() * b, reg.detach().float() * b,
-                                  (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
-                                  grad_norm.float()])
-        self.n += b
-        self.n_grad += b if grad is not None else 0
+        row = torch.stack([loss.detach().float() * b, reg.detach().float() * b,
+                           (logits.argmax(1) == y).sum().float(), delta_feasible.flatten(1).norm(dim=1).sum(),
+                           grad_norm.float(), loss.new_full((), b, dtype=torch.float32),
+                           loss.new_full((), b if grad is not None else 0, dtype=torch.float32)])
+        self.sums += torch.where(torch.isfinite(row).all(), row, torch.zeros_like(row))
 
     def means(self) -> dict[str, float | None]:
         """Per-example means; grad_norm_x is None when no step computed an input gradient."""
-        values = self.sums.tolist()
-        means = {name: v / max(self.n, 1) for name, v in zip(self.NAMES, values)}
-        means["grad_norm_x"] = values[-1] / self.n_grad if self.n_grad else None
+        *values, n, n_grad = self.sums.tolist()
+        means = {name: v / max(n, 1) for name, v in zip(self.NAMES, values)}
+        means["grad_norm_x"] = values[-1] / n_grad if n_grad else None
         return means
 
 
@@ -215,14 +221,47 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
         grad2, _ = utils.input_grad(model, x, y, utils.uniform_delta(x, cfg.eps_frac), create_graph=True)
         reg = utils.grad_align_reg(grad1, grad2, lam)
     total = loss + reg
+    st.skipped = torch.zeros((), device=x.device)
     if update:
         opt.zero_grad(set_to_none=True)
-        scaler.scale(total).backward()
-        scaler.step(opt)
-        scaler.update()
+        st.skipped = optimizer_step(opt, scaler, total)
     with torch.no_grad():
         stats.add(total, reg, logits, y, grad1, torch.clamp(x + pert.delta, 0.0, 1.0) - x)
     return total.detach()
+
+
+def optimizer_step(opt, scaler: torch.amp.GradScaler, total: torch.Tensor) -> torch.Tensor:
+    """Backward and optimiser step through the GradScaler. Returns, on the device (no host sync),
+    1.0 if the step was skipped, else 0.0: with an enabled GradScaler (float16), as with the
+    authors' apex, a step whose loss or gradients are not finite changes no weight and lowers
+    the scale; without one (fp32, bf16) every step is taken."""
+    if not scaler.is_enabled():
+        scaler.scale(total).backward()
+        scaler.step(opt)
+        scaler.update()
+        return torch.zeros((), device=total.device)
+    one = torch.ones((), device=total.device)
+    scale_before = scaler.scale(one)
+    # A non-finite loss makes every gradient NaN (x 1.0 otherwise), so the GradScaler skips the step.
+    guard = torch.where(torch.isfinite(total.detach()), 1.0, float("nan"))
+    scaler.scale(total * guard).backward()
+    scaler.step(opt)
+    scaler.update()
+    return (scaler.scale(one) < scale_before).float()  # the scale drops exactly when the step was skipped
+
+
+def half_prec_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    return utils.autocast_dtype(device.type, cfg.half_prec_dtype)
+
+
+def forward_model(cfg: Config, model: nn.Module, device: torch.device, scaler: torch.amp.GradScaler) -> nn.Module:
+    """The model every training and periodic-evaluation forward goes through: the model itself in
+    fp32, or under --half_prec its utils.Autocast wrapper (input-gradient passes scaled by the
+    GradScaler's scale under float16; BatchNorm in fp32 when GradAlign is on, as in the authors' code)."""
+    if not cfg.half_prec:
+        return model
+    return utils.Autocast(model, device.type, half_prec_dtype(cfg, device), scaler=scaler,
+                          batchnorm_fp32=cfg.grad_align_cos_lambda > 0)
 
 
 # ===================================================================================== evaluation
@@ -250,7 +289,19 @@ def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: D
         result = utils.seeded_robust_accuracy(model, loaders.test_final, cfg.eps_frac, n_iters, n_restarts,
                                               cfg.seed, progress=bar.update)
     cos = utils.cos_x_eta(model, loaders.test_final, cfg.eps_frac, cfg.clamp_grad)
-    return {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    if cfg.final_autoattack:
+        out.update(final_autoattack(cfg, model, loaders, label))
+    return out
+
+
+def final_autoattack(cfg: Config, model: nn.Module, loaders: Data, label: str) -> dict:
+    """Standard AutoAttack on the final-evaluation points (model in fp32 and eval mode), seeded with
+    --seed: {"aa_acc", "aa_stage_acc", "aa_grad_passes_per_example", "aa_forward_passes_per_example"}."""
+    with tqdm(total=loaders.n_final, desc=f"AutoAttack ({label})", unit="img", leave=False, disable=None) as bar:
+        result = autoattack_eval.attack_accuracy(model, loaders.test_final, cfg.eps_frac, "autoattack", cfg.seed,
+                                                 loaders.info.n_classes, progress=bar.update)
+    return result.result_fields()
 
 
 def format_record(r: dict) -> str:
@@ -262,6 +313,10 @@ def format_record(r: dict) -> str:
 
 
 # ===================================================================================== epoch loop
+MAX_SKIPPED_IN_A_ROW = 100  # float16: the run stops after this many consecutive skipped steps
+SKIP_COUNTERS = ("skipped_steps", "skipped_in_a_row", "stalled_at")  # Loop's float16 counters
+
+
 class NonFiniteLoss(Exception):
     pass
 
@@ -286,13 +341,18 @@ class Loop:
     iteration: int = 0            # global iteration counter (epoch 0 has one iteration)
     train_seconds: float = 0.0    # training time, counted between host syncs; evaluations left out
     step: StepState = dataclasses.field(default_factory=StepState)
+    # float16 (a GradScaler): steps skipped since the last metrics record, the current run of skipped
+    # steps, and -1 or the iteration where that run reached MAX_SKIPPED_IN_A_ROW. Device tensors.
+    skipped_steps: torch.Tensor | None = None
+    skipped_in_a_row: torch.Tensor | None = None
+    stalled_at: torch.Tensor | None = None
     mark: float = 0.0             # when the current stretch of training time began
     start: float = 0.0            # when this process started the loop
 
     RESUMED = ("next_epoch", "iteration", "best_state", "best_acc", "train_seconds", "first_bad_iter")
 
     def resume_state(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.RESUMED}, "model": self.model.state_dict(),
+        return {**{k: getattr(self, k) for k in self.RESUMED + SKIP_COUNTERS}, "model": self.model.state_dict(),
                 "opt": self.opt.state_dict(), "scaler": self.scaler.state_dict(), "free_delta": self.step.free_delta}
 
     def restore(self, saved: dict) -> None:
@@ -303,13 +363,45 @@ class Loop:
         for k in self.RESUMED:
             setattr(self, k, saved[k])
         self.first_bad_iter = self.first_bad_iter.to(self.device)
+        for k in SKIP_COUNTERS:
+            setattr(self, k, saved[k].to(self.device) if k in saved else None)
+        self.__post_init__()
         free_delta = saved["free_delta"]
         self.step.free_delta = None if free_delta is None else free_delta.to(self.device)
 
+    def __post_init__(self):
+        for name in SKIP_COUNTERS:
+            if getattr(self, name) is None:
+                setattr(self, name, torch.tensor(-1 if name == "stalled_at" else 0, device=self.device))
+
+    def count_step(self, loss: torch.Tensor) -> None:
+        """Bookkeeping of one step, on the device. float16 (a GradScaler): a non-finite step was
+        skipped and counts; otherwise (fp32, bf16) the first non-finite loss is remembered."""
+        if self.scaler.is_enabled():
+            skipped = self.step.skipped.long()
+            self.skipped_steps = self.skipped_steps + skipped
+            self.skipped_in_a_row = (self.skipped_in_a_row + 1) * skipped
+            stalled = (self.skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW) & (self.stalled_at < 0)
+            self.stalled_at = torch.where(stalled, self.iteration, self.stalled_at)
+        else:
+            self.first_bad_iter = torch.where(~torch.isfinite(loss) & (self.first_bad_iter < 0), self.iteration,
+                                              self.first_bad_iter)
+
     def check_finite(self) -> None:
-        bad = int(self.first_bad_iter)  # syncs: the training work so far has finished
+        """Raises NonFiniteLoss (one host sync: the training work so far has finished): in fp32 and bf16
+        after a non-finite loss; under float16 after MAX_SKIPPED_IN_A_ROW consecutive skipped steps;
+        always when a weight is NaN or inf."""
+        weights_ok = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        bad, stalled, ok = torch.stack([self.first_bad_iter, self.stalled_at, weights_ok.long()]).tolist()
         if bad >= 0:
-            raise NonFiniteLoss(bad)
+            raise NonFiniteLoss(f"the training loss became NaN or inf at iteration {bad}; lower --lr_max (or "
+                                "check the data)")
+        if stalled >= 0:
+            raise NonFiniteLoss(f"{MAX_SKIPPED_IN_A_ROW} steps in a row were skipped for a non-finite loss or "
+                                f"gradients (up to iteration {stalled}); lower --lr_max or use --half_prec_dtype "
+                                "bfloat16")
+        if not ok:
+            raise NonFiniteLoss(f"the weights became NaN or inf by iteration {self.iteration}; lower --lr_max")
 
     def stop_clock(self) -> None:
         self.train_seconds += time.time() - self.mark
@@ -348,14 +440,15 @@ def train(loop: Loop) -> None:
                 loop.step.warm = warmup_factor(cfg, loop.iteration)
                 loss = train_step(loop.fwd_model, loop.opt, loop.scaler, x, y, cfg, loop.step, stats,
                                   update=epoch > 0)
-                loop.first_bad_iter = torch.where(~torch.isfinite(loss) & (loop.first_bad_iter < 0),
-                                                  loop.iteration, loop.first_bad_iter)
+                loop.count_step(loss)
                 if loop.iteration % cfg.eval_iter_freq == 0:
                     loop.check_finite()
                     loop.stop_clock()
                     record = {"epoch": epoch, "iteration": loop.iteration, "lr": lr, **stats.means(),
+                              "skipped_steps": int(loop.skipped_steps),
                               **periodic_evaluation(loop.model, loop.fwd_model, loaders, cfg),
                               "train_minutes": loop.train_seconds / 60, "elapsed_s": time.time() - loop.start}
+                    loop.skipped_steps = torch.zeros_like(loop.skipped_steps)
                     rundir.append_jsonl(metrics_path, record)
                     loop.log(format_record(record))
                     loop.keep_if_best(record["train_pgd_acc"])
@@ -386,11 +479,11 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn)
-    model = utils.to_device(model, device).train()
-    loop = Loop(cfg=cfg, run_dir=run_dir, model=model,
-                fwd_model=utils.Autocast(model, device.type) if cfg.half_prec else model,
-                opt=make_optimizer(cfg, model),
-                scaler=torch.amp.GradScaler(device.type, enabled=cfg.half_prec and device.type == "cuda"),
+    model = utils.to_device(model, device, tf32=cfg.tf32).train()
+    float16 = cfg.half_prec and half_prec_dtype(cfg, device) == torch.float16
+    scaler = torch.amp.GradScaler(device.type, enabled=float16)
+    loop = Loop(cfg=cfg, run_dir=run_dir, model=model, fwd_model=forward_model(cfg, model, device, scaler),
+                opt=make_optimizer(cfg, model), scaler=scaler,
                 loaders=loaders, log=rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt")), device=device,
                 first_bad_iter=torch.tensor(-1, device=device), best_state=copy.deepcopy(model.state_dict()))
     saved = rundir.load_resume_state(run_dir, loaders.train.generator)
@@ -408,9 +501,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     try:
         train(loop)
     except NonFiniteLoss as exc:
-        print(f"train.py: error: the training loss became NaN or inf at iteration {exc.args[0]}; "
-              f"lower --lr_max (or check the data); the last good state stays in {run_dir}/{RESUME_FILE}",
-              file=sys.stderr)
+        print(f"train.py: error: {exc}; the last good state stays in {run_dir}/{RESUME_FILE}", file=sys.stderr)
         return EXIT_NONFINITE
     rundir.atomic_torch_save({"last": model.state_dict(), "best": loop.best_state},
                              os.path.join(run_dir, "model.pth"))
@@ -421,12 +512,50 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
                   "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc})
+    if cfg.final_autoattack:
+        final["autoattack"] = autoattack_eval.describe("autoattack")
     rundir.atomic_write_json(os.path.join(run_dir, "final.json"), final)
     rundir.remove_resume_state(run_dir)
     for key in ("last", "best"):
         if key in final:
             loop.log(f"final ({key}): clean {final[key]['clean_acc']:.2%}, PGD-{n_iters}-{n_restarts} "
                      f"{final[key]['pgd_acc']:.2%} on {final['n_eval']} test points")
+            if "aa_acc" in final[key]:
+                loop.log(f"final ({key}): AutoAttack {final[key]['aa_acc']:.2%}")
+    print(json.dumps({"run_dir": run_dir, **final}))
+    return EXIT_OK
+
+
+def lacks_autoattack(cfg: Config, final_path: str) -> bool:
+    """--final_autoattack was asked, and the finished run's final.json has no AutoAttack accuracy."""
+    if not cfg.final_autoattack:
+        return False
+    with open(final_path) as f:
+        final = json.load(f)
+    return any(key in final and "aa_acc" not in final[key] for key in ("last", "best"))
+
+
+def add_autoattack(cfg: Config, run_dir: str, device: torch.device, loaders: Data) -> int:
+    """Adds AutoAttack of the saved weights to a finished run's final.json, without retraining."""
+    final_path = os.path.join(run_dir, "final.json")
+    with open(final_path) as f:
+        final = json.load(f)
+    model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
+                               cfg.n_filters_cnn)
+    model = utils.to_device(model, device).float().eval()
+    try:
+        for key in ("last", "best"):
+            if key in final and "aa_acc" not in final[key]:
+                models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))
+                final[key].update(final_autoattack(cfg, model, loaders, key))
+    except models.CheckpointError as exc:
+        print(f"train.py: error: {exc}; rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
+    final["autoattack"] = autoattack_eval.describe("autoattack")
+    rundir.atomic_write_json(final_path, final)
+    rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))(
+        "final: AutoAttack added to final.json: " + ", ".join(
+            f"{key} {final[key]['aa_acc']:.2%}" for key in ("last", "best") if key in final))
     print(json.dumps({"run_dir": run_dir, **final}))
     return EXIT_OK
 
@@ -436,29 +565,51 @@ def main(argv: list[str] | None = None) -> int:
     name = run_name(cfg, defaults)
     run_dir = os.path.join(cfg.out_dir, name)
     final_path = os.path.join(run_dir, "final.json")
-    if os.path.exists(final_path) and not cfg.overwrite:  # before loading any data: relaunched sweeps are cheap
+    if os.path.exists(final_path) and not cfg.overwrite and not lacks_autoattack(cfg, final_path):
+        # before loading any data: relaunched sweeps are cheap
         print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
         return EXIT_OK
     try:
         device = utils.resolve_device(cfg.device, cfg.gpu)
         loaders = load_data(cfg, device)
-    except (ValueError, data.DataMissingError) as exc:
+    except (ValueError, data.DataMissingError) as exc:  # data.DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    os.makedirs(run_dir, exist_ok=True)
-    lock = rundir.RunLock(run_dir)
     try:
-        lock.acquire()
-    except rundir.RunLocked as exc:
-        print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
-        return EXIT_LOCKED
-    try:
-        if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
-            print(f"{run_dir} is finished: nothing to do")
-            return EXIT_OK
-        return run(cfg, name, device, loaders)
-    finally:
-        lock.release()
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        print(f"train.py: error: cannot create {run_dir} ({exc.strerror}); pick another --out_dir", file=sys.stderr)
+        return EXIT_USAGE
+    lock = rundir.RunLock(run_dir, on_lost=lambda: lock_lost(run_dir))
+    with rundir.stop_on_signals():
+        try:
+            lock.acquire()
+            if os.path.exists(final_path) and not cfg.overwrite:  # finished while we waited for the lock
+                if lacks_autoattack(cfg, final_path):
+                    return add_autoattack(cfg, run_dir, device, loaders)
+                print(f"{run_dir} is finished: nothing to do")
+                return EXIT_OK
+            return run(cfg, name, device, loaders)
+        except rundir.RunLocked as exc:
+            print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
+            return EXIT_LOCKED
+        except rundir.Stopped as exc:
+            lock.release()  # before ending: a requeued job, on any node, can take the run over at once
+            print(f"train.py: stopped by {signal.Signals(exc.signum).name}; {run_dir}/{RESUME_FILE} holds the "
+                  "last finished epoch: relaunch the same command to resume", file=sys.stderr)
+            signal.signal(exc.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), exc.signum)  # end as the signal would have ended us (status: killed by it)
+            raise
+        finally:
+            lock.release()
+
+
+def lock_lost(run_dir: str) -> None:
+    """Called by the lock's refreshing thread when another process took the run over (this one had
+    stalled for longer than the lease): stops this run through the SIGTERM path."""
+    print(f"train.py: the lock of {run_dir} was taken over by another process (this one stalled longer than "
+          "the lease); stopping", file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

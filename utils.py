@@ -10,6 +10,7 @@ authors' code).
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -27,18 +28,41 @@ def eval_alpha(eps: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------- box clamp
+class _BoxClamp(torch.autograd.Function):
+    """clamp(z, 0, 1) whose backward multiplies the incoming gradient by 1 strictly inside (0, 1),
+    by `at_bound` where z is exactly 0 or 1, and by 0 outside [0, 1]. The rule is written here
+    rather than inherited from torch.clamp, whose gradient at the bounds differs between releases."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, at_bound: float) -> torch.Tensor:
+        ctx.save_for_backward(z)
+        ctx.at_bound = at_bound
+        return torch.clamp(z, 0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (z,) = ctx.saved_tensors
+        # Differentiable ops of grad_out, so a double backward through the clamp also works.
+        inside = (z > 0) & (z < 1)
+        if ctx.at_bound == 0.0:
+            return grad_out * inside, None
+        on_bound = (z == 0) | (z == 1)
+        return torch.where(inside, grad_out, grad_out * (ctx.at_bound * on_bound)), None
+
+
+_AT_BOUND = {"zero": 0.0, "half": 0.5}
+
+
 def box_clamp(z: torch.Tensor, rule: str) -> torch.Tensor:
-    """clamp(z, 0, 1) with a chosen gradient rule at the bounds (README: "Fidelity notes").
+    """clamp(z, 0, 1) with a fixed gradient rule at the bounds, the same on every torch release.
 
     rule='zero': gradient 0 where z is exactly 0 or 1 (PyTorch 1.4, the paper's runs).
     rule='half': gradient 0.5 there (the authors' max/min code on PyTorch >= 1.10).
-    Both give gradient 1 inside (0, 1) and 0 outside [0, 1].
+    Both give gradient 1 strictly inside (0, 1) and 0 outside [0, 1]. Values equal torch.clamp's.
     """
-    if rule == "zero":
-        return torch.clamp(z, 0.0, 1.0)
-    if rule == "half":
-        return torch.clamp(z, z.new_zeros(()), z.new_ones(()))
-    raise ValueError(f"unknown clamp rule '{rule}': choose one of {', '.join(CLAMP_RULES)}")
+    if rule not in _AT_BOUND:
+        raise ValueError(f"unknown clamp rule '{rule}': choose one of {', '.join(CLAMP_RULES)}")
+    return _BoxClamp.apply(z, _AT_BOUND[rule])
 
 
 def project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -60,15 +84,33 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.
 
     The forward sees clamp(x + delta) under `clamp_rule`, or x + delta when it is None.
     The summed loss gives each example the gradient of its own loss (the authors' batch mean
-    divides it by B: same signs and cosines, no fp16 underflow). create_graph keeps the graph
-    for double backprop (GradAlign); otherwise the result is detached.
+    divides it by B: same signs and cosines). create_graph keeps the graph for double backprop
+    (GradAlign); otherwise the result is detached.
+
+    Loss scaling: when `model` is an fp16 `Autocast`, the loss is multiplied by its
+    `input_grad_scale` before the backward and the gradient divided by it after, so that small
+    gradients do not round to zero in fp16 (the headroom of the authors' apex loss scaling). A scaled pass whose
+    gradient is not finite (an fp16 overflow) is redone once in fp32, so no attack takes sign()
+    of inf or NaN (in train mode that extra forward also updates BatchNorm's running statistics);
+    the check costs one host sync per fp16 pass. fp32 and bf16 passes are neither scaled nor checked.
     """
     delta = delta.detach().requires_grad_(True) if not create_graph else delta.requires_grad_(True)
+    scale = model.input_grad_scale(len(y), x.device) if isinstance(model, Autocast) else None
+    grad, logits = _summed_ce_grad(model, x, y, delta, clamp_rule, create_graph, scale)
+    if scale is not None and not bool(torch.isfinite(grad).all()):  # the documented sync (fp16 only)
+        grad, logits = _summed_ce_grad(model.model, x, y, delta, clamp_rule, create_graph, None)
+    return (grad if create_graph else grad.detach()), logits.detach()
+
+
+def _summed_ce_grad(model, x, y, delta, clamp_rule, create_graph, scale):
     inputs = x + delta if clamp_rule is None else box_clamp(x + delta, clamp_rule)
     logits = model(inputs)
     loss = F.cross_entropy(logits.float(), y, reduction="sum")
-    (grad,) = torch.autograd.grad(loss, delta, create_graph=create_graph)
-    return (grad if create_graph else grad.detach()), logits.detach()
+    if scale is None:
+        (grad,) = torch.autograd.grad(loss, delta, create_graph=create_graph)
+        return grad, logits
+    (grad,) = torch.autograd.grad(loss * scale, delta, create_graph=create_graph)
+    return grad / scale, logits
 
 
 def per_example_cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -286,22 +328,78 @@ def lr_at(t: float, schedule: str, lr_max: float, epochs: int) -> float:
 
 
 # ------------------------------------------------------------------------------------- precision
+HALF_PREC_DTYPES = ("auto", "float16", "bfloat16")
+INIT_LOSS_SCALE = 2.0 ** 16  # the initial dynamic loss scale of apex (the authors' code) and of torch's GradScaler
+
+
+def autocast_dtype(device_type: str, choice: str = "auto") -> torch.dtype:
+    """The dtype of --half_prec: 'auto' is float16 on CUDA and bfloat16 on the CPU."""
+    if choice == "auto":
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if choice not in HALF_PREC_DTYPES:
+        raise ValueError(f"unknown half-precision dtype '{choice}': choose one of {', '.join(HALF_PREC_DTYPES)}")
+    return getattr(torch, choice)
+
+
+def _input_to_fp32(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() for a in args)
+
+
 class Autocast(nn.Module):
     """Runs the wrapped model's forward under torch.autocast and returns fp32 logits.
 
-    float16 on CUDA, bfloat16 on the CPU, so the CPU exercises the same mixed-precision path.
-    Only forwards are autocast; backward passes (and double backprop) run outside it.
+    dtype: float16 or bfloat16 (default: float16 on CUDA, bfloat16 on the CPU, so the CPU exercises
+    the same mixed-precision path; float16 on the CPU runs CUDA's numerics). Only forwards are
+    autocast; backward passes (and double backprop) run outside it.
+    batchnorm_fp32: every BatchNorm layer gets its input in fp32 and hands its output back in `dtype`
+    (the authors' code registers batch_norm as an fp32 function with apex when GradAlign is on).
+    Under float16, `input_grad` scales the loss of its passes by `input_grad_scale` (see there);
+    `scaler` is the training GradScaler whose current scale that follows.
     """
 
-    def __init__(self, model: nn.Module, device_type: str):
+    def __init__(self, model: nn.Module, device_type: str, dtype: torch.dtype | None = None, *,
+                 scaler: torch.amp.GradScaler | None = None, batchnorm_fp32: bool = False,
+                 scale_input_grads: bool = True):
         super().__init__()
         self.model = model
         self.device_type = device_type
-        self.dtype = torch.float16 if device_type == "cuda" else torch.bfloat16
+        self.dtype = dtype or autocast_dtype(device_type)
+        self.scaler = scaler
+        self.scale_input_grads = scale_input_grads and self.dtype == torch.float16
+        self.norms = ([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+                      if batchnorm_fp32 else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(self.device_type, dtype=self.dtype):
+        with torch.autocast(self.device_type, dtype=self.dtype), self._batchnorm_in_fp32():
             return self.model(x).float()
+
+    @contextlib.contextmanager
+    def _batchnorm_in_fp32(self):
+        """Hooks that live for one forward only, so the model itself is left unchanged."""
+        def output_to_dtype(module, args, out):
+            return out.to(self.dtype)
+        handles = []
+        for m in self.norms:
+            handles += [m.register_forward_pre_hook(_input_to_fp32), m.register_forward_hook(output_to_dtype)]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def input_grad_scale(self, batch_size: int, device: torch.device) -> torch.Tensor | float | None:
+        """Factor of the summed loss in an input-gradient pass; None (no scaling) unless float16.
+
+        The authors' code scaled every input-gradient pass's batch-MEAN loss by apex's dynamic loss
+        scale; scale / batch_size times the summed loss is the same number. The scale is the
+        training GradScaler's current one (read on the device, no host sync), or its initial 2^16
+        where there is no enabled scaler (eval.py, bench.py).
+        """
+        if not self.scale_input_grads:
+            return None
+        if self.scaler is not None and self.scaler.is_enabled():
+            return self.scaler.scale(torch.ones((), device=device)) / batch_size
+        return INIT_LOSS_SCALE / batch_size
 
 
 def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
@@ -319,9 +417,17 @@ def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
     return device
 
 
-def to_device(model: nn.Module, device: torch.device) -> nn.Module:
-    """Moves the model; on CUDA also channels_last weights and cuDNN autotuning (speed only: the
-    reference's cuDNN was not deterministic either)."""
+def set_tf32(enabled: bool) -> None:
+    """TF32 for CUDA matmuls and cuDNN convolutions, process-wide. Off means fp32 is IEEE fp32, as on
+    the paper's pre-Ampere GPUs (PyTorch's own default lets cuDNN convolutions use TF32)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def to_device(model: nn.Module, device: torch.device, *, tf32: bool = False) -> nn.Module:
+    """Moves the model and sets TF32 (off unless asked); on CUDA also channels_last weights and cuDNN
+    autotuning (speed only: the reference's cuDNN was not deterministic either)."""
+    set_tf32(tf32)
     model = model.to(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -3,6 +3,8 @@
 #
 # Environment of every sweep script:
 #   DRY_RUN=1      print the train.py commands, one per line, and run nothing
+#   STATUS=1       run nothing: print how many of the runs are finished, in progress, interrupted, failed
+#                  or not started, naming the unfinished ones (launch.py --status; LAUNCHER_ARGS apply)
 #   SEEDS          seeds to run (default "0 1 2 3 4": the paper averages 5 seeds)
 #   METHODS, EPS   subsets of the script's methods and eps values (1/255 units)
 #   EXTRA          train.py flags appended to every command (split at spaces), as are the script's arguments
@@ -52,10 +54,16 @@ eps_grid() {
 # emit FLAGS: prints one train.py command line, the extra arguments appended.
 emit() { printf 'python train.py %s%s\n' "$*" "$EXTRA_ARGS"; }
 
-# sweep FUNCTION: prints FUNCTION's commands (DRY_RUN=1) or feeds them to launch.py on stdin.
+# sweep FUNCTION: prints FUNCTION's commands (DRY_RUN=1), their runs' states (STATUS=1), or feeds them
+# to launch.py on stdin.
 sweep() {
   if [[ ${DRY_RUN:-0} == 1 ]]; then
     "$1"
+    return
+  fi
+  if [[ ${STATUS:-0} == 1 ]]; then
+    # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of flags
+    "$1" | "${PYTHON:-python}" launch.py --status ${LAUNCHER_ARGS:-}
     return
   fi
   # shellcheck disable=SC2086  # LAUNCHER_ARGS is a list of flags

@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
+import autoattack_eval
 import bench
 
 
-def run_quick(tmp_path, device: str) -> dict:
+def run_quick(tmp_path, device: str, *extra: str) -> dict:
     out = tmp_path / "b.json"
     # One thread: the test stays fast when other processes share the cores.
-    assert bench.main(["--quick", "--device", device, "--threads", "1", "--out", str(out)]) == 0
+    assert bench.main(["--quick", "--device", device, "--threads", "1", "--out", str(out), *extra]) == 0
     return json.loads(out.read_text())
 
 
@@ -40,11 +41,20 @@ def check_report(report: dict, device: str) -> None:
 
 
 def test_quick_bench_on_cpu_writes_every_number(tmp_path, capsys):
-    report = run_quick(tmp_path, "cpu")
+    with_aa = autoattack_eval.available()  # the optional extra (installed by the README's test command)
+    report = run_quick(tmp_path, "cpu", *(["--autoattack"] if with_aa else []))
     check_report(report, "cpu")
+    printed = capsys.readouterr().out
+    if with_aa:  # AutoAttack beside PGD on the digits cnn's points, at --quick's custom budget
+        cnn = report["eval"]["cnn"]
+        a = cnn["autoattack"]
+        assert (a["attack"], a["attack_version"], a["clean_acc"]) == ("autoattack", "custom", cnn["clean_acc"])
+        assert list(a["stage_acc"]) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+        assert 0 <= a["robust_acc"] <= a["clean_acc"] and a["images_per_s"] > 0
+        assert a["grad_passes_per_example"] >= 6 * a["robust_acc"]  # a robust point took APGD-CE's 5 steps + 1
+        assert "AutoAttack (custom, torchattacks" in printed
     for steps in report["steps"].values():
         assert all(m["peak_mib"] is None for m in steps["methods"].values())
-    printed = capsys.readouterr().out
     assert "FGSM + GradAlign" in printed and "images/s" in printed and "floor" in printed
 
 
@@ -63,3 +73,36 @@ def test_quick_bench_on_cuda_reports_peak_memory(tmp_path):
         assert all(m["peak_mib"] > 0 for m in steps["methods"].values())
         assert steps["settings"]["cudnn_benchmark"] in (True, False)
     assert all(e["peak_mib"] > 0 for e in report["eval"].values())
+
+
+ABSENT = ("cuda_tests", "epochs", "peak_mib", "evaluation", "projection")
+
+
+def test_acceptance_without_cuda_runs_the_cpu_parts_and_marks_cuda_absent(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
+    out = tmp_path / "acceptance.json"
+    assert bench.main(["--acceptance", "--device", "cuda", "--threads", "1", "--out", str(out)]) == 0
+    assert "CUDA is not available" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["device"] == "cpu" and report["cuda_available"] is False
+    assert all(report[key] == "absent: no CUDA" for key in ABSENT)
+    agreement = report["agreement"]
+    assert 0.9 < agreement["cos_update_fp16_fp32"] <= 1 + 1e-9 and agreement["reg_fp32"] > 0
+    rows = report["zero_input_grads"]
+    assert [round(r["median_margin_nats"]) for r in rows] == [10, 15, 20, 25]
+    assert all(r["fp16_scaled"] <= r["fp16_unscaled"] for r in rows)
+    assert any(r["fp16_scaled"] < r["fp16_unscaled"] for r in rows)
+
+
+def test_acceptance_epoch_timing_and_projection_at_tiny_size_on_cpu(one_thread):
+    cpu = torch.device("cpu")
+    epoch = bench.epoch_seconds("cnn", "gradalign", 64, 32, cpu, warmup_steps=1)
+    assert epoch["steps"] == 2 and epoch["seconds_per_epoch"] > 0 and epoch["peak_mib"] is None
+    assert math.isfinite(epoch["train_loss"])
+    evaluation = bench.evaluation_seconds("cnn", cpu, n=32)
+    p = bench.projection({"gradalign": epoch}, evaluation)
+    assert p["periodic_evaluations"] == 59  # 11700 steps, evaluated at 0, 200, ..., 11600
+    assert math.isclose(p["train_s"], 30 * 390 * epoch["seconds_per_epoch"] / 2)
+    assert math.isclose(p["total_minutes"] * 60,
+                        p["train_s"] + 59 * evaluation["periodic_evaluation_s"] + 1000 * 500
+                        * evaluation["fp32_pass_s_per_example"])

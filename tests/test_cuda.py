@@ -50,3 +50,29 @@ def test_fp16_gradalign_double_backprop_matches_fp32_direction():
     reg16, g16 = reg_grad(utils.Autocast(model, "cuda"))
     assert torch.isfinite(g16).all() and abs(reg16 - reg32) < 0.05
     assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.9
+
+
+def test_fp16_gradalign_step_on_cuda_runs_batchnorm_in_fp32_and_skips_a_nan_step():
+    torch.manual_seed(0)
+    cfg, _ = train.parse_config(CUDA + ["--attack", "fgsm", "--attack_init", "zero", "--half_prec",
+                                        "--grad_align_cos_lambda", "0.2", "--dataset", "cifar10",
+                                        "--model", "resnet18"])
+    device = torch.device("cuda")
+    model = utils.to_device(models.build_model("resnet18", 10, (3, 32, 32)), device).train()
+    seen = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, args, out: seen.append(args[0].dtype))
+    opt = train.make_optimizer(cfg, model)
+    scaler = torch.amp.GradScaler("cuda")
+    fwd = train.forward_model(cfg, model, device, scaler)
+    assert fwd.dtype == torch.float16 and fwd.norms
+    x, y = torch.rand(32, 3, 32, 32, device=device), torch.randint(0, 10, (32,), device=device)
+    st, stats = train.StepState(), train.Stats(device)
+    train.train_step(fwd, opt, scaler, x, y, cfg, st, stats, update=True)
+    assert seen and set(seen) == {torch.float32}
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad(set_to_none=True)
+    nan_loss = torch.nn.functional.cross_entropy(fwd(x), y) * float("nan")
+    assert float(train.optimizer_step(opt, scaler, nan_loss)) == 1.0  # skipped
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -1,8 +1,7 @@
-"""launch.py: real digits runs end to end (locally and through submitit's local executor), failures
+"""launch.py: real digits runs end to end (submitit: tests/test_cluster.py), failures
 reported by run name with train.py's exit code, and the device each command gets."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import subprocess
@@ -73,17 +72,6 @@ def test_nan_loss_is_reported_as_such(tmp_path):
     done = launch_py(tmp_path, [faulty])
     assert done.returncode == 1
     assert f"FAILED {run_name(out)}: exit 4 (the training loss became NaN or inf)" in done.stdout
-
-
-def test_submitit_local_executor_runs_a_job(tmp_path):
-    out = tmp_path / "runs"
-    done = launch_py(tmp_path, [command(out, "--seed 3")], "--slurm", "--submitit_local", "--gpus_per_job", "0",
-                     "--cpus_per_job", "1", "--mem_gb", "1", "--time_min", "10")
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "submitted 1 jobs" in done.stdout and "1 runs: 1 ok, 0 failed" in done.stdout
-    final = json.loads((out / run_name(out, "--seed 3") / "final.json").read_text())
-    assert final["n_eval"] == 64
-    assert any(name.endswith("_result.pkl") for name in os.listdir(tmp_path / "logs" / "submitit"))
 
 
 def test_devices_go_round_robin_over_the_gpus(tmp_path):

@@ -149,9 +149,10 @@ def test_cli_writes_markdown_csv_and_figures(sweep, tmp_path, capsys):
     assert "[4×1000/500] †" in md and "n_eval 1000/500 (paper: 1000)" in md
     assert "3 seeds × 1000 test points" in md and "PGD-50-10" in md and "ddof=0" in md
     assert "cifar10_resnet18_fgsm_zero_eps8_lam0_" in md.split("## Skipped")[1]  # the unfinished run
+    assert "AutoAttack" not in md and "‡" not in md  # no run has it: no AutoAttack tables or columns
     with open(out / "report.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 5
+    assert len(rows) == 5 and list(rows[0]) == report.CSV_COLUMNS
     row = next(r for r in rows if (r["dataset"], r["method"], r["eps"]) == ("cifar10", "FGSM", "8.0000"))
     assert (row["n_seeds"], row["n_eval"], row["attack_iters"], row["n_restarts"]) == ("3", "1000", "50", "10")
     assert float(row["last_clean_mean"]) == pytest.approx(82.0)
@@ -175,3 +176,46 @@ def test_importing_runs_nothing(tmp_path):
                          env={**os.environ, "PYTHONPATH": ROOT})
     assert out.stdout == "[]\n" and out.stderr == ""
     assert os.listdir(tmp_path) == []
+
+
+def with_autoattack(final: dict, last_aa: float, best_aa: float | None = None) -> dict:
+    """final.json as train.py --final_autoattack writes it."""
+    final = json.loads(json.dumps(final))
+    final["last"]["aa_acc"] = last_aa
+    if best_aa is not None:
+        final["best"]["aa_acc"] = best_aa
+    final["autoattack"] = {"attack": "autoattack", "attack_version": "standard"}
+    return final
+
+
+def test_autoattack_columns_and_the_gradient_masking_flag(tmp_path, capsys):
+    # FGSM: PGD 40/42%, AutoAttack 38/41% (gap 1.5 points); GradAlign: PGD 50%, AutoAttack 30% (gap 20:
+    # flagged; best weights 40 vs 35: exactly 5, not flagged); a second eps where one of two runs lacks
+    # AutoAttack (an old final.json next to a new one).
+    for seed, (pgd, aa_acc) in enumerate(((0.40, 0.38), (0.42, 0.41))):
+        write_run(tmp_path, [*FGSM, f"--seed={seed}", *PAPER], with_autoattack(final_of(0.8, pgd, best=(0.7, 0.3)),
+                                                                               aa_acc, 0.29))
+    write_run(tmp_path, [*GRADALIGN, "--seed=0", *PAPER], with_autoattack(final_of(0.8, 0.5, best=(0.7, 0.4)),
+                                                                          0.3, 0.35))
+    write_run(tmp_path, [*FGSM, "--eps=16", "--seed=0", *PAPER], with_autoattack(final_of(0.8, 0.2), 0.2))
+    write_run(tmp_path, [*FGSM, "--eps=16", "--seed=1", *PAPER], final_of(0.8, 0.2))
+    rows = {(r["method"], r["eps"]): r for r in report.aggregate(report.collect_runs([str(tmp_path)]))}
+    fgsm, ga, half = rows["FGSM", 8.0], rows["FGSM + GradAlign", 8.0], rows["FGSM", 16.0]
+    assert fgsm["last_aa_mean"] == pytest.approx(39.5) and fgsm["last_aa_std"] == pytest.approx(1.5)
+    assert fgsm["last_gap_mean"] == pytest.approx(1.5) and fgsm["best_gap_mean"] == pytest.approx(1.0)
+    assert fgsm["masking"] == "" and fgsm["flags"] == "" and fgsm["n_aa"] == 2
+    assert ga["last_gap_mean"] == pytest.approx(20.0) and ga["masking"] == "last"  # best: 5.0, not over 5
+    assert (half["n_aa"], half["last_aa_mean"]) == (1, pytest.approx(20.0))
+    assert "AutoAttack evaluated in 1 of 2 runs" in half["flags"]
+    assert report.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| FGSM | 39.5 ± 1.5 | 20.0 ± 0.0 [1×1000] † |" in md
+    assert "| FGSM + GradAlign | 20.0 ± 0.0 [1×1000] ‡ | – |" in md
+    assert "| FGSM + GradAlign | 5.0 ± 0.0 [1×1000] | – |" in md
+    assert "Possible gradient masking" in md and "FGSM + GradAlign, eps 8: PGD minus AutoAttack 20.0 points" in md
+    with open(tmp_path / "out" / "report.csv") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == report.CSV_COLUMNS + report.AA_CSV_COLUMNS
+    assert float(next(r for r in table if r["method"] == "FGSM + GradAlign")["last_gap_mean"]) == pytest.approx(20)
+    assert (tmp_path / "out" / "robust_vs_eps_cifar10_resnet18.png").read_bytes()[:8] == PNG_MAGIC
+    capsys.readouterr()

@@ -41,7 +41,7 @@ def comparable(run_dir: str):
     return rows, final
 
 
-def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(tmp_path):
+def test_sigkill_mid_epoch_then_rerun_on_another_node_gives_the_uninterrupted_result(tmp_path):
     assert launch(tmp_path / "whole").returncode == 0
     killed = launch(tmp_path / "cut", fault=("--kill_at", "7"))  # mid epoch 2
     assert killed.returncode == -9
@@ -50,6 +50,11 @@ def test_sigkill_mid_epoch_then_rerun_gives_the_uninterrupted_result(tmp_path):
     assert torch.load(os.path.join(run_dir, train.RESUME_FILE), weights_only=False)["next_epoch"] == 2
     with open(os.path.join(run_dir, "metrics.jsonl"), "a") as f:
         f.write('{"epoch": 2, "iterat')  # a torn last line, as a crash mid-write would leave
+    # The killed run's lock stays behind; as if it had run on another node, silent for longer than the lease:
+    stale = {"host": "node-a17", "pid": 4242, "since": "2026-01-01T00:00:00Z", "pid_ns": None}
+    with open(os.path.join(run_dir, ".lock"), "w") as f:
+        json.dump(stale, f)
+    os.utime(os.path.join(run_dir, ".lock"), (time.time() - rundir.LEASE_SECONDS - 60,) * 2)
     resumed = launch(tmp_path / "cut")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout

@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 
+import config
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +132,14 @@ def test_extra_arguments_are_appended_to_every_command():
     assert len(commands) == 6
     for argv in commands:
         assert argv[-4:] == ["--download", "--gpu=1", "--data_dir=/data/my cifar", "--out_dir=runs/c10"]
+
+
+@pytest.mark.parametrize("script", [CIFAR, SVHN])
+def test_final_autoattack_passes_through_to_every_run(script):
+    commands = dry_run(script, "--final_autoattack", SEEDS="0", EPS="8")
+    assert len(commands) == 6
+    for argv in commands:
+        assert argv[-1] == "--final_autoattack" and config.build_parser().parse_args(argv[2:]).final_autoattack
 
 
 def test_cnn_single_layer_runs_fgsm_with_and_without_gradalign():

@@ -155,13 +155,14 @@ def test_run_name_changes_with_every_result_setting():
     names = {train.run_name(base, defaults)}
     for flag, value in [("--seed", "1"), ("--eps", "8"), ("--grad_align_cos_lambda", "0.2"), ("--lr_max", "0.3"),
                         ("--clamp_grad", "zero"), ("--half_prec", None), ("--attack_init", "zero"),
-                        ("--minibatch_replay", "8"), ("--fgsm_alpha", "1.0"), ("--epochs", "30")]:
+                        ("--minibatch_replay", "8"), ("--fgsm_alpha", "1.0"), ("--epochs", "30"),
+                        ("--batch_size_eval", "7"), ("--no-data_on_device", None)]:
         args = TINY + ([flag] if value is None else [flag, value])
         cfg, _ = train.parse_config(args)
         name = train.run_name(cfg, defaults)
         assert " " not in name and name not in names, (flag, name)
         names.add(name)
-    cfg, _ = train.parse_config(TINY + ["--device", "cuda", "--out_dir", "elsewhere", "--batch_size_eval", "7"])
+    cfg, _ = train.parse_config(TINY + ["--device", "cuda", "--out_dir", "elsewhere"])
     assert train.run_name(cfg, defaults) == train.run_name(base, defaults)
 
 
