@@ -39,10 +39,10 @@ def gradalign_lambda(dataset: str, eps: float) -> str:
     cifar10: 0.02 * 10^(eps/8) (0.200 at 8, 2.000 at 16), except 1.124 at eps 14, where the formula
     (1.12468) rounds to 1.125: the authors' script has 1.124, and the run names follow it.
     svhn: exp(eps * ln(1.6) / 8 + ln(2.5^2 / 4)) (2.500 at 8, 3.162 at 12).
-    digits (the offline demo, not in the paper): 10 at every eps, the value sh/search_digits.sh chose.
+    digits (the offline demo, not in the paper): 1 at every eps, the value sh/search_digits.sh chose.
     """
     if dataset == "digits":
-        return "10"
+        return "1"
     if dataset == "cifar10":
         return "1.124" if eps == 14 else f"{0.02 * 10 ** (eps / 8):.3f}"
     if dataset == "svhn":

@@ -3,7 +3,8 @@
 #   STAGE=0: a pilot on seed 0 only, which narrowed the grid of stage 1 (eps, depth, lambda range).
 #   STAGE=1: the grid: each candidate with FGSM, PGD-10 and FGSM + GradAlign at each of its lambdas,
 #            on seeds 0-4. The recipe is chosen from this stage only.
-#   STAGE=2: the chosen candidate and lambda on seeds 5-9, which the choice never saw.
+#   STAGE=2: the chosen candidate and lambda on seeds 5-9, which the choice never saw (with FGSM-RS too:
+#            the same runs as sh/demo_digits.sh with OUT=<this OUT>/stage2).
 # Then it writes docs/search_digits.md from every finished stage: per candidate and method the median
 # PGD-50-10 accuracy (all 397 test points) over seeds, each seed's value, the median clean accuracy,
 # and the runs that stopped on a NaN loss or ended as a constant classifier (clean accuracy < 15%).
@@ -13,6 +14,10 @@
 # run stops on a NaN loss or ends constant. The choice: among the (candidate, lambda) pairs of stage 1
 # that reach every target, the highest GradAlign median; if none does, the largest GradAlign-minus-
 # FGSM median among those without a failed GradAlign run.
+#
+# Two searches ran through this script. The first tried cnn_bn 2x16 at lr 0.005 (the first three pilot
+# lines, the first grid line and the first choice). The second added single-layer CNNs at eps 0.3 and
+# lr 0.01 (the other lines) and chose again from the whole grid by the same rule.
 #
 # Env: STAGE (0, 1 or 2; default: all three), JOBS (2), OUT (runs/search_digits), TABLE
 # (docs/search_digits.md), SUMMARY_ONLY=1 rebuilds the table from finished runs, DRY_RUN=1 prints the
@@ -29,12 +34,20 @@ PILOT="
 cnn_bn 2 16 51 0.005 100 3
 cnn_bn 2 16 76.5 0.005 100 3 10
 cnn_bn 2 16 63.75 0.005 50 3 10 30
+cnn 1 4 76.5 0.01 100 0.5 1
+cnn_bn 1 8 76.5 0.01 100 1 3
 "
 GRID="
 cnn_bn 2 16 63.75 0.005 50 10
+cnn 1 4 76.5 0.01 100 0.75 1
+cnn 1 8 76.5 0.01 100 1 2
 "
-# --- the choice made from stage 1 (see docs/search_digits.md), confirmed by stage 2
-CHOSEN="cnn_bn 2 16 63.75 0.005 50 10"
+# --- the choices made from stage 1 (see docs/search_digits.md), confirmed by stage 2: the first
+# search's (its grid was the first line of GRID), then the second's, from the whole grid
+CHOSEN="
+cnn_bn 2 16 63.75 0.005 50 10
+cnn 1 8 76.5 0.01 100 1
+"
 SEEDS_0="0" SEEDS_1="0 1 2 3 4" SEEDS_2="5 6 7 8 9"
 
 COMMON="--dataset=digits --clamp_grad=half --eval_iter_freq=50 --device=cpu"
@@ -50,11 +63,13 @@ method_flags() {
 
 # commands: $1 stage, $2 seeds, then the candidates, one per line on stdin
 commands() {
+  local extra=""
+  [ "$1" = 2 ] && extra=fgsm_rs  # the confirmation also runs FGSM-RS, as the demo does
   while read -r model layers filters eps lr epochs lambdas; do
     [ -n "$model" ] || continue
     local flags="$COMMON --model=$model --n_layers=$layers --n_filters_cnn=$filters --eps=$eps --lr_max=$lr --epochs=$epochs --out_dir=$OUT/stage$1"
     for seed in $2; do
-      for method in fgsm pgd10; do
+      for method in fgsm pgd10 $extra; do
         echo "python train.py $flags $(method_flags $method "$eps") --seed=$seed"
       done
       for lam in $lambdas; do
@@ -196,7 +211,9 @@ text = ["# The search for the digits demo's recipe", "",
         "Written by `sh/search_digits.sh` from the runs under its OUT folder (rerun it to rebuild this page).",
         "PGD-50-10 accuracy in percent on all 397 digits test points, last weights; medians over seeds, a",
         "NaN stop or a constant classifier counting as 0. Targets: FGSM median <= 2%; GradAlign median >= half",
-        "of PGD-10's and >= FGSM's + 10 points; no GradAlign run stops on a NaN loss or ends constant.", ""]
+        "of PGD-10's and >= FGSM's + 10 points; no GradAlign run stops on a NaN loss or ends constant.",
+        "Two searches: the first tried cnn_bn 2x16 at lr 0.005; the second, single-layer CNNs at eps 0.3 and",
+        "lr 0.01, and chose again from the whole grid. Stage 2 holds both choices.", ""]
 for stage, seeds, title in (("0", seeds0, "pilot"), ("1", seeds1, "choice"), ("2", seeds2, "confirmation")):
     found = collect(os.path.join(out, f"stage{stage}"))
     if found:

@@ -26,7 +26,7 @@ def test_dry_run_holds_the_recipe_and_selects_seeds():
     assert len(lines) == 5 * 4  # seeds 5-9 (the confirmation seeds) x 4 methods
     configs = [train.parse_config(shlex.split(line)[2:])[0] for line in lines]
     assert {c.seed for c in configs} == {5, 6, 7, 8, 9}
-    assert {(c.dataset, c.model, c.clamp_grad) for c in configs} == {("digits", "cnn_bn", "half")}
+    assert {(c.dataset, c.model, c.clamp_grad) for c in configs} == {("digits", "cnn", "half")}
     assert sorted(c.grad_align_cos_lambda for c in configs).count(0) == 15  # GradAlign only in its runs
     assert len({train.run_name(c, train.parse_config([])[1]) for c in configs}) == 20
     out = demo({"DRY_RUN": "1", "SEEDS": "11 12", "METHODS": "fgsm"})
@@ -43,7 +43,7 @@ def test_short_demo_writes_the_report_tables(tmp_path):
     with open(tmp_path / "report" / "report.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["FGSM + GradAlign"]
-    assert {(r["model"], r["n_seeds"], r["seeds"]) for r in rows} == {("cnn_bn-2x16", "1", "0")}
+    assert {(r["model"], r["n_seeds"], r["seeds"]) for r in rows} == {("cnn-1x8", "1", "0")}
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "FGSM + GradAlign" in report and "cnn_bn-2x16" in report
+    assert "FGSM + GradAlign" in report and "cnn-1x8" in report
     assert (tmp_path / "report" / "curves.png").stat().st_size > 0
