@@ -44,3 +44,30 @@ def write_mnist(root, n_train: int, n_test: int, seed: int = 0) -> None:
             f.write(struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes())
         with open(os.path.join(folder, f"{prefix}-labels-idx1-ubyte"), "wb") as f:
             f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+
+
+def digits_tensors():
+    """scikit-learn's 8x8 digits as x (1797, 1, 8, 8) float32 in [0, 1] (values k/16) and y (1797,) int64."""
+    import torch
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    return (torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16,
+            torch.tensor(bunch.target, dtype=torch.long))
+
+
+def trained_digits_cnn():
+    """A one-layer CNN (8 filters) after 60 full-batch Adam steps (lr 0.01, seed 0) on the first 1000
+    digits, in eval mode with frozen parameters, and all the digits (x, y) as digits_tensors() gives them."""
+    import torch
+    import torch.nn.functional as F
+
+    import models
+    x, y = digits_tensors()
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 10, (1, 8, 8), 1, 8)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(60):
+        opt.zero_grad()
+        F.cross_entropy(model(x[:1000]), y[:1000]).backward()
+        opt.step()
+    return model.eval().requires_grad_(False), x, y

@@ -12,6 +12,7 @@ from sklearn.datasets import load_digits
 
 import models
 import utils
+from tests.fixtures import trained_digits_cnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,17 +31,7 @@ def digits():
 def trained(digits):
     """A one-layer CNN (8 filters) after 60 full-batch Adam steps on the first 1000 digits, in eval mode,
     and a held-out batch of 128 digits."""
-    torch.manual_seed(0)
-    x, y = digits
-    model = models.build_model("cnn", 10, (1, 8, 8), 1, 8)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x[:1000]), y[:1000]).backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model, x, y = trained_digits_cnn()
     return model, x[1000:1128].clone(), y[1000:1128].clone()
 
 

@@ -11,14 +11,12 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 import autoattack_eval as aa
 import eval as eval_py
-import models
 import train
 import utils
+from tests.fixtures import trained_digits_cnn
 
 torchattacks = pytest.importorskip("torchattacks")  # the optional extra: requirements-aa.txt
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -29,19 +27,7 @@ BUDGET = {"n_iters": 5, "square_queries": 100}
 def trained():
     """A one-layer CNN (8 filters) after 60 full-batch Adam steps on the first 1000 digits, in eval mode,
     and 32 held-out digits."""
-    bunch = load_digits()
-    x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(bunch.target, dtype=torch.long)
-    torch.manual_seed(0)
-    model = models.build_model("cnn", 10, (1, 8, 8), 1, 8)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x[:1000]), y[:1000]).backward()
-        opt.step()
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model, x, y = trained_digits_cnn()
     return model, x[1000:1032].clone(), y[1000:1032].clone()
 
 

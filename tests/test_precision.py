@@ -11,12 +11,11 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 from torch import nn
 
-import models
 import train
 import utils
+from tests.fixtures import trained_digits_cnn
 from tests.test_train import TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,17 +83,7 @@ def test_zero_init_fgsm_step_follows_the_rule_under_a_changed_torch_clamp(clamp_
 def confident():
     """A one-layer CNN trained on digits whose last layer is scaled so that correct test digits have
     logit margins of ~21 nats; 32 of them with margins in (20, 22)."""
-    data = load_digits()
-    x = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(data.target)
-    torch.manual_seed(0)
-    model = models.build_model("cnn", 10, (1, 8, 8), 1, 8)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(60):
-        opt.zero_grad()
-        F.cross_entropy(model(x[:1000]), y[:1000]).backward()
-        opt.step()
-    model.eval().requires_grad_(False)
+    model, x, y = trained_digits_cnn()
     linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
 
     def margins():
