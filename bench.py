@@ -30,11 +30,9 @@ import io
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -49,6 +47,7 @@ import models
 import rundir
 import train
 import utils
+from config import OneLineParser
 
 # Training methods (methods.py's table at eps 8 with CIFAR-10's GradAlign lambda 0.2, without the
 # sweep's schedule): label, the flags that select them in train.py, and the forward+backward passes one
@@ -104,14 +103,13 @@ class Settings:
     threads: int
     out: str
     quick: bool
-    acceptance: bool
     autoattack: bool = False        # also AutoAttack on the digits cnn
     n_layers: int = 1               # conv layers of cnn and cnn_bn
     n_filters_cnn: int = 16         # their filters
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench.py", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="bench.py", description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--device", default="auto", help="auto (cuda if available; the default), cpu, cuda or cuda:N")
     a("--models", nargs="+", default=["cnn", "resnet18"], choices=models.MODELS, help="default: cnn resnet18")
@@ -124,12 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--half_prec", action="store_true", help="training steps as train.py --half_prec (fp16 autocast on CUDA, "
       "bf16 on CPU); the evaluation stays fp32, as train.py's final one")
     a("--threads", type=int, default=0, help="CPU threads for torch (default 0: torch's own choice)")
-    a("--out", default=None, help="where the numbers go (default bench.json; acceptance.json with --acceptance)")
-    a("--acceptance", action="store_true",
-      help="the GPU acceptance run (about 3 minutes on one H100-class GPU, no dataset): fp16 vs fp32 GradAlign "
-           "step, all-zero fp16 input gradients, the CUDA tests, seconds per epoch and peak memory of FGSM, "
-           "GradAlign and PGD-10 on 50,000 synthetic images, a 30-epoch projection; without CUDA the CPU "
-           "parts only")
+    a("--out", default="bench.json", help="where the numbers go")
     a("--quick", action="store_true", help="tiny sizes and one round (for the tests)")
     a("--autoattack", action="store_true",
       help=f"also time standard AutoAttack on the digits cnn (needs `{autoattack_eval.INSTALL}`)")
@@ -141,12 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_settings(argv: list[str] | None) -> Settings:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.acceptance and args.device.startswith("cuda") and not torch.cuda.is_available():
-        args.device = "cpu"  # the acceptance run says CUDA is absent and does the CPU parts
     try:
         device = utils.resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
+    if args.device == "auto":
+        print(utils.device_choice("bench.py", device, args.half_prec, utils.autocast_dtype(device.type)))
     if (args.batch_size is not None and args.batch_size < 1) or (args.repeats is not None and args.repeats < 1):
         parser.error("--batch_size and --repeats must be >= 1")
     if args.autoattack and not autoattack_eval.available():
@@ -177,8 +170,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     return Settings(device=str(device), models=tuple(dict.fromkeys(args.models)), batch_sizes=batch_sizes,
                     evals=evals, digits_epochs=digits_epochs, repeats=repeats, warmup=3 if cuda else 1,
                     min_sample_s=0.0 if args.quick else 0.05, budget_s=budget_s, half_prec=args.half_prec,
-                    threads=args.threads, quick=args.quick, acceptance=args.acceptance,
-                    out=args.out or ("acceptance.json" if args.acceptance else "bench.json"),
+                    threads=args.threads, quick=args.quick, out=args.out,
                     autoattack=args.autoattack,
                     n_layers=args.n_layers, n_filters_cnn=args.n_filters_cnn)
 
@@ -232,13 +224,16 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
 
 
 # ---------------------------------------------------------------------------------- training steps
-def method_config(model_name: str, method: str, batch_size: int, s: Settings) -> train.Config:
-    """train.py's frozen config for one method, through its own parser and checks."""
+def method_config(model_name: str, method: str, batch_size: int, device: str, *, half_prec: bool = False,
+                  half_prec_dtype: str = "auto", extra: tuple[str, ...] = ()) -> train.Config:
+    """train.py's frozen config for one method at eps BENCH_EPS (cifar10 for resnet18, digits for the
+    CNNs), through its own parser and checks; `extra` flags come last."""
     argv = ["--model", model_name, "--dataset", "cifar10" if model_name == "resnet18" else "digits",
-            "--n_layers", str(s.n_layers), "--n_filters_cnn", str(s.n_filters_cnn),
             "--batch_size", str(batch_size), "--n_eval_every_k_iter", str(max(256, batch_size)),
-            "--eps", str(BENCH_EPS), "--device", s.device, *METHODS[method][1]]
-    return train.parse_config(argv + (["--half_prec"] if s.half_prec else []))[0]
+            "--eps", str(BENCH_EPS), "--device", device, *METHODS[method][1]]
+    if half_prec:
+        argv += ["--half_prec", "--half_prec_dtype", half_prec_dtype]
+    return train.parse_config(argv + list(extra))[0]
 
 
 def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -296,7 +291,8 @@ def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: fl
     y = torch.randint(0, N_CLASSES, (batch_size,), device=device)
     fns = {"unit": forward_backward(fwd_model, x, y)}
     for method in METHODS:
-        cfg = method_config(model_name, method, batch_size, s)
+        cfg = method_config(model_name, method, batch_size, s.device, half_prec=s.half_prec,
+                            extra=("--n_layers", str(s.n_layers), "--n_filters_cnn", str(s.n_filters_cnn)))
         opt = train.make_optimizer(cfg, model)
         opt.param_groups[0]["lr"] = BENCH_LR
         scaler = make_scaler(cfg, device)
@@ -406,243 +402,6 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
             **timed_robust_accuracy(model, batches, 8 / 255, size, device)}
 
 
-# ------------------------------------------------------------------------------------------ acceptance
-# The GPU acceptance run (--acceptance): fp16 numerics against fp32, then, on CUDA only, the CUDA
-# tests, epoch times, peak memory and a projection of the paper's 30-epoch GradAlign run. On a
-# machine without CUDA the fp16 checks run on the CPU (float16 autocast: CUDA's numerics, slowly),
-# on the digits-shaped CNN rather than ResNet-18, and every CUDA field is None.
-ACCEPTANCE_EPOCH_METHODS = ("fgsm", "gradalign", "pgd10")
-CIFAR_TRAIN, CIFAR_EPOCHS, CIFAR_BATCH = 50_000, 30, 128
-PAPER_EVAL = {"eval_iter_freq": 200, "n_eval_every_k_iter": 256, "batch_size_eval": 256, "n_final_eval": 1000,
-              "final_passes_per_example": 500}  # the README's GPU command; PGD-50-10
-CUDA_TESTS = ["tests/test_cuda.py", "tests/test_bench.py::test_quick_bench_on_cuda_reports_peak_memory"]
-ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def acceptance_config(model_name: str, method: str, batch_size: int, device: torch.device, half: bool,
-                      extra: tuple[str, ...] = ()) -> train.Config:
-    """train.py's config of one method; half: --half_prec with float16 (the paper's apex O1)."""
-    argv = ["--model", model_name, "--dataset", "digits" if model_name == "cnn" else "cifar10",
-            "--batch_size", str(batch_size), "--n_eval_every_k_iter", str(max(256, batch_size)), "--eps", "8",
-            "--device", str(device), *METHODS[method][1], *extra]
-    return train.parse_config(argv + (["--half_prec", "--half_prec_dtype", "float16"] if half else []))[0]
-
-
-def synthetic_batch(shape, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.rand(batch_size, *shape, device=device),
-            torch.randint(0, N_CLASSES, (batch_size,), device=device))
-
-
-def gradalign_update_agreement(model_name: str, batch_size: int, device: torch.device) -> dict:
-    """One FGSM+GradAlign step (lambda 0.2, eps 8/255, zero init) of the same model on the same batch,
-    in fp32 and under float16 autocast with a GradScaler: the cosine between the two parameter
-    updates (weight decay 0, so the update is the gradient). The fp16 step is retried if the
-    GradScaler skips it (the scale is then halved, as in training)."""
-    torch.manual_seed(0)
-    shape = INPUT_SHAPES[model_name]
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).train()
-    x, y = synthetic_batch(shape, batch_size, device)
-    updates, regs, skipped = {}, {}, 0
-    for half in (False, True):
-        cfg = acceptance_config(model_name, "gradalign", batch_size, device, half, ("--weight_decay", "0"))
-        scaler = make_scaler(cfg, device)
-        for _ in range(10):
-            clone = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).train()
-            clone.load_state_dict(model.state_dict())
-            opt = train.make_optimizer(cfg, clone)
-            opt.param_groups[0]["lr"] = 0.01
-            stats, st = train.Stats(device), train.StepState()
-            torch.manual_seed(1)  # the same eta for grad2
-            train.train_step(train.forward_model(cfg, clone, device, scaler), opt, scaler, x, y, cfg, st, stats,
-                             update=True)
-            if float(st.skipped) == 0:
-                break
-            skipped += 1
-        updates[half] = torch.cat([(p.detach() - p0.detach()).flatten().double()
-                                   for p, p0 in zip(clone.parameters(), model.parameters())])
-        regs[half] = stats.means()["train_reg"]
-    cos = F.cosine_similarity(updates[False], updates[True], dim=0)
-    return {"model": model_name, "batch_size": batch_size, "cos_update_fp16_fp32": float(cos),
-            "reg_fp32": regs[False], "reg_fp16": regs[True], "fp16_steps_skipped_first": skipped}
-
-
-def zero_input_gradients(model_name: str, batch_size: int, device: torch.device,
-                         margins: tuple[float, ...] = (10.0, 15.0, 20.0, 25.0)) -> list[dict]:
-    """Fraction of examples whose float16 input gradient is all zero, without and with the loss
-    scaling of the input-gradient passes (utils.input_grad, initial scale 2^16 on the batch mean),
-    on a model made confident: labels are its own predictions and its last layer is scaled so that
-    the median logit margin is each of `margins` nats. Also, on the examples where both are nonzero,
-    the sign agreement with fp32 where fp32's gradient exceeds 1e-3 of that example's max."""
-    torch.manual_seed(0)
-    shape = INPUT_SHAPES[model_name]
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).train()
-    x, _ = synthetic_batch(shape, batch_size, device)
-    last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
-    weight, bias = last.weight.detach().clone(), last.bias.detach().clone()
-    with torch.no_grad():
-        top2 = model(x).topk(2, 1).values
-        base_margin = (top2[:, 0] - top2[:, 1]).median()
-    rows, zero = [], torch.zeros_like(x)
-    for margin in margins:
-        with torch.no_grad():
-            last.weight.copy_(weight * margin / base_margin)
-            last.bias.copy_(bias * margin / base_margin)
-            logits = model(x)
-            y = logits.argmax(1)
-            top2 = logits.topk(2, 1).values
-        g32, _ = utils.input_grad(model, x, y, zero)
-        big = g32.flatten(1).abs() > 1e-3 * g32.flatten(1).abs().amax(1, keepdim=True)
-        row = {"median_margin_nats": float((top2[:, 0] - top2[:, 1]).median()),
-               "fp32": float((g32.flatten(1) == 0).all(1).float().mean())}
-        for name, scaled in (("fp16_unscaled", False), ("fp16_scaled", True)):
-            fwd = utils.Autocast(model, device.type, torch.float16, scale_input_grads=scaled)
-            g, _ = utils.input_grad(fwd, x, y, zero)
-            nonzero = ~(g.flatten(1) == 0).all(1)
-            row[name] = 1.0 - float(nonzero.float().mean())
-            agree = (torch.sign(g.flatten(1)) == torch.sign(g32.flatten(1)))[nonzero][big[nonzero]]
-            row[f"{name}_sign_agreement"] = float(agree.float().mean()) if agree.numel() else None
-        rows.append(row)
-    return [{"model": model_name, "batch_size": batch_size, "scale": utils.INIT_LOSS_SCALE, **r} for r in rows]
-
-
-def synthetic_split(n: int, shape, seed: int = 0) -> data.Split:
-    gen = torch.Generator().manual_seed(seed)
-    return data.Split(images=torch.randint(0, 256, (n, *shape), dtype=torch.uint8, generator=gen),
-                      labels=torch.randint(0, N_CLASSES, (n,), generator=gen), scale=255.0)
-
-
-def epoch_seconds(model_name: str, method: str, n_images: int, batch_size: int, device: torch.device,
-                  warmup_steps: int = 5) -> dict:
-    """One full training epoch of train.train_step under float16 (the paper's --half_prec) on n_images
-    synthetic CIFAR-shaped images, loaded, cropped and flipped on the device; after warmup_steps
-    untimed steps (cuDNN autotuning). Seconds, steps, images/s and peak memory (CUDA)."""
-    torch.manual_seed(0)
-    shape = INPUT_SHAPES[model_name] if model_name == "cnn" else (3, 32, 32)
-    cfg = acceptance_config(model_name, method, batch_size, device, half=True)
-    batches = data.Batches(synthetic_split(n_images, shape), batch_size, shuffle=True, drop_last=True,
-                           crop_padding=4, hflip=True, device=device, store_on_device=True,
-                           generator=torch.Generator(device=device).manual_seed(0))
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device).train()
-    opt = train.make_optimizer(cfg, model)
-    scaler = make_scaler(cfg, device)
-    fwd = train.forward_model(cfg, model, device, scaler)
-    st, stats = train.StepState(), train.Stats(device)
-    for i, (x, y) in enumerate(batches):
-        if i == warmup_steps:
-            break
-        train.train_step(fwd, opt, scaler, x, y, cfg, st, stats, update=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    synchronize(device)
-    start = time.perf_counter()
-    steps = 0
-    for i, (x, y) in enumerate(batches):
-        opt.param_groups[0]["lr"] = utils.lr_at((i + 1) / len(batches), "cyclic", cfg.lr_max, CIFAR_EPOCHS)
-        train.train_step(fwd, opt, scaler, x, y, cfg, st, stats, update=True)
-        steps += 1
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return {"method": METHODS[method][0], "flags": METHODS[method][1], "n_images": n_images, "batch_size": batch_size,
-            "steps": steps, "seconds_per_epoch": seconds, "images_per_s": steps * batch_size / seconds,
-            "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
-            "train_loss": stats.means()["train_loss"]}
-
-
-def evaluation_seconds(model_name: str, device: torch.device, n: int = PAPER_EVAL["n_eval_every_k_iter"]) -> dict:
-    """The evaluation side of a paper run: one periodic evaluation (train.py's, under float16, on
-    n = 256 test and training-subset synthetic points) and the cost of one fp32 eval-mode forward+backward pass per example
-    at batch 256, which bounds the final PGD-50-10 (500 passes per example at most)."""
-    torch.manual_seed(0)
-    shape = (3, 32, 32) if model_name == "resnet18" else INPUT_SHAPES[model_name]
-    cfg = acceptance_config(model_name, "gradalign", CIFAR_BATCH, device, half=True)
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape), device)
-    fwd = train.forward_model(cfg, model, device, make_scaler(cfg, device))
-    bs = PAPER_EVAL["batch_size_eval"]
-    split = synthetic_split(n, shape)
-    subset = data.Batches(split, bs, shuffle=False, drop_last=False, device=device)
-    train_subset = data.Batches(split, CIFAR_BATCH, shuffle=False, drop_last=True, device=device)
-    loaders = types.SimpleNamespace(test_subset=subset, train_subset=train_subset)
-    train.periodic_evaluation(model, fwd, loaders, cfg)  # warm-up (cuDNN autotuning)
-    synchronize(device)
-    start = time.perf_counter()
-    train.periodic_evaluation(model, fwd, loaders, cfg)
-    synchronize(device)
-    periodic_s = time.perf_counter() - start
-    model.eval()
-    x, y = synthetic_batch(shape, bs, device)
-    pass_s = min(seconds_per_call(lambda: utils.input_grad(model, x, y, torch.zeros_like(x)), device, 5)
-                 for _ in range(2)) / bs
-    return {"periodic_evaluation_s": periodic_s, "fp32_pass_s_per_example": pass_s}
-
-
-def projection(epochs: dict, evals: dict) -> dict:
-    """Wall time of train.py's 30-epoch FGSM+GradAlign CIFAR-10 run with the README's GPU command:
-    30 epochs of 390 steps, a periodic evaluation every 200 steps (59), and PGD-50-10 on 1000 test
-    points, counted at its upper bound of 500 passes per example (early exit only shortens it)."""
-    steps = CIFAR_EPOCHS * (CIFAR_TRAIN // CIFAR_BATCH)
-    n_evals = steps // PAPER_EVAL["eval_iter_freq"] + 1
-    train_s = CIFAR_EPOCHS * epochs["gradalign"]["seconds_per_epoch"] * (CIFAR_TRAIN // CIFAR_BATCH) \
-        / epochs["gradalign"]["steps"]
-    evals_s = n_evals * evals["periodic_evaluation_s"]
-    final_s = PAPER_EVAL["n_final_eval"] * PAPER_EVAL["final_passes_per_example"] * evals["fp32_pass_s_per_example"]
-    return {"train_s": train_s, "periodic_evaluations": n_evals, "periodic_evaluations_s": evals_s,
-            "final_eval_upper_bound_s": final_s, "total_minutes": (train_s + evals_s + final_s) / 60}
-
-
-def run_cuda_tests(timeout_s: float = 300.0) -> dict:
-    """The CUDA tests of the suite, in a child pytest process."""
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", *CUDA_TESTS], cwd=ROOT, capture_output=True,
-                              text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"passed": False, "summary": f"timed out after {timeout_s:.0f} s", "seconds": timeout_s}
-    lines = proc.stdout.strip().splitlines()
-    return {"passed": proc.returncode == 0, "returncode": proc.returncode, "summary": lines[-1] if lines else "",
-            "seconds": time.perf_counter() - start}
-
-
-def run_acceptance(s: Settings) -> dict:
-    device = torch.device(s.device)
-    cuda = device.type == "cuda"
-    start = time.perf_counter()
-    report = {**environment(device), "acceptance": True, "cuda_available": torch.cuda.is_available()}
-    if not cuda:
-        print("CUDA is not available here (or --device cpu): the fp16 checks run on the CPU with float16 autocast "
-              "on the digits-shaped cnn; the CUDA tests, epoch times, peak memory and the projection are absent")
-    model_name = "resnet18" if cuda else "cnn"
-    batch = s.batch_sizes.get("resnet18", CIFAR_BATCH) if cuda else 128
-    report["agreement"] = gradalign_update_agreement(model_name, batch, device)
-    print(f"one FGSM+GradAlign step, {model_name} batch {batch}: cos(fp16 update, fp32 update) = "
-          f"{report['agreement']['cos_update_fp16_fp32']:.4f}")
-    report["zero_input_grads"] = zero_input_gradients(model_name, batch, device)
-    for z in report["zero_input_grads"]:
-        agree = z["fp16_scaled_sign_agreement"]
-        print(f"all-zero fp16 input gradients at a median logit margin of {z['median_margin_nats']:.0f} nats: "
-              f"{z['fp16_unscaled']:.1%} unscaled, {z['fp16_scaled']:.1%} scaled (fp32 {z['fp32']:.1%}); scaled "
-              f"signs agree with fp32 on {'-' if agree is None else f'{agree:.2%}'} of the large coordinates")
-    absent = None if cuda else "absent: no CUDA"
-    report.update(cuda_tests=absent, epochs=absent, peak_mib=absent, evaluation=absent, projection=absent)
-    if cuda:
-        report["cuda_tests"] = run_cuda_tests()
-        print(f"CUDA tests: {report['cuda_tests']['summary']}")
-        n_images = 4 * CIFAR_BATCH if s.quick else CIFAR_TRAIN
-        report["epochs"] = {m: epoch_seconds("resnet18", m, n_images, CIFAR_BATCH, device)
-                            for m in ACCEPTANCE_EPOCH_METHODS}
-        report["peak_mib"] = {m: e["peak_mib"] for m, e in report["epochs"].items()}
-        for e in report["epochs"].values():
-            print(f"{e['method']}: {e['seconds_per_epoch']:.1f} s per epoch of {e['n_images']} images "
-                  f"({e['images_per_s']:.0f} images/s), peak {e['peak_mib']:.0f} MiB")
-        report["evaluation"] = evaluation_seconds("resnet18", device)
-        report["projection"] = p = projection(report["epochs"], report["evaluation"])
-        print(f"projected 30-epoch GradAlign CIFAR-10 run: {p['total_minutes']:.1f} min (training "
-              f"{p['train_s'] / 60:.1f}, {p['periodic_evaluations']} periodic evaluations "
-              f"{p['periodic_evaluations_s'] / 60:.1f}, final PGD-50-10 at most "
-              f"{p['final_eval_upper_bound_s'] / 60:.1f})")
-    report["wall_seconds"] = time.perf_counter() - start
-    return report
-
-
 # ------------------------------------------------------------------------------------------ output
 def format_steps(results: dict, cuda: bool) -> str:
     header = f"{'model':9} {'method':22} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
@@ -705,12 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     if s.threads > 0:
         torch.set_num_threads(s.threads)
     try:
-        if s.acceptance:
-            report = run_acceptance(s)
-            rundir.atomic_write_json(s.out, report)
-            print(f"wrote {s.out} ({report['wall_seconds']:.0f} s)")
-        else:
-            run(s)
+        run(s)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a test process
     return 0

@@ -94,6 +94,8 @@ def evaluate(args) -> dict:
     if args.attack != "pgd":
         autoattack_eval.load_library()  # before any work: a missing extra fails at once
     device = utils.resolve_device(args.device, args.gpu)
+    if args.device == "auto":
+        print(utils.device_choice("eval.py", device, args.half_prec, utils.autocast_dtype(device.type)), file=sys.stderr)
     path = resolve_model_path(args.model_path)
     args = fill_from_run(args, path)
     info = data.DATASETS[args.dataset]
@@ -125,7 +127,8 @@ def evaluate(args) -> dict:
     out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
-           "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+           "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1),
+           "fp32_redone_passes": utils.take_fp32_redos(forward)}
     if args.attack != "pgd":
         with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
             extra = autoattack_eval.attack_accuracy(forward, batches, eps, args.attack, args.seed, info.n_classes,

@@ -491,6 +491,7 @@ def train(loop: Loop) -> None:
                     record = {"epoch": epoch, "iteration": loop.iteration, "lr": lr, **stats.means(),
                               "skipped_steps": int(loop.skipped_steps),
                               **periodic_evaluation(loop.model, loop.fwd_model, loaders, cfg),
+                              "fp32_redone_passes": utils.take_fp32_redos(loop.fwd_model),
                               "train_minutes": loop.train_seconds / 60, "elapsed_s": time.time() - loop.start}
                     loop.skipped_steps = torch.zeros_like(loop.skipped_steps)
                     rundir.append_jsonl(metrics_path, record)
@@ -536,6 +537,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
         n_iters, n_restarts = cfg.final_attack
         rundir.write_config(run_dir, {
             **dataclasses.asdict(cfg), "run_name": name, "device_used": str(device),
+            "half_prec_dtype": str(half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
             "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
                           "restart_rule": "robust only if no restart fools it"}})
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
@@ -616,6 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     try:
         device = utils.resolve_device(cfg.device, cfg.gpu)
+        if cfg.device == "auto":
+            print(utils.device_choice("train.py", device, cfg.half_prec, half_prec_dtype(cfg, device)))
         loaders = load_data(cfg, device)
     except (ValueError, data.DataMissingError) as exc:  # data.DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)

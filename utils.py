@@ -11,6 +11,8 @@ authors' code).
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -91,14 +93,16 @@ def input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.
     `input_grad_scale` before the backward and the gradient divided by it after, so that small
     gradients do not round to zero in fp16 (the headroom of the authors' apex loss scaling). A scaled pass whose
     gradient is not finite (an fp16 overflow) is redone once in fp32, so no attack takes sign()
-    of inf or NaN (in train mode that extra forward also updates BatchNorm's running statistics);
-    the check costs one host sync per fp16 pass. fp32 and bf16 passes are neither scaled nor checked.
+    of inf or NaN (in train mode that extra forward also updates BatchNorm's running statistics),
+    and counted in the wrapper's `fp32_redos` (take_fp32_redos reads it); the check costs one host
+    sync per fp16 pass. fp32 and bf16 passes are neither scaled nor checked.
     """
     delta = delta.detach().requires_grad_(True) if not create_graph else delta.requires_grad_(True)
     scale = model.input_grad_scale(len(y), x.device) if isinstance(model, Autocast) else None
     grad, logits = _summed_ce_grad(model, x, y, delta, clamp_rule, create_graph, scale)
     if scale is not None and not bool(torch.isfinite(grad).all()):  # the documented sync (fp16 only)
         grad, logits = _summed_ce_grad(model.model, x, y, delta, clamp_rule, create_graph, None)
+        model.fp32_redos += 1  # known on the host already: counting adds no sync
     return (grad if create_graph else grad.detach()), logits.detach()
 
 
@@ -555,6 +559,7 @@ class Autocast(nn.Module):
         self.scale_input_grads = scale_input_grads and self.dtype == torch.float16
         self.norms = ([m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
                       if batchnorm_fp32 else [])
+        self.fp32_redos = 0  # float16 input-gradient passes redone in fp32 (input_grad), a host int
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=self.dtype), self._batchnorm_in_fp32():
@@ -589,19 +594,76 @@ class Autocast(nn.Module):
         return INIT_LOSS_SCALE / batch_size
 
 
+def take_fp32_redos(model: nn.Module) -> int:
+    """How many float16 input-gradient passes through `model` were redone in fp32 since the last
+    call (0 unless it is an Autocast wrapper); resets the count."""
+    if not isinstance(model, Autocast):
+        return 0
+    count, model.fp32_redos = model.fp32_redos, 0
+    return count
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used in this process, as one phrase with the versions torch can report
+    (its build, the CUDA it was built for, the CUDA version the driver supports); None if it can."""
+    if torch.cuda.is_available():
+        return None
+    build = f"torch {torch.__version__}"
+    if torch.version.cuda is None:
+        return f"{build} is a CPU-only build: install a CUDA build of torch"
+    build += f" is built for CUDA {torch.version.cuda}"
+    try:
+        torch.cuda.init()
+        message = ""
+    except Exception as exc:  # noqa: BLE001 - torch reports CUDA start-up failures as various exceptions
+        message = str(exc)
+    too_old = re.search(r"too old \(found version (\d+)\)", message)
+    if too_old:
+        found = int(too_old.group(1))  # the driver's CUDA version, 1000 * major + 10 * minor
+        return (f"the NVIDIA driver is too old: it supports CUDA {found // 1000}.{found % 1000 // 10}, and {build} "
+                "(update the driver, or install a torch built for an older CUDA)")
+    if "no NVIDIA driver" in message or not message and torch.cuda.device_count() == 0:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return (f"no NVIDIA GPU or driver found ({build}"
+                + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
+                + "; in Docker: docker run --gpus all)")
+    return f"CUDA failed to start ({build}): {message.strip().splitlines()[0] if message.strip() else 'no reason given'}"
+
+
 def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
-    """'auto' -> cuda if available else cpu; --gpu N picks cuda:N. Raises ValueError without CUDA."""
+    """'auto' -> cuda if available else cpu; --gpu N picks cuda:N. Raises ValueError (one line naming
+    the cause, utils.cuda_problem) when CUDA is asked for and cannot be used: no silent CPU fallback."""
     if spec == "auto":
         spec = f"cuda:{gpu or 0}" if torch.cuda.is_available() else "cpu"
     elif spec == "cuda" and gpu:
         spec = f"cuda:{gpu}"
     device = torch.device(spec)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec} asked for CUDA, but this machine has none; use --device cpu")
+        problem = cuda_problem()
+        if problem:
+            raise ValueError(f"--device {spec}: CUDA is not usable: {problem}; use --device cpu, or see docs/gpu.md")
         if (device.index or 0) >= torch.cuda.device_count():
             raise ValueError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) visible; pick another --gpu")
     return device
+
+
+def precision_name(half_prec: bool, dtype: torch.dtype | None) -> str:
+    """The precision of a run in words: fp32, or --half_prec's autocast dtype (float16 comes with
+    loss scaling)."""
+    if not half_prec or dtype is None:
+        return "fp32"
+    name = str(dtype).removeprefix("torch.")
+    return f"{name} autocast" + (" with loss scaling" if dtype == torch.float16 else "")
+
+
+def device_choice(prog: str, device: torch.device, half_prec: bool, dtype: torch.dtype | None) -> str:
+    """The line a tool prints first under --device auto: the device and precision it chose (and why
+    not CUDA, when a CUDA build of torch could not use it)."""
+    why = ""
+    if device.type == "cpu" and torch.version.cuda is not None:
+        why = f" (CUDA not usable: {cuda_problem()})"
+    name = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    return f"{prog}: --device auto chose {device}{name}{why}; precision {precision_name(half_prec, dtype)}"
 
 
 def set_tf32(enabled: bool) -> None:
