@@ -1,5 +1,6 @@
 """bench.py end to end at --quick sizes: every method timed for both models, the evaluation's cost
-and accuracies in range, bench.json written (CPU; a CUDA variant where a GPU is present)."""
+and accuracies in range, bench.json written (CPU; a CUDA variant where a GPU is present). The GPU
+check is gpu_check.py (tests/test_gpu_check.py)."""
 from __future__ import annotations
 
 import json
@@ -58,12 +59,15 @@ def test_quick_bench_on_cpu_writes_every_number(tmp_path, capsys):
     assert "FGSM + GradAlign" in printed and "images/s" in printed and "floor" in printed
 
 
-def test_bad_flags_exit_with_usage_error():
-    with pytest.raises(SystemExit) as exc:
-        bench.main(["--models", "vgg"])
-    assert exc.value.code == 2
+def test_bad_flags_exit_with_usage_error_in_one_line(capsys):
+    for argv in (["--models", "vgg"], ["--acceptance"]):  # the GPU check is gpu_check.py
+        with pytest.raises(SystemExit) as exc:
+            bench.main(argv)
+        assert exc.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_bench_on_cuda_reports_peak_memory(tmp_path):
     report = run_quick(tmp_path, "cuda")
@@ -74,35 +78,3 @@ def test_quick_bench_on_cuda_reports_peak_memory(tmp_path):
         assert steps["settings"]["cudnn_benchmark"] in (True, False)
     assert all(e["peak_mib"] > 0 for e in report["eval"].values())
 
-
-ABSENT = ("cuda_tests", "epochs", "peak_mib", "evaluation", "projection")
-
-
-def test_acceptance_without_cuda_runs_the_cpu_parts_and_marks_cuda_absent(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
-    out = tmp_path / "acceptance.json"
-    assert bench.main(["--acceptance", "--device", "cuda", "--threads", "1", "--out", str(out)]) == 0
-    assert "CUDA is not available" in capsys.readouterr().out
-    report = json.loads(out.read_text())
-    assert report["device"] == "cpu" and report["cuda_available"] is False
-    assert all(report[key] == "absent: no CUDA" for key in ABSENT)
-    agreement = report["agreement"]
-    assert 0.9 < agreement["cos_update_fp16_fp32"] <= 1 + 1e-9 and agreement["reg_fp32"] > 0
-    rows = report["zero_input_grads"]
-    assert [round(r["median_margin_nats"]) for r in rows] == [10, 15, 20, 25]
-    assert all(r["fp16_scaled"] <= r["fp16_unscaled"] for r in rows)
-    assert any(r["fp16_scaled"] < r["fp16_unscaled"] for r in rows)
-
-
-def test_acceptance_epoch_timing_and_projection_at_tiny_size_on_cpu(one_thread):
-    cpu = torch.device("cpu")
-    epoch = bench.epoch_seconds("cnn", "gradalign", 64, 32, cpu, warmup_steps=1)
-    assert epoch["steps"] == 2 and epoch["seconds_per_epoch"] > 0 and epoch["peak_mib"] is None
-    assert math.isfinite(epoch["train_loss"])
-    evaluation = bench.evaluation_seconds("cnn", cpu, n=32)
-    p = bench.projection({"gradalign": epoch}, evaluation)
-    assert p["periodic_evaluations"] == 59  # 11700 steps, evaluated at 0, 200, ..., 11600
-    assert math.isclose(p["train_s"], 30 * 390 * epoch["seconds_per_epoch"] / 2)
-    assert math.isclose(p["total_minutes"] * 60,
-                        p["train_s"] + 59 * evaluation["periodic_evaluation_s"] + 1000 * 500
-                        * evaluation["fp32_pass_s_per_example"])

@@ -13,7 +13,7 @@ import train
 import utils
 from tests.test_train import TINY
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 CUDA = [a if a != "cpu" else "cuda" for a in TINY]
 
 
