@@ -1,12 +1,18 @@
 """The Docker image gets requirements.txt's torch and torchvision pins (read from both files; no Docker
 needed). The box-clamp rule and the rest of the suite were checked on those pins, not on whatever
-torch a base image brings."""
+torch a base image brings. Also: every requirement is pinned, the base image is an exact tag of the
+tests' Python, the default CUDA build of torch is the pinned wheel's, and .dockerignore keeps history,
+results, data, weights and caches out without dropping a file the image needs."""
 from __future__ import annotations
 
+import fnmatch
 import os
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PINNED = ("torch", "torchvision")
@@ -92,3 +98,57 @@ def test_the_check_catches_an_image_with_another_torch(dockerfile, requirements,
     found = problems(dockerfile, requirements)
     assert any(fragment in p for p in found), found
     assert problems(GOOD, REQS) == []
+
+
+def build_args(steps: list[tuple[str, str]]) -> dict[str, str]:
+    return {name.strip(): value.strip().strip('"') for op, rest in steps if op == "ARG" and "=" in rest
+            for name, value in [rest.split("=", 1)]}
+
+
+def test_every_requirement_is_pinned_exactly():
+    lines = [line.strip() for line in read("requirements.txt").splitlines() if line.strip() and not line.startswith("#")]
+    assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][^\s]*", line) for line in lines), lines
+
+
+def test_the_base_image_is_an_exact_tag_of_the_tests_python():
+    (image,) = base_images(instructions(read("Dockerfile")))
+    name, _, tag = image.partition(":")
+    m = re.fullmatch(r"(\d+)\.(\d+)\.(\d+)-slim-[a-z]+", tag)
+    assert name == "python" and m, f"{image}: pin an exact Python release (python:X.Y.Z-slim-<debian>)"
+    assert (int(m.group(1)), int(m.group(2))) == sys.version_info[:2]
+
+
+def test_the_default_torch_build_is_the_pinned_wheels_and_the_build_checks_it():
+    steps = instructions(read("Dockerfile"))
+    flavour = build_args(steps)["TORCH_CUDA"]
+    install = next(rest for op, rest in steps if op == "RUN" and "requirements.txt" in rest)
+    assert 'download.pytorch.org/whl/${TORCH_CUDA}' in install and "torch.version.cuda" in install
+    if torch.__version__.split("+")[0] == pins(read("requirements.txt"))["torch"] and torch.version.cuda:
+        assert flavour == "cu" + torch.version.cuda.replace(".", "")  # the wheel these tests ran on
+    docs = read(os.path.join("docs", "gpu.md"))
+    for needed in (flavour, "cu128", "cu126", ">= 580", ">= 525"):
+        assert needed in docs, needed
+
+
+def ignored(path: str, patterns: list[str]) -> bool:
+    """Whether a .dockerignore pattern (the subset used here: globs, a trailing /, a **/ prefix) drops path."""
+    parts = path.split("/")
+    for pattern in patterns:
+        pattern = pattern.rstrip("/").removeprefix("**/")
+        prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+        if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p.split("/")[-1], pattern) for p in prefixes):
+            return True
+    return False
+
+
+def test_dockerignore_keeps_results_and_caches_out_and_every_tracked_file_in():
+    patterns = [line.strip() for line in read(".dockerignore").splitlines()
+                if line.strip() and not line.startswith("#")]
+    for path in (".git/config", "runs/x/model.pth", "data/cifar-10-batches-py/data_batch_1", "reports/a/report.csv",
+                 "model.pth", "gpu_check.json", "tests/__pycache__/a.pyc", ".pytest_cache/v", ".ruff_cache/x"):
+        assert ignored(path, patterns), path
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    needed = [p for p in tracked if not p.startswith(".") or p.startswith(".ci/")]
+    assert [p for p in needed if ignored(p, patterns)] == []
