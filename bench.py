@@ -1,4 +1,5 @@
-"""Cost of each training method and of the PGD-50-10 evaluation, measured in this process.
+"""Cost of each training method and of the PGD-50-10 evaluation, measured in this process (cost only:
+the pass/fail check of a GPU, fp16 numerics included, is gpu_check.py).
 
     python bench.py                   # CPU-sized: cnn batch 128 on 8x8 digits, resnet18 batch 32 (< 3 min, 2 cores)
     python bench.py --device cuda     # GPU-sized: cnn batch 512, resnet18 batch 128, real PGD-50-10 on 1024 images

@@ -108,6 +108,23 @@ def test_device_auto_says_first_what_it_chose_and_config_records_the_resolved_dt
     assert config["half_prec_dtype"] == dtype
 
 
+@NO_CUDA
+def test_eval_bench_and_gpu_check_say_first_what_auto_chose(tmp_path, capsys):
+    checkpoint = tmp_path / "m.pth"
+    torch.save(models.build_model("cnn", 10, (1, 8, 8), 1, 4).state_dict(), checkpoint)
+    assert eval_py.main(["--model_path", str(checkpoint), "--dataset", "digits", "--model", "cnn", "--n_filters_cnn",
+                         "4", "--n_eval", "8", "--attack_iters", "1", "--n_restarts", "1", "--half_prec"]) == 0
+    out = capsys.readouterr()
+    assert out.err.splitlines()[0].startswith("eval.py: --device auto chose cpu")
+    assert out.err.splitlines()[0].endswith("precision bfloat16 autocast")
+    assert json.loads(out.out.splitlines()[-1])["fp32_redone_passes"] == 0  # bf16: nothing is scaled
+    bench.parse_settings(["--quick"])
+    assert capsys.readouterr().out.splitlines()[0].startswith("bench.py: --device auto chose cpu")
+    assert gpu_check.main(["--device", "auto", "--parts", "agreement", "--out", str(tmp_path / "c.json")]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("gpu_check.py: --device auto chose cpu") and "float16" in first
+
+
 def test_an_overflowing_fp16_pass_is_counted_once_and_the_count_resets():
     torch.manual_seed(0)
     model = models.build_model("cnn", 10, (1, 8, 8))
