@@ -9,6 +9,7 @@ import re
 import shlex
 
 import pytest
+import torch
 
 import config
 import gpu_check
@@ -124,3 +125,14 @@ def test_the_projection_uses_the_cifar10_sweep_settings():
     defaults = config.defaults()
     assert (defaults["n_eval_every_k_iter"], defaults["batch_size"]) == (sweep["n_eval_every_k_iter"],
                                                                          sweep["batch_size"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_agreement_part_passes_on_cuda(tmp_path):
+    """train.py's float16 training path on the GPU (GradScaler, scaled input gradients, fp32 BatchNorm)
+    against fp32: GradAlign's own parameter gradient on ResNet-18 and the CNNs."""
+    out = tmp_path / "check.json"
+    assert gpu_check.main(["--device", "cuda", "--parts", "agreement", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["parts"]["agreement"]["models"]
+    assert [r["model"] for r in rows] == list(gpu_check.GPU_SIZES.agreement_models)
