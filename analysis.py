@@ -44,7 +44,10 @@ def load_run(run_dir: str) -> tuple[dict, models.CNN, list[dict]]:
     info = data.DATASETS[cfg["dataset"]]
     model = models.build_model("cnn", info.n_classes, info.shape, cfg["n_layers"], cfg["n_filters_cnn"])
     models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), "last"))
-    rows = rundir.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+    rows, damaged = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))
+    if damaged:
+        print(f"analysis.py: warning: {run_dir}/metrics.jsonl: skipped {len(damaged)} damaged line(s) "
+              f"({', '.join(map(str, damaged[:5]))}); the filter norms leave them out", file=sys.stderr)
     return cfg, model.eval(), rows
 
 

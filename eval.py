@@ -5,11 +5,14 @@
 
 Loads this repo's model.pth, the authors' released {'last', 'best'} files and bare state_dicts
 (--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as the
-authors' eval.py looked it up (models/<name>.pth). The dataset and architecture (--dataset, --model,
---n_layers, --n_filters_cnn) come from the config.json that train.py wrote beside the checkpoint;
-flags given explicitly override it, and files without one (the authors') need the flags. eps is in
-1/255 units; the PGD step is eps/4. An example counts as robust only if no restart fools it. Progress goes to stderr; the LAST line on stdout is one JSON
-object: {"clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "model_path", ...}.
+authors' eval.py looked it up (models/<name>.pth). The dataset, architecture and eps (--dataset,
+--model, --n_layers, --n_filters_cnn, --eps) come from the config.json that train.py wrote beside the
+checkpoint; flags given explicitly override it, and files without one (the authors') need the flags
+(else train.py's defaults, eps 8). eps is in 1/255 units; the PGD step is eps/4. An example counts as
+robust only if no restart fools it. Weights holding NaN or inf, or a missing 'best', are errors.
+Progress goes to stderr, with a summary line naming the eps (and where it came from) and the weights;
+the LAST line on stdout is one JSON object: {"clean_acc", "pgd_acc", "n_eval", "eps", "eps_from",
+"attack_iters", "n_restarts", "model_path", "weights", ...}.
 --attack autoattack (or apgd-ce, apgd-t) also runs that attack on the same points after PGD-50-10 and
 adds its accuracy ("aa_acc", "apgd_ce_acc", "apgd_t_acc"), name, version, library and passes per
 example; it needs the optional extra `pip install --no-deps -r requirements-aa.txt`.
@@ -50,21 +53,49 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attack", default="pgd", choices=("pgd", *autoattack_eval.ATTACKS),
       help="pgd: PGD only; autoattack (the standard version), apgd-ce or apgd-t: PGD, then that attack on the "
            "same points (optional extra: requirements-aa.txt)")
+    p.set_defaults(eps=None)  # the run's, like the architecture (FROM_RUN)
     return p
 
 
-# The settings eval.py takes from config.json beside the checkpoint when their flags are not given.
-FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn")
+# The settings eval.py takes from config.json beside the checkpoint when their flags are not given,
+# and what a value there must be.
+FROM_RUN = {
+    "dataset": (lambda v: v in data.DATASETS, f"not one of {', '.join(sorted(data.DATASETS))}"),
+    "model": (lambda v: v in models.MODELS, f"not one of {', '.join(models.MODELS)}"),
+    "n_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
+    "n_filters_cnn": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
+    "eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255,
+            "not a number in [0, 255]"),
+}
 
 
 def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
-    """The flags with the dataset and architecture the run's config.json records (explicit flags
-    win); without a config.json (the authors' files) the flags or train.py's defaults."""
-    run_config = rundir.read_config(os.path.dirname(os.path.abspath(path))) or {}
+    """The flags with the dataset, architecture and eps the run's config.json records (explicit flags
+    win); without a config.json (the authors' files) the flags or train.py's defaults. Sets
+    args.eps_from ('--eps', 'config.json' or 'default'). Raises ValueError (one line) for a config.json
+    that is damaged or not train.py's, when a value is taken from it."""
+    args.eps_from = "--eps" if args.eps is not None else None
+    needed = [name for name in FROM_RUN if getattr(args, name) is None]
+    if not needed:
+        return args
+    config_path = os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    run_config = rundir.read_json(config_path) if os.path.exists(config_path) else {}
+    damaged = not isinstance(run_config, dict)  # unreadable (None), or JSON that is not an object
+    if damaged:
+        raise ValueError(f"{config_path} beside the checkpoint is damaged or not train.py's; give "
+                         f"{' '.join('--' + n for n in needed)} explicitly, or move the checkpoint away from it")
     fallback = config.defaults()
-    for name in FROM_RUN:
-        if getattr(args, name) is None:
-            setattr(args, name, run_config.get(name, fallback[name]))
+    for name in needed:
+        if name in run_config:
+            valid, why = FROM_RUN[name]
+            if not valid(run_config[name]):
+                raise ValueError(f"{config_path} beside the checkpoint is not train.py's: its {name} "
+                                 f"{run_config[name]!r} is {why}; give --{name} explicitly")
+            setattr(args, name, run_config[name])
+        else:
+            setattr(args, name, fallback[name])
+    if args.eps_from is None:
+        args.eps_from = "config.json" if "eps" in run_config else "default"
     return args
 
 
@@ -78,7 +109,7 @@ def resolve_model_path(path: str) -> str:
 
 def check_flags(args) -> str | None:
     checks = [
-        (0 <= args.eps <= 255, f"--eps {args.eps:g} is outside [0, 255] (1/255 units)"),
+        (args.eps is None or 0 <= args.eps <= 255, f"--eps {args.eps or 0:g} is outside [0, 255] (1/255 units)"),
         (args.n_eval != 0 and args.n_eval >= -1, "--n_eval must be positive, or -1 for all points"),
         (args.batch_size_eval >= 1, "--batch_size_eval must be >= 1"),
         (args.attack_iters >= 0 and args.n_restarts >= 1, "--attack_iters must be >= 0 and --n_restarts >= 1"),
@@ -125,6 +156,7 @@ def evaluate(args) -> dict:
                                          random_start=False, clean=True, progress=bar.update)
             result = utils.RobustEval(zero.clean_acc, zero.robust_acc, zero.n_eval, zero.n_eval * args.attack_iters)
     out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
+           "eps_from": args.eps_from,
            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
            "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1),
@@ -148,8 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, data.DataMissingError, models.CheckpointError, autoattack_eval.AttackUnavailable) as exc:
         print(f"eval.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return rundir.interrupted("eval.py", "nothing was written")
     print(f"clean {result['clean_acc']:.2%}, PGD-{args.attack_iters}-{args.n_restarts} {result['pgd_acc']:.2%} "
-          f"on the first {result['n_eval']} {args.set} points", file=sys.stderr)
+          f"on the first {result['n_eval']} {args.set} points, eps {result['eps']:g} (from {result['eps_from']}), "
+          f"'{result['weights']}' weights of {result['model_path']}", file=sys.stderr)
     if args.attack != "pgd":
         print(f"{result['attack']} ({result['attack_version']}, {result['attack_library']}) "
               f"{result[autoattack_eval.PREFIX[args.attack] + '_acc']:.2%}", file=sys.stderr)

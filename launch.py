@@ -9,8 +9,12 @@ One command per line (`python train.py --flag=value ...`, shell quoting; blank l
 with # are skipped). A leading `python`/`python3` becomes this interpreter. Commands run from the
 repository root, so `train.py` and relative paths in the flags resolve there. Locally, a command without
 --device/--gpu gets `--device cuda:K` (command i on GPU i mod the number of GPUs) or `--device cpu`.
-Each run's stdout and stderr go to LOG_DIR/<run name>.log, each attempt opened by a `$ command` line and
-closed by a `[launch.py] exit N` line (N: train.py's exit code; -K: killed by signal K). Finished runs cost
+Each run's stdout and stderr go to LOG_DIR/<run name>.<8 hex digits>.log (the digits tell apart run
+directories of the same name in two --out_dir), each attempt opened by a `$ command` line and closed by
+a `[launch.py] exit N` line (N: train.py's exit code; -K: killed by signal K). Bad input (a missing
+commands file, unbalanced quotes, a --log_dir that is a file, a run name too long for a file name) ends
+with one line and exit status 2 before anything runs. SIGTERM (or SIGUSR2) stops the running commands
+(they keep resume.pt and resume when relaunched), starts no more and ends with one line. Finished runs cost
 nothing: train.py exits at once when its final.json exists. Exit status: 0 if every command exited 0,
 else 1; the failed runs are listed by name with train.py's exit code (2 bad input, 3 in progress
 elsewhere, 4 NaN/inf loss).
@@ -25,22 +29,30 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
 import io
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import submitit
 
+import rundir
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 EXIT_MARK = "[launch.py] exit "  # the log line after each attempt: EXIT_MARK + the exit code
 STOP_WAIT_S = 60   # how long a stopped command may take to free its lock before it is killed
 POLL_S = 0.2       # how often a running command is checked
+NAME_MAX = 255     # the longest file name (bytes) most file systems take
+EXIT_USAGE = 2     # bad input, as train.py's
 
 
 @dataclass(frozen=True)
@@ -48,8 +60,9 @@ class Task:
     """One command: its argv (interpreter resolved), the run it produces and where its output goes."""
     index: int
     argv: list[str]
-    name: str        # the run name (out_dir/<name>), or cmd<index> when the flags do not parse
-    run_dir: str | None
+    name: str        # the run name (out_dir/<name>; the run directory if another command's run has the same
+                     # name), or cmd<index> when the flags do not parse
+    run_dir: str | None  # absolute (relative --out_dir values resolve from the repository root, as train.py runs)
     log_path: str
 
 
@@ -61,9 +74,22 @@ class Outcome:
     error: str = ""
 
 
+class BadInput(Exception):
+    """A problem with the commands or the flags, as one line naming the fix (exit status 2)."""
+
+
 def read_commands(lines: list[str]) -> list[list[str]]:
-    """Splits each non-blank, non-comment line with shell quoting rules."""
-    return [shlex.split(line) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    """Splits each non-blank, non-comment line with shell quoting rules; raises BadInput naming the
+    line whose quoting does not close."""
+    commands = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                commands.append(shlex.split(line))
+            except ValueError as exc:
+                raise BadInput(f"line {number} of the commands: {str(exc).lower()} ({line.strip()[:60]}); "
+                               "fix its quoting") from None
+    return commands
 
 
 def train_args(argv: list[str]) -> list[str] | None:
@@ -78,7 +104,6 @@ def run_dir_of(args: list[str]) -> str | None:
     """out_dir/<run name> that train.py would write for these flags; None if argparse rejects them.
     Flags that parse but fail train.py's checks (say --eps -1) still get their name."""
     import config  # imports torch: only when needed
-    import rundir
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             namespace = config.build_parser().parse_args(args)
@@ -92,6 +117,18 @@ def has_device_flag(args: list[str]) -> bool:
     return any(a.split("=")[0] in ("--device", "--gpu") for a in args)
 
 
+def log_file(log_dir: str, run_dir: str | None, argv: list[str], index: int) -> str:
+    """LOG_DIR/<run name>.<8 hex digits of the run directory's real path>.log: one log per run
+    directory, whichever --out_dir spelling names it; a command that names no run: cmd<index>.<digits
+    of the command>.log. The run name part is cut so the file name fits NAME_MAX."""
+    if run_dir is None:
+        name, key = f"cmd{index:04d}", shlex.join(argv)
+    else:
+        name, key = os.path.basename(run_dir), os.path.realpath(run_dir)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    return os.path.join(log_dir, f"{name[:NAME_MAX - len(digest) - 5]}.{digest}.log")
+
+
 def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None) -> list[Task]:
     """Tasks with the interpreter resolved and, if n_gpus is not None, a --device appended
     (cuda:K round-robin over n_gpus GPUs, cpu when n_gpus is 0) where the command has none."""
@@ -102,22 +139,99 @@ def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None) -> l
             argv[0] = sys.executable
         args = train_args(argv)
         run_dir = run_dir_of(args) if args is not None else None
+        if run_dir is not None:
+            run_dir = os.path.normpath(os.path.join(REPO, run_dir))  # where train.py, run from REPO, writes
+        log_path = log_file(log_dir, run_dir, argv, i)
         if args is not None and n_gpus is not None and not has_device_flag(args):
             argv.append(f"--device=cuda:{i % n_gpus}" if n_gpus else "--device=cpu")
         name = os.path.basename(run_dir) if run_dir else f"cmd{i:04d}"
-        tasks.append(Task(i, argv, name, run_dir, os.path.join(log_dir, f"{name}.log")))
-    return tasks
+        tasks.append(Task(i, argv, name, run_dir, log_path))
+    shared = {name for name, n in Counter(t.name for t in tasks).items() if n > 1}
+    # the same run name in two --out_dir: the reports name each by its folder
+    return [dataclasses.replace(t, name=t.run_dir) if t.name in shared and t.run_dir else t for t in tasks]
+
+
+def check_tasks(tasks: list[Task]) -> None:
+    """Raises BadInput for a run name no file system can hold (train.py could not create its folder)."""
+    for task in tasks:
+        name = os.fsencode(os.path.basename(task.run_dir)) if task.run_dir else b""
+        if len(name) > NAME_MAX:
+            raise BadInput(f"command {task.index + 1} names its run with {len(name)} characters "
+                           f"({name[:40].decode(errors='replace')}...), over the {NAME_MAX} a file name may have; "
+                           "leave some of its settings at their defaults")
+
+
+def check_log_dir(log_dir: str, create: bool) -> None:
+    """Raises BadInput if --log_dir is not a folder (or, with create, cannot be made one)."""
+    if os.path.exists(log_dir) and not os.path.isdir(log_dir):
+        raise BadInput(f"--log_dir {log_dir} is a file, not a folder; give a folder")
+    if create:
+        try:
+            os.makedirs(log_dir, exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"cannot create --log_dir {log_dir} ({exc.strerror}); give a writable folder") from None
+
+
+def stop_processes(processes: list[subprocess.Popen]) -> None:
+    """SIGCONT then SIGTERM to each (as Slurm stops a job; a suspended command acts on it once continued),
+    then waits up to STOP_WAIT_S for them to free their locks and end; kills those that do not."""
+    for process in processes:
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
+    deadline = time.time() + STOP_WAIT_S
+    for process in processes:
+        while process.poll() is None and time.time() < deadline:
+            time.sleep(POLL_S)
+        if process.poll() is None:
+            process.kill()
+
+
+class Children:
+    """The commands running now, so that a stop reaches them all: after stop() none starts."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: set[subprocess.Popen] = set()
+        self.stopping = False
+        self.n_started = 0
+
+    def popen(self, argv: list[str], **kwargs) -> subprocess.Popen | None:
+        """subprocess.Popen, or None once stop() was called."""
+        with self._lock:
+            if self.stopping:
+                return None
+            process = subprocess.Popen(argv, **kwargs)
+            self._running.add(process)
+            self.n_started += 1
+            return process
+
+    def stop(self) -> int:
+        """Stops the running commands (stop_processes) and starts no more; returns how many ran."""
+        with self._lock:
+            self.stopping = True
+            running = [p for p in self._running if p.poll() is None]
+        stop_processes(running)
+        return len(running)
 
 
 def run_command(argv: list[str], log_path: str, cwd: str = REPO,
-                started: Callable[[subprocess.Popen], None] | None = None) -> int:
+                started: Callable[[subprocess.Popen], None] | None = None,
+                children: Children | None = None) -> int | None:
     """Runs argv in cwd with stdout and stderr appended to log_path, then appends the exit line;
-    returns the exit code. started(process) is called once the command runs."""
+    returns the exit code. started(process) is called once the command runs. With children, the
+    command starts through it (None: not started, launch.py is stopping)."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
+        if children is not None and children.stopping:
+            return None
         log.write(f"$ {shlex.join(argv)}\n")
         log.flush()
-        process = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        popen = children.popen if children is not None else subprocess.Popen
+        process = popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        if process is None:
+            log.write(f"{EXIT_MARK}none (not started: launch.py was stopping)\n")
+            return None
         if started is not None:
             started(process)
         try:  # polled, not a blocking wait: a signal handler (submitit's checkpoint) can then wait for it too
@@ -188,39 +302,45 @@ class TrainJob(submitit.helpers.Checkpointable):
             TrainJob(self.argv, self.log_path, self.max_requeues, self.requeues + 1))
 
     def stop_command(self) -> None:
-        """SIGCONT then SIGTERM (as Slurm stops a job; a suspended command acts on it once continued),
-        then waits up to STOP_WAIT_S for it to free its lock and end; kills it if it does not."""
-        process = self._process
-        if process is None or process.poll() is not None:
-            return
-        for sig in (signal.SIGCONT, signal.SIGTERM):
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-        deadline = time.time() + STOP_WAIT_S
-        while process.poll() is None and time.time() < deadline:
-            time.sleep(POLL_S)
-        if process.poll() is None:
-            process.kill()
+        """Stops the command (stop_processes) if it runs."""
+        if self._process is not None and self._process.poll() is None:
+            stop_processes([self._process])
 
 
-def run_task(task: Task) -> Outcome:
+def run_task(task: Task, children: Children) -> Outcome:
     start = time.time()
-    rc = run_command(task.argv, task.log_path)
+    rc = run_command(task.argv, task.log_path, children=children)
     return Outcome(task, rc, (time.time() - start) / 60)
 
 
+class StoppedSweep(Exception):
+    """launch.py was stopped by a signal: its running commands were stopped, no more started."""
+
+    def __init__(self, signum: int, n_stopped: int, n_not_started: int):
+        super().__init__(signum)
+        self.signum, self.n_stopped, self.n_not_started = signum, n_stopped, n_not_started
+
+
 def run_local(tasks: list[Task], jobs: int) -> list[Outcome]:
-    """Runs the tasks, `jobs` at once, reporting each as it ends."""
+    """Runs the tasks, `jobs` at once, reporting each as it ends. On SIGTERM or SIGUSR2 it stops the
+    running commands (they keep their resume.pt), waits for them and raises StoppedSweep."""
     outcomes = []
+    children = Children()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
-        futures = [pool.submit(run_task, t) for t in tasks]
-        for future in concurrent.futures.as_completed(futures):
-            outcomes.append(future.result())
-            print_progress(outcomes[-1], len(outcomes), len(tasks))
+        with rundir.stop_on_signals():
+            futures = [pool.submit(run_task, t, children) for t in tasks]
+            for future in concurrent.futures.as_completed(futures):
+                outcomes.append(future.result())
+                print_progress(outcomes[-1], len(outcomes), len(tasks))
     except KeyboardInterrupt:  # start nothing more; the running children got the terminal's SIGINT too
         pool.shutdown(wait=False, cancel_futures=True)
         raise
+    except rundir.Stopped as exc:
+        pool.shutdown(wait=False, cancel_futures=True)
+        n_stopped = children.stop()
+        pool.shutdown(wait=True)
+        raise StoppedSweep(exc.signum, n_stopped, len(tasks) - children.n_started) from None
     pool.shutdown()
     return outcomes
 
@@ -309,23 +429,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-STATES = ("finished", "in progress", "interrupted", "failed", "not started")
+STATES = ("finished", "in progress", "interrupted", "failed", "damaged", "not started")
 
 
 def run_state(task: Task) -> tuple[str, str]:
     """(one of STATES, a detail) for a command, from its run directory and its log; reads only.
 
-    finished: final.json exists. in progress: a live lock (refreshed within the lease). failed: the
+    finished: a whole final.json. in progress: a live lock (refreshed within the lease). damaged: a
+    torn or foreign final.json, or a .lock that is a folder (the detail says the fix). failed: the
     last attempt in the log exited with a code > 0. interrupted: started (config.json or resume.pt)
     and none of these; relaunching resumes it. not started: nothing of it on disk.
     """
-    import rundir
     run_dir = task.run_dir
-    if run_dir and os.path.exists(os.path.join(run_dir, "final.json")):
+    final, damage = rundir.read_final(run_dir) if run_dir else (None, None)
+    if final is not None:
         return "finished", ""
     owner = rundir.live_lock_owner(run_dir) if run_dir else None
     if owner is not None:
         return "in progress", owner.describe()
+    if damage:
+        return "damaged", damage
+    lock = os.path.join(run_dir, ".lock") if run_dir else ""
+    if run_dir and os.path.isdir(lock):
+        return "damaged", f"{lock} is a folder, not a lock file; remove it (rmdir {lock}) and relaunch"
     rc = last_exit_code(task.log_path)
     if rc is not None and rc > 0:
         return "failed", f"exit {rc} ({describe(rc)}); log {task.log_path}"
@@ -347,7 +473,33 @@ def status_report(tasks: list[Task]) -> tuple[str, bool]:
     return "\n".join(lines), counts["finished"] == len(tasks)
 
 
+def read_lines(source: str) -> list[str]:
+    """The lines of the commands file ('-': stdin); raises BadInput if it cannot be read."""
+    if source == "-":
+        return sys.stdin.read().splitlines()
+    try:
+        with open(source, errors="replace") as f:
+            return f.read().splitlines()
+    except OSError as exc:
+        raise BadInput(f"cannot read the commands file {source} ({exc.strerror}); check the path") from None
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return launch(argv)
+    except BadInput as exc:
+        print(f"launch.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return rundir.interrupted("launch.py", "no more commands start; the running ones got Ctrl-C too and keep "
+                                               "their resume.pt: relaunch the same commands to resume")
+    except StoppedSweep as exc:
+        print(f"launch.py: stopped by {signal.Signals(exc.signum).name}; stopped {exc.n_stopped} running "
+              f"command(s), {exc.n_not_started} not started: relaunch the same commands to resume", file=sys.stderr)
+        return 128 + exc.signum
+
+
+def launch(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.jobs < 1:
         build_parser().error(f"--jobs must be >= 1 (got {args.jobs})")
@@ -356,21 +508,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_wait and not args.slurm:
         build_parser().error("--no_wait needs --slurm (local runs end with launch.py)")
     args.log_dir = os.path.abspath(args.log_dir)
-    if args.commands == "-":
-        lines = sys.stdin.read().splitlines()
-    else:
-        with open(args.commands) as f:
-            lines = f.read().splitlines()
-    commands = read_commands(lines)
+    commands = read_commands(read_lines(args.commands))
     if not commands:
-        print("launch.py: no commands given", file=sys.stderr)
-        return 2
+        raise BadInput("no commands given; give a file of train.py commands, one per line")
     if args.status:
+        check_log_dir(args.log_dir, create=False)
         report, all_finished = status_report(make_tasks(commands, args.log_dir, None))
         print(report, flush=True)
         return 0 if all_finished else 1
     # Locally we pick each run's device; under Slurm each job sees only its own GPUs (train.py's auto).
     tasks = make_tasks(commands, args.log_dir, None if args.slurm else visible_gpus())
+    check_tasks(tasks)
+    check_log_dir(args.log_dir, create=True)  # the last check, and the first write
     print(f"{len(tasks)} commands, logs in {args.log_dir}", flush=True)
     outcomes = run_submitit(tasks, args) if args.slurm else run_local(tasks, args.jobs)
     if outcomes is None:  # --no_wait

@@ -7,6 +7,8 @@ the authors' code does, so that the authors' released checkpoints load with stri
 from __future__ import annotations
 
 import math
+import pickle
+import re
 
 import torch
 import torch.nn.functional as F
@@ -212,13 +214,19 @@ def _few(items: list[str], k: int = 4) -> str:
 
 def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
     """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the authors')
-    give entry `which`; a bare state_dict is returned as is. Raises CheckpointError."""
+    give entry `which`; a bare state_dict holds one set of weights, read as 'last' ('best' is an
+    error). Raises CheckpointError (one line) for an unreadable file, other pickled objects (never
+    loaded: train.py's resume.pt is one) and weights holding NaN or inf."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist; check --model_path") from None
     except Exception as exc:  # noqa: BLE001 -- truncated, corrupt or not a torch file: any reader error
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and "weights only load failed" in str(exc).lower():
+            raise CheckpointError(f"{path} holds Python objects besides tensors (train.py's resume.pt does), which "
+                                  "are not loaded for safety; give a run's model.pth or a state_dict") from None
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # torch colours some of its messages
+        first_line = text.splitlines()[0] if text else type(exc).__name__
         raise CheckpointError(f"cannot read checkpoint {path} ({first_line[:120]}); "
                               "is it a complete .pth file?") from None
     if not isinstance(obj, dict) or not obj:
@@ -227,6 +235,13 @@ def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
         if which not in obj:
             raise CheckpointError(f"{path} has no '{which}' weights (it has {', '.join(sorted(obj))})")
         obj = obj[which]
+    elif which != "last":
+        raise CheckpointError(f"{path} is a bare state_dict (one set of weights, no '{which}'); "
+                              "evaluate it without --early_stopped_model")
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path} is not a checkpoint: its entries are not tensors")
+    nonfinite = [k for k, v in obj.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"the '{which}' weights in {path} hold NaN or inf ({_few(nonfinite)}): the run "
+                              "diverged; evaluate other weights or retrain")
     return obj

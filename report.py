@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import io
 import json
 import os
 import re
 import sys
+import types
 from collections import Counter
 from dataclasses import dataclass
 
@@ -57,10 +59,18 @@ GAP_FLAG = 5.0  # points of PGD minus AutoAttack above which a group is flagged 
 
 @dataclass(frozen=True)
 class Run:
-    """One run directory: its config.json, and final.json when it has finished (else None)."""
+    """One run directory: its config.json, and final.json when it has finished (else None). A run
+    with a damaged config.json or final.json, or whose config.json disagrees with final.json or with
+    the folder's name, is not counted: `damaged` or `mismatch` says why, with the fix."""
     path: str
     config: dict
     final: dict | None
+    damaged: str = ""
+    mismatch: str = ""
+
+    @property
+    def counted(self) -> bool:
+        return self.final is not None and not self.damaged and not self.mismatch
 
     @property
     def name(self) -> str:
@@ -68,22 +78,79 @@ class Run:
 
 
 # ------------------------------------------------------------------------------------------ reading
-def read_metrics(run_dir: str) -> list[dict]:
-    """The periodic evaluations of a run (metrics.jsonl), skipping a torn last line."""
-    return rundir.read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+def read_metrics(run_dir: str) -> tuple[list[dict], list[int]]:
+    """(the periodic evaluations of a run (metrics.jsonl), the numbers of the damaged lines skipped:
+    not JSON objects with an iteration). A torn last line is left out silently (a crash mid-write)."""
+    records, damaged = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))
+    kept = []
+    for number, record in enumerate(records, 1):
+        if isinstance(record.get("iteration"), int):
+            kept.append(record)
+        else:
+            damaged.append(number)
+    return kept, sorted(damaged)
+
+
+def expected_run_name(settings: dict) -> str:
+    """The run name train.py gives these settings (config.json's), by rundir.run_name."""
+    import config as train_flags  # imports torch: only once some run is checked
+    defaults = train_flags.defaults(str(settings.get("attack", "fgsm")))
+    return rundir.run_name(types.SimpleNamespace(**{**defaults, **settings}), defaults)
+
+
+def settings_mismatch(folder: str, settings: dict, final: dict) -> str:
+    """How a finished run's config.json disagrees with its final.json's eps or with its folder's name
+    (derived from the settings), with the fix; '' when they agree."""
+    problems = []
+    eps = settings.get("eps")
+    if not isinstance(eps, (int, float)) or float(eps) != float(final["eps"]):
+        said = f"{eps:g}" if isinstance(eps, (int, float)) else repr(eps)
+        problems.append(f"config.json says eps {said}, final.json {final['eps']:g}")
+    name = os.path.basename(os.path.normpath(folder))
+    try:
+        expected = expected_run_name(settings)
+    except (TypeError, ValueError) as exc:
+        problems.append(f"its settings name no run ({exc})")
+    else:
+        if expected != name:
+            problems.append(f"its settings name the run {expected}")
+    if not problems:
+        return ""
+    return ("; ".join(problems) + ": config.json was edited or the folder renamed; restore them (config.json's argv "
+            "is the command) or rerun the command with --overwrite")
+
+
+def read_run(folder: str) -> Run:
+    """A run directory as report.py counts it (see Run)."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, "rb") as f:
+            settings = json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not whole JSON"
+        return Run(folder, {}, None, damaged=f"{path} is unreadable ({why}); {rundir.DAMAGED_FIX}")
+    if not isinstance(settings, dict):
+        return Run(folder, {}, None, damaged=f"{path} is not train.py's (not a JSON object); {rundir.DAMAGED_FIX}")
+    final, damage = rundir.read_final(folder)
+    if damage:
+        return Run(folder, settings, None, damaged=damage)
+    if final is None:
+        return Run(folder, settings, None)
+    return Run(folder, settings, final, mismatch=settings_mismatch(folder, settings, final))
 
 
 def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
-    """Every folder under the roots (a root may itself be a run) that holds a readable config.json and
-    whose name matches the glob pattern, sorted by path."""
+    """Every folder under the roots (a root may itself be a run) that holds config.json and whose name
+    matches the glob pattern, sorted by path. A folder that cannot be listed is named on stderr."""
+    def unlisted(exc: OSError) -> None:
+        print(f"report.py: warning: cannot list {exc.filename} ({exc.strerror}); its runs are left out",
+              file=sys.stderr)
+
     runs = {}
     for root in roots:
-        for folder, _, files in os.walk(root):
-            if "config.json" not in files or not fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
-                continue
-            config = rundir.read_json(os.path.join(folder, "config.json"))
-            if config is not None:
-                runs[os.path.realpath(folder)] = Run(folder, config, rundir.read_json(os.path.join(folder, "final.json")))
+        for folder, _, files in os.walk(root, onerror=unlisted):
+            if "config.json" in files and fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
+                runs[os.path.realpath(folder)] = read_run(folder)
     return sorted(runs.values(), key=lambda r: r.path)
 
 
@@ -198,7 +265,7 @@ def aggregate(runs: list[Run]) -> list[dict]:
     accuracies in percent (last and early-stopped weights), final cos_x_eta, and protocol flags."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        if run.final is not None:
+        if run.counted:
             groups.setdefault(group_key(run), []).append(run)
     rows = []
     for (dataset, model, method, eps), members in groups.items():
@@ -319,9 +386,10 @@ def cost_table(part: list[dict], methods: list[str], eps_values: list[float], be
     return [*lines, ""]
 
 
-def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | None = None) -> str:
+def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | None = None,
+             not_counted: list[Run] = ()) -> str:
     """The report as Markdown: per dataset and model, tables of methods (rows) by eps (columns), and
-    the robustness-vs-cost table."""
+    the robustness-vs-cost table; then the runs left out (unfinished, damaged, mismatched)."""
     out = ["# Results", "",
            f"Accuracy in % on the first test points, mean ± std over seeds (population std, ddof={STD_DDOF}).", ""]
     for (dataset, model) in sorted({(r["dataset"], r["model"]) for r in rows}):
@@ -357,12 +425,18 @@ def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | N
                     *masked, ""]
     if skipped:
         out += ["## Skipped (no final.json)", "", *[f"- {name}" for name in skipped], ""]
+    damaged = [f"- {r.name}: {r.damaged}" for r in not_counted if r.damaged]
+    if damaged:
+        out += ["## Damaged (not counted)", "", *damaged, ""]
+    mismatched = [f"- {r.name}: {r.mismatch}" for r in not_counted if r.mismatch]
+    if mismatched:
+        out += ["## Settings that do not match the run (not counted)", "", *mismatched, ""]
     return "\n".join(out)
 
 
-def write_markdown(rows: list[dict], path: str, skipped: list[str] | None = None, bench: dict | None = None) -> str:
-    with open(path, "w") as f:
-        f.write(markdown(rows, skipped, bench))
+def write_markdown(rows: list[dict], path: str, skipped: list[str] | None = None, bench: dict | None = None,
+                   not_counted: list[Run] = ()) -> str:
+    rundir.atomic_write_bytes(path, markdown(rows, skipped, bench, not_counted).encode())
     return path
 
 
@@ -373,11 +447,12 @@ def write_csv(rows: list[dict], path: str) -> str:
             return "" if np.isnan(v) else f"{v:.4f}"
         return v
     columns = CSV_COLUMNS + (AA_CSV_COLUMNS if has_autoattack(rows) else [])
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: value(row[k]) for k in columns})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: value(row[k]) for k in columns})
+    rundir.atomic_write_bytes(path, text.getvalue().encode())
     return path
 
 
@@ -387,6 +462,14 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def save_figure(fig, path: str) -> None:
+    """Saves a figure as PNG through rundir.atomic_write_bytes (an interruption leaves no torn file)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    pyplot().close(fig)
+    rundir.atomic_write_bytes(path, buffer.getvalue())
 
 
 def slug(text: str) -> str:
@@ -425,8 +508,7 @@ def plot_robust_vs_eps(rows: list[dict], out_dir: str) -> list[str]:
             ax.legend(fontsize=8)
         fig.tight_layout()
         path = os.path.join(out_dir, f"robust_vs_eps_{slug(dataset)}_{slug(model)}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        save_figure(fig, path)
         paths.append(path)
     return paths
 
@@ -453,7 +535,11 @@ def plot_curves(run_dirs: list[str], path: str) -> str:
     axes = axes.ravel()
     any_norms = False
     for i, run_dir in enumerate(run_dirs):
-        records = read_metrics(run_dir)
+        records, damaged = read_metrics(run_dir)
+        if damaged:
+            print(f"report.py: warning: {os.path.join(run_dir, 'metrics.jsonl')}: skipped {len(damaged)} damaged "
+                  f"line(s) ({', '.join(map(str, damaged[:5]))}{', ...' if len(damaged) > 5 else ''}); "
+                  "the curves leave them out", file=sys.stderr)
         color = f"C{i % 10}"
         it = [r["iteration"] for r in records]
         for ax, (key, title, scale) in zip(axes, CURVE_PANELS):
@@ -470,8 +556,7 @@ def plot_curves(run_dirs: list[str], path: str) -> str:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return path
 
 
@@ -487,23 +572,58 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def input_problem(args: argparse.Namespace) -> str | None:
+    """The first problem with the roots, --curves, --bench or --out, as one line naming the fix, or None."""
+    for root in args.roots:
+        if not os.path.isdir(root):
+            return f"root {root} {'is not a folder' if os.path.exists(root) else 'does not exist'}; check the path"
+    for run_dir in args.curves:
+        if not os.path.isdir(run_dir):
+            return f"--curves {run_dir}: no such run directory; give a folder written by train.py"
+        if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+            return f"--curves {run_dir}: it has no metrics.jsonl; give a folder written by train.py"
+    if args.bench and not isinstance(rundir.read_json(args.bench), dict):
+        return f"--bench {args.bench}: not a readable JSON file; run python bench.py first"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out} is a file, not a folder; give a folder"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.roots and not args.curves:
         build_parser().error("give at least one ROOT or --curves RUN_DIR")
-    os.makedirs(args.out, exist_ok=True)
+    problem = input_problem(args)  # all before anything is written
+    if problem:
+        print(f"report.py: error: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return write_report(args)
+    except KeyboardInterrupt:
+        return rundir.interrupted("report.py", "every file written so far is whole (each replaces the old at once)")
+
+
+def write_report(args: argparse.Namespace) -> int:
     runs = collect_runs(args.roots, args.runs_glob)
-    skipped = [r.name for r in runs if r.final is None]
+    skipped = [r.name for r in runs if r.final is None and not r.damaged]
+    not_counted = [r for r in runs if r.damaged or r.mismatch]
     rows = aggregate(runs)
     bench = rundir.read_json(args.bench) if args.bench else None
-    if args.bench and bench is None:
-        build_parser().error(f"--bench {args.bench}: not a readable JSON file; run python bench.py first")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"report.py: error: cannot create --out {args.out} ({exc.strerror}); give a writable folder",
+              file=sys.stderr)
+        return 2
     if args.roots:
-        print(markdown(rows, skipped, bench))
-        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped, bench),
+        print(markdown(rows, skipped, bench, not_counted))
+        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped, bench, not_counted),
                    write_csv(rows, os.path.join(args.out, "report.csv"))]
         written += plot_robust_vs_eps(rows, args.out)
-        print(f"{len(runs) - len(skipped)} finished runs in {len(rows)} groups, {len(skipped)} skipped")
+        counted = sum(r.counted for r in runs)
+        print(f"{counted} finished runs in {len(rows)} groups, {len(skipped)} skipped"
+              + (f", {len(not_counted)} not counted (damaged or mismatched: listed in report.md)" if not_counted
+                 else ""))
     else:
         written = []
     if args.curves:

@@ -120,6 +120,52 @@ def read_json(path: str) -> dict | None:
         return None
 
 
+# How to repair a run whose final.json or config.json is damaged (train.py, launch.py --status, report.py).
+DAMAGED_FIX = "relaunch its command with --overwrite to retrain the run"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def final_problem(final) -> str | None:
+    """What makes a parsed final.json unusable (not what train.py writes), or None if it is whole:
+    train.py writes an object with 'eps' and the 'last' weights' clean and PGD accuracy ('best' too
+    with --eval_early_stopped_model)."""
+    if not isinstance(final, dict):
+        return f"it holds a JSON {type(final).__name__}, not an object"
+    if not _is_number(final.get("eps")):
+        return "it has no eps"
+    for key in ("last", *(["best"] if "best" in final else [])):
+        entry = final.get(key)
+        if not isinstance(entry, dict) or not all(_is_number(entry.get(m)) for m in ("clean_acc", "pgd_acc")):
+            return f"it has no clean and PGD accuracy of the '{key}' weights"
+    return None
+
+
+def read_final(run_dir: str) -> tuple[dict | None, str | None]:
+    """A run's final.json: (its content, None) when the run finished; (None, None) when there is no
+    final.json; (None, one line naming the damage and the fix) when it is torn or not train.py's."""
+    path = os.path.join(run_dir, "final.json")
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None, None
+    except IsADirectoryError:
+        return None, f"{path} is a folder, not train.py's file; remove it and {DAMAGED_FIX}"
+    except OSError as exc:
+        return None, f"cannot read {path} ({exc.strerror or exc}); check its permissions"
+    try:
+        final = json.loads(text)
+    except ValueError:
+        return None, f"{path} is damaged (not whole JSON: truncated?); {DAMAGED_FIX}"
+    problem = final_problem(final)
+    if problem:
+        return None, f"{path} is damaged ({problem}); {DAMAGED_FIX}"
+    return final, None
+
+
 # -------------------------------------------------------------------------------------- JSON lines
 # One rule for every reader: a line counts once it ends with a newline. Each record is appended in
 # one write call ending in "\n", so only a crash mid-write leaves a line without one (the last).
@@ -129,6 +175,28 @@ def read_jsonl(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def read_jsonl_records(path: str) -> tuple[list[dict], list[int]]:
+    """(the JSON objects of the whole lines, the 1-based numbers of whole lines that are not one).
+    For readers that should go on past a damaged line (report.py --curves, analysis.py) and say how
+    many they skipped; [] and [] if there is no file."""
+    records, damaged = [], []
+    if not os.path.exists(path):
+        return records, damaged
+    with open(path, errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith("\n"):
+                continue  # a torn last line
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                damaged.append(number)
+    return records, damaged
 
 
 def append_jsonl(path: str, obj: dict) -> None:
@@ -145,6 +213,17 @@ def truncate_jsonl(path: str, n_lines: int) -> None:
     with open(path) as f:
         lines = [line for line in f if line.endswith("\n")][:n_lines]
     atomic_write_bytes(path, "".join(lines).encode())
+
+
+# ------------------------------------------------------------------------------------------ Ctrl-C
+# eval.py, report.py and launch.py end on Ctrl-C with one line and the shell's status for SIGINT.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+def interrupted(prog: str, detail: str) -> int:
+    """Says in one line that prog was interrupted, and what that left; returns EXIT_INTERRUPTED."""
+    print(f"{prog}: interrupted (Ctrl-C); {detail}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 # ------------------------------------------------------------------------------- config.json, log

@@ -101,6 +101,8 @@ import os
 import statistics
 import sys
 
+import launch  # run from the repository root: where its logs are
+
 out, table, seeds0, seeds1, seeds2 = sys.argv[1:]
 CONSTANT = 15.0  # clean accuracy (%) below this: a (near) constant classifier on 10 balanced classes
 
@@ -133,7 +135,7 @@ def collect(stage_dir):
         else:
             method = "PGD-10"
         if final is None:
-            log = os.path.join(stage_dir, "logs", name + ".log")
+            log = launch.log_file(os.path.join(stage_dir, "logs"), os.path.join(stage_dir, name), [], 0)
             if not (os.path.exists(log) and "NaN or inf" in open(log).read()):
                 continue  # unfinished: not a result yet
             value = "NaN"

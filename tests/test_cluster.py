@@ -176,7 +176,7 @@ def test_a_job_stopped_by_submitit_is_requeued_and_finishes_from_resume_pt(tmp_p
         sweep.kill()
     assert sweep.returncode == 0, output
     assert "1 runs: 1 ok, 0 failed" in output
-    log = (logs / f"{os.path.basename(run_dir)}.log").read_text()
+    log = open(launch.log_file(str(logs), run_dir, [], 0)).read()
     assert log.count("$ ") == 2 and f"{launch.EXIT_MARK}-{int(signal.SIGTERM)}" in log
     assert "resuming" in log and log.rstrip().endswith(f"{launch.EXIT_MARK}0")
     assert comparable(run_dir) == comparable(whole)
@@ -191,7 +191,8 @@ def test_status_classifies_finished_in_progress_interrupted_failed_and_absent_ru
     for task in tasks[:4]:
         os.makedirs(task.run_dir)
         rundir.atomic_write_json(os.path.join(task.run_dir, "config.json"), {})
-    rundir.atomic_write_json(os.path.join(finished.run_dir, "final.json"), {})
+    rundir.atomic_write_json(os.path.join(finished.run_dir, "final.json"),
+                             {"eps": 76, "last": {"clean_acc": 0.5, "pgd_acc": 0.1}})
     write_lock(running.run_dir, "node-a17", 4242, age_s=10)
     for task in (interrupted, failed):
         open(os.path.join(task.run_dir, rundir.RESUME_FILE), "wb").close()
@@ -200,7 +201,7 @@ def test_status_classifies_finished_in_progress_interrupted_failed_and_absent_ru
                        interrupted.log_path)
     assert launch.main(["--status", str(tmp_path / "cmds.txt"), "--log_dir", str(tmp_path / "logs")]) == 1
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "5 runs: 1 finished, 1 in progress, 1 interrupted, 1 failed, 1 not started"
+    assert lines[0] == "5 runs: 1 finished, 1 in progress, 1 interrupted, 1 failed, 0 damaged, 1 not started"
     assert lines[1].startswith(f"IN PROGRESS {running.name}: pid 4242 on node-a17")
     assert lines[2] == f"INTERRUPTED {interrupted.name}: resume.pt kept, no live lock"
     assert lines[3].startswith(f"FAILED {failed.name}: exit 4 (the training loss became NaN or inf)")

@@ -27,6 +27,11 @@ def run_name(out_dir, *extra: str) -> str:
     return train.run_name(cfg, defaults)
 
 
+def log_of(tmp_path, run_dir) -> str:
+    """The log launch.py keeps of a run directory under tmp_path/logs."""
+    return launch.log_file(str(tmp_path / "logs"), str(run_dir), [], 0)
+
+
 def launch_py(tmp_path, lines: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     commands = tmp_path / "commands.txt"
     commands.write_text("\n".join(lines) + "\n")
@@ -47,8 +52,8 @@ def test_local_sweep_end_to_end_with_a_failing_command(tmp_path):
     assert "3 runs: 2 ok, 1 failed" in done.stdout
     for name in names:
         assert f"{name}: ok" in done.stdout
-        assert os.path.getsize(tmp_path / "logs" / f"{name}.log") > 0
-    assert "outside [0, 255]" in (tmp_path / "logs" / f"{bad_name}.log").read_text()
+        assert os.path.getsize(log_of(tmp_path, out / name)) > 0
+    assert "outside [0, 255]" in open(log_of(tmp_path, out / bad_name)).read()
 
     runs = report.collect_runs([str(out)])
     assert sorted(r.name for r in runs) == sorted(names) and all(r.final for r in runs)
@@ -81,7 +86,9 @@ def test_devices_go_round_robin_over_the_gpus(tmp_path):
     assert [t.argv[-1] for t in tasks[:3]] == ["--device=cuda:0", "--device=cuda:1", "--device=cuda:0"]
     assert tasks[3].argv[-2:] == ["--seed", "9"]  # it names its device (cpu): left alone
     assert all(t.argv[0] == sys.executable for t in tasks)
-    assert tasks[1].name == run_name(tmp_path, "--seed 1") and tasks[1].log_path.endswith(f"{tasks[1].name}.log")
+    assert tasks[1].name == run_name(tmp_path, "--seed 1")
+    assert tasks[1].log_path == launch.log_file(str(tmp_path), str(tmp_path / tasks[1].name), [], 0)
+    assert os.path.basename(tasks[1].log_path).startswith(tasks[1].name + ".")
     cpu = launch.make_tasks(commands[:1], str(tmp_path), n_gpus=0)
     assert cpu[0].argv[-1] == "--device=cpu"
     assert launch.make_tasks(commands[:1], str(tmp_path), n_gpus=None)[0].argv[-1] != "--device=cpu"

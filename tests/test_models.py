@@ -143,8 +143,10 @@ def test_bare_state_dict_file_loads(tmp_path):
     path = tmp_path / "bare.pth"
     torch.save(src.state_dict(), path)
     fresh = _cnn(98)
-    models.load_state(fresh, models.read_checkpoint(str(path), "best"))
+    models.load_state(fresh, models.read_checkpoint(str(path), "last"))
     assert torch.equal(_outputs(fresh, x), _outputs(src, x))
+    with pytest.raises(models.CheckpointError, match="bare state_dict.*without --early_stopped_model"):
+        models.read_checkpoint(str(path), "best")  # one set of weights: not labelled 'best'
 
 
 def test_state_dict_without_alias_keys_loads():

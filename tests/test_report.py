@@ -28,6 +28,7 @@ def config_of(argv: list[str]) -> dict:
 
 
 def write_run(root, argv: list[str], final: dict | None, metrics: list[dict] = ()) -> str:
+    """A run directory as train.py leaves it; final.json gets the run's eps, as train.py writes it."""
     config = config_of(argv)
     run_dir = os.path.join(root, config["run_name"])
     os.makedirs(run_dir)
@@ -35,7 +36,7 @@ def write_run(root, argv: list[str], final: dict | None, metrics: list[dict] = (
         json.dump(config, f)
     if final is not None:
         with open(os.path.join(run_dir, "final.json"), "w") as f:
-            json.dump(final, f)
+            json.dump({**final, "eps": config["eps"]}, f)
     with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in metrics)
     return run_dir
@@ -44,7 +45,7 @@ def write_run(root, argv: list[str], final: dict | None, metrics: list[dict] = (
 def final_of(clean: float, pgd: float, best: tuple[float, float] | None = None, n_eval: int = 1000,
              cos: float = 0.9) -> dict:
     final = {"last": {"clean_acc": clean, "pgd_acc": pgd, "cos_x_eta": cos}, "n_eval": n_eval, "attack_iters": 50,
-             "n_restarts": 10, "eps": 8, "train_minutes": 1.5, "best_train_pgd_acc": 0.3}
+             "n_restarts": 10, "train_minutes": 1.5, "best_train_pgd_acc": 0.3}
     if best is not None:
         final["best"] = {"clean_acc": best[0], "pgd_acc": best[1], "cos_x_eta": cos}
     return final
@@ -214,8 +215,7 @@ def test_robustness_vs_cost_table(tmp_path):
     assert "| FGSM | 2 | 2.00 | 1.0 | 1.70 | 25.0 ± 5.0 | 25.0 ± 5.0 | 80.0 ± 0.0 | 0.500 ± 0.000 |" in table
     assert "| N-FGSM | 2 | 6.00 | 3.0 | 1.80 | 45.0 ± 5.0 | 45.0 ± 5.0 | 70.0 ± 0.0 | 0.900 ± 0.000 |" in table
     assert "robust_vs_eps_cifar10_resnet18.png" in os.listdir(out)
-    with pytest.raises(SystemExit):
-        report.main([str(tmp_path / "runs"), "--out", str(out), "--bench", str(tmp_path / "missing.json")])
+    assert report.main([str(tmp_path / "runs"), "--out", str(out), "--bench", str(tmp_path / "missing.json")]) == 2
 
 
 def with_autoattack(final: dict, last_aa: float, best_aa: float | None = None) -> dict:
