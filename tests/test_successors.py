@@ -1,0 +1,146 @@
+"""The later methods' gradient paths against restatements of their authors' released updates, on
+inputs with saturated pixels; ELLE-A's one-step lag; the joint finite-difference GradAlign gradient
+against double backprop with train-mode BatchNorm (CPU, tiny models)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import models
+import train
+import utils
+from tests.test_train import TINY
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (3, 6, 6)  # d = 108: the quantile's interpolation and floor(q d) zero different counts (38 vs 37)
+
+
+def _saturated_batch(seed: int, b: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with about a third of the pixels at exactly 0, a third at exactly 1, the rest inside."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(b, *SHAPE, generator=g)
+    pick = torch.rand(b, *SHAPE, generator=g)
+    x = torch.where(pick < 1 / 3, torch.zeros_like(x), torch.where(pick > 2 / 3, torch.ones_like(x), x))
+    return x, torch.randint(0, 10, (b,), generator=g)
+
+
+def _cnn(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return models.build_model("cnn", 10, SHAPE, 2, 8)
+
+
+def _cfg(*flags: str):
+    return train.parse_config(TINY + list(flags))[0]
+
+
+def _mean_ce_grad(model: nn.Module, point: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The authors' gradient: their batch-mean cross-entropy differentiated at `point` itself."""
+    point = point.clone().requires_grad_(True)
+    F.cross_entropy(model(point), y).backward()
+    return point.grad.detach()
+
+
+# --------------------------------------------------------------------------------------------- ELLE
+def _elle_official(model, x, y, eps):
+    """ELLE's released attack (no input noise, one step of eps): x_adv = x + eps * sign(gradient at x);
+    no clip to the ball and no box. This repo then projects x_adv onto the box [0, 1]."""
+    return x + eps * torch.sign(_mean_ce_grad(model, x, y))
+
+
+@pytest.mark.parametrize("rule", utils.CLAMP_RULES)
+def test_elle_fgsm_step_is_the_official_one_at_saturated_pixels(rule):
+    model, (x, y) = _cnn(0), _saturated_batch(0)
+    eps = 0.1
+    cfg = _cfg("--attack", "fgsm", "--attack_init", "zero", "--fgsm_alpha", "1", "--elle_lambda", "1000",
+               "--clamp_grad", rule, "--eps", str(eps * 255))
+    pert = train.perturb_fgsm(model, x, y, cfg, train.StepState())
+    official = _elle_official(model, x, y, cfg.eps_frac)
+    assert torch.equal(x + pert.delta, torch.clamp(official, 0.0, 1.0))
+    # the saturated pixels the official step moves into the box do move here too
+    moved_in = ((x == 0) & (official > 0)) | ((x == 1) & (official < 1))
+    assert moved_in.sum() > 50 and bool((pert.delta[moved_in] != 0).all())
+
+
+# ----------------------------------------------------------------------------------------- ZeroGrad
+def _zerograd_official(model, x, y, start, eps, alpha, q):
+    """ZeroGrad's released attack from the uniform start `start`: project the start onto the box,
+    take the gradient at that point (nothing clamped in the graph), zero every coordinate whose |g| is
+    below the example's torch.quantile(|g|, q), step alpha * sign, clip to [-eps, eps], project onto
+    the box."""
+    lo, hi = -x, 1 - x
+    delta = torch.max(torch.min(start, hi), lo)
+    g = _mean_ce_grad(model, x + delta, y)
+    threshold = torch.quantile(g.abs().view(len(g), -1), q, dim=1).view(-1, 1, 1, 1)
+    g[g.abs() < threshold] = 0
+    delta = torch.clamp(delta + alpha * torch.sign(g), -eps, eps)
+    return torch.max(torch.min(delta, hi), lo)
+
+
+@pytest.mark.parametrize("rule", utils.CLAMP_RULES)
+def test_zerograd_step_is_the_official_one_at_saturated_pixels(rule):
+    model, (x, y) = _cnn(1), _saturated_batch(1)
+    eps, q = 0.1, 0.35
+    cfg = _cfg("--attack", "fgsm", "--attack_init", "random", "--fgsm_alpha", "2", "--zerograd_q", str(q),
+               "--clamp_grad", rule, "--eps", str(eps * 255))
+    torch.manual_seed(5)
+    pert = train.perturb_fgsm(model, x, y, cfg, train.StepState())
+    torch.manual_seed(5)
+    start = torch.empty_like(x).uniform_(-cfg.eps_frac, cfg.eps_frac)  # the same draw as the training step
+    official = _zerograd_official(model, x, y, start, cfg.eps_frac, 2 * cfg.eps_frac, q)
+    left_box = ((x + start) < 0) | ((x + start) > 1)
+    assert left_box.float().mean() > 0.2  # many starts fell outside the box: the case that differed
+    # a coordinate with another sign, or zeroed on one side only, would differ by about eps
+    assert torch.allclose(pert.delta, official, atol=1e-6, rtol=0)
+    assert (pert.delta - pert.start).abs().gt(0).sum() > 0.5 * x.numel()
+
+
+def test_zero_smallest_matches_torch_quantile_and_its_count():
+    torch.manual_seed(2)
+    grad = torch.randn(6, *SHAPE)
+    grad[1] *= 100  # the quantile is per example
+    for q in (0.1, 0.35, 0.45, 0.7, 0.9):
+        out = utils.zero_smallest(grad, q)
+        flat = grad.flatten(1)
+        d = flat.shape[1]
+        threshold = torch.quantile(flat.abs(), q, dim=1, keepdim=True)
+        assert torch.equal(out.flatten(1), torch.where(flat.abs() < threshold, 0.0, flat))
+        count = int(np.ceil(q * (d - 1)))  # linear interpolation: the values strictly below
+        assert all(int((row == 0).sum()) == count for row in out.flatten(1))
+        for g, o in zip(flat, out.flatten(1)):
+            order = g.abs().argsort()
+            assert torch.equal(o[order[count:]], g[order[count:]])  # the larger ones are untouched
+    assert utils.zero_smallest(grad, 0.0) is grad
+    with pytest.raises(ValueError, match="quantile"):
+        utils.zero_smallest(grad, 1.0)
+
+
+# ------------------------------------------------------------------------------------------- ELLE-A
+def _elle_a_official(errors: list[float], lam_max: float) -> list[float]:
+    """The lambda each step's loss is multiplied by in ELLE-A's released training loop: the rule runs
+    after the backward, so a lambda set from step t's error scales step t + 1. The rule: lam_max when
+    the error exceeds the mean plus 2 (population) standard deviations of every earlier error, given
+    more than 2 of them, otherwise 0.99 times the previous lambda; lambda starts at 0."""
+    lam, seen, used = 0.0, [], []
+    for err in errors:
+        used.append(lam)
+        if len(seen) > 2 and err > np.mean(seen) + 2 * np.std(seen):
+            lam = lam_max
+        else:
+            lam *= 0.99
+        seen.append(err)
+    return used
+
+
+def test_elle_a_lambda_applies_from_the_next_step():
+    rng = np.random.default_rng(0)
+    errors = list(1 + 0.05 * rng.standard_normal(40))
+    errors[10] = errors[25] = errors[26] = 3.0  # spikes, two in a row
+    rule = utils.ElleAdaptive(lam_max=4000.0)
+    ours = [float(rule.update(torch.tensor(e))) for e in errors]
+    assert ours == pytest.approx(_elle_a_official(errors, 4000.0), rel=1e-5)
+    assert ours[10] < 4000.0 and ours[11] == 4000.0  # the spike at step 10 first acts at step 11
+    assert ours[0] == 0.0
