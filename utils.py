@@ -147,27 +147,30 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def directional_fd_surrogate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                              direction: torch.Tensor, h: float, clamp_rule: str | None = None) -> torch.Tensor:
-    """A scalar whose parameter gradient approximates that of sum_i <direction_i, grad_i>, where grad_i
-    is example i's input gradient of the summed cross-entropy at x + delta (as input_grad computes it),
+    """A scalar whose parameter gradient approximates that of <direction, grad>, where grad is the
+    input gradient of the summed cross-entropy L at x + delta (input_grad's, all examples together),
     without double backprop.
 
-    Each direction_i (detached) is split into its norm n_i and unit vector u_i; the directional
-    derivative <u_i, grad_i> is replaced by the central difference (l_i(x + delta + h u_i) -
-    l_i(x + delta - h u_i)) / (2 h), with l_i the example's cross-entropy (the forward sees the points
-    clamped under `clamp_rule`, or raw when None). Error O(h^2) where the loss is smooth; h in [0, 1]
+    The whole batch moves jointly along the direction V (detached), scaled by one number c, the
+    largest per-example norm of V (so no example moves by more than h): the surrogate is
+    c (L(x + delta + h V / c) - L(x + delta - h V / c)) / (2 h), a central difference of
+    <V, grad> = sum_j <v_j, d L / d x_j>. Because the batch moves together, the terms through which
+    train-mode BatchNorm couples the examples (example k's loss depends on x_j through the batch
+    statistics) get the same weights as in the exact gradient. The forward sees the points clamped
+    under `clamp_rule`, or raw when None. Error O(h^2) where L is smooth in (x, theta); h in [0, 1]
     input units. Costs two forward+backward passes of the batch; the two forwards run in the model's
     current mode (train mode updates BatchNorm's running statistics twice).
     """
     v = direction.detach().flatten(1).float()
-    norm = v.norm(dim=1)
-    unit = (v / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(1)).view_as(delta).to(x.dtype)
+    scale = v.norm(dim=1).max()
+    unit = (v / torch.where(scale > 0, scale, torch.ones_like(scale))).view_as(delta).to(x.dtype)
     base = x + delta.detach()
     losses = []
     for sign in (1.0, -1.0):
         point = base + sign * h * unit
         logits = model(point if clamp_rule is None else box_clamp(point, clamp_rule))
-        losses.append(F.cross_entropy(_at_least_fp32(logits), y, reduction="none"))
-    return (norm * (losses[0] - losses[1])).sum() / (2 * h)
+        losses.append(F.cross_entropy(_at_least_fp32(logits), y, reduction="sum"))
+    return scale * (losses[0] - losses[1]) / (2 * h)
 
 
 def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1: torch.Tensor,
@@ -176,17 +179,21 @@ def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1:
     """GradAlign's regulariser with a finite-difference parameter gradient instead of double backprop.
 
     Value: exactly grad_align_reg(grad1, grad2, lam) (the gradients are used detached). Parameter
-    gradient: by the chain rule d reg / d theta = sum_j <d reg / d grad_j, d grad_j / d theta>; each
-    term is the parameter gradient of <v_j, grad_j> with v_j = d reg / d grad_j held fixed, and
-    directional_fd_surrogate approximates it with a central difference of step h (in [0, 1] input
-    units) along v_j. grad2 is the input gradient at x + delta2 (no clamp), as train.py computes it;
-    grad1 gets its term only when delta1 is given (grad1 at x + delta1 under clamp_rule1), otherwise it
-    is treated as a constant, as the detached FGSM gradient is. Shapes (B, C, H, W).
-    Cost: 2 forward+backward passes per differentiated gradient, no double backprop. For a smooth
-    network the error of the gradient vanishes as h -> 0 (until rounding dominates). A ReLU network
-    differs: double backprop treats its kinks as flat, while the difference sees every kink within h of
-    a point, so the two agree only for h below the distance to the nearest kink (about 1e-5 and
-    float64 on a small CNN); at the h that fp32 allows, this is a smoothed variant, not the same gradient.
+    gradient: by the chain rule d reg / d theta = <V, d grad2 / d theta> (+ the same for grad1), with
+    V = d reg / d grad2 held fixed; that is the parameter gradient of <V, grad2>, which
+    directional_fd_surrogate approximates with a central difference of step h (in [0, 1] input units)
+    moving the whole batch jointly along V. grad2 is the input gradient at x + delta2 (no clamp), as
+    train.py computes it; grad1 gets its term only when delta1 is given (grad1 at x + delta1 under
+    clamp_rule1), otherwise it is treated as a constant, as the detached FGSM gradient is. Shapes
+    (B, C, H, W). Cost: 2 forward+backward passes per differentiated gradient, no double backprop.
+
+    Accuracy: where the network is smooth the error of the gradient is O(h^2), BatchNorm in train
+    mode included, until rounding dominates; so it needs fp32 or better: in fp16 or bf16 the
+    difference of two losses over 2h is mostly rounding noise (refuse_fd_in_half_precision). A ReLU
+    network differs: double backprop treats its kinks as flat, while the difference sees every kink
+    within h of a point, so the two agree only for h below the distance to the nearest kink (about
+    1e-5 and float64 on a small CNN); at the h that fp32 allows, this is a smoothed variant, not the
+    same gradient.
     """
     g1 = grad1.detach().float().requires_grad_(delta1 is not None)
     g2 = grad2.detach().float().requires_grad_(True)
@@ -198,6 +205,15 @@ def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1:
     if delta1 is not None:
         surrogate = surrogate + directional_fd_surrogate(model, x, y, delta1, dirs[1], h, clamp_rule1)
     return value.detach() + (surrogate - surrogate.detach())
+
+
+def refuse_fd_in_half_precision(grad_align_fd: float, half_prec: bool) -> str | None:
+    """The error message when the finite-difference GradAlign gradient is asked for in half precision
+    (the difference of two fp16 or bf16 losses over 2h is mostly rounding noise), else None."""
+    if grad_align_fd > 0 and half_prec:
+        return ("--grad_align_fd needs fp32: in half precision its finite difference is mostly rounding noise; "
+                "drop --half_prec or --grad_align_fd")
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- ELLE

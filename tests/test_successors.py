@@ -144,3 +144,46 @@ def test_elle_a_lambda_applies_from_the_next_step():
     assert ours == pytest.approx(_elle_a_official(errors, 4000.0), rel=1e-5)
     assert ours[10] < 4000.0 and ours[11] == 4000.0  # the spike at step 10 first acts at step 11
     assert ours[0] == 0.0
+
+
+# ------------------------------------------------------------------------- GradAlign, finite difference
+def _smooth_bn_cnn(seed: int) -> nn.Module:
+    """conv -> BatchNorm (train mode: batch statistics couple the examples) -> softplus -> linear, float64."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Softplus(), nn.Flatten(),
+                         nn.Linear(4 * 6 * 6, 5)).double().train()
+
+
+def _relative_errors(model, x, y, eta, hs, with_grad1):
+    params = list(model.parameters())
+    start = torch.zeros_like(x)
+    g1_graph, _ = utils.input_grad(model, x, y, start, create_graph=with_grad1)
+    g2_graph, _ = utils.input_grad(model, x, y, eta, create_graph=True)
+    exact = torch.cat([g.flatten() for g in torch.autograd.grad(utils.grad_align_reg(g1_graph, g2_graph, 1.0),
+                                                                params)])
+    errors = []
+    for h in hs:
+        reg = utils.grad_align_reg_fd(model, x, y, g1_graph.detach(), g2_graph.detach(), eta, 1.0, h,
+                                      delta1=start if with_grad1 else None)
+        fd = torch.cat([g.flatten() for g in torch.autograd.grad(reg, params)])
+        errors.append(float((fd - exact).norm() / exact.norm()))
+    return errors
+
+
+@pytest.mark.parametrize("with_grad1", [False, True])
+def test_grad_align_fd_converges_with_train_mode_batchnorm(with_grad1):
+    model = _smooth_bn_cnn(9)
+    g = torch.Generator().manual_seed(9)
+    x = torch.rand(16, *SHAPE, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 5, (16,), generator=g)
+    eta = (torch.rand(x.shape, generator=g, dtype=torch.float64) * 2 - 1) * 0.1
+    errors = _relative_errors(model, x, y, eta, (1e-1, 1e-2, 1e-3), with_grad1)
+    # O(h^2): about 100 times smaller per step, down to the fp32 cosine's rounding
+    assert errors[0] > 10 * errors[1] > 100 * errors[2], errors
+    assert errors[2] < 1e-5, errors
+
+
+def test_grad_align_fd_is_refused_in_half_precision():
+    assert utils.refuse_fd_in_half_precision(0.001, True).startswith("--grad_align_fd needs fp32")
+    assert utils.refuse_fd_in_half_precision(0.001, False) is None
+    assert utils.refuse_fd_in_half_precision(0.0, True) is None
