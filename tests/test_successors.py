@@ -187,3 +187,33 @@ def test_grad_align_fd_is_refused_in_half_precision():
     assert utils.refuse_fd_in_half_precision(0.001, True).startswith("--grad_align_fd needs fp32")
     assert utils.refuse_fd_in_half_precision(0.001, False) is None
     assert utils.refuse_fd_in_half_precision(0.0, True) is None
+
+
+# ------------------------------------------------------------------------------------- AutoAttack
+def test_eval_autoattack_gets_the_fp32_model_under_half_prec(tmp_path, monkeypatch):
+    pytest.importorskip("torchattacks")
+    import autoattack_eval
+    import eval as eval_py
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 10, (1, 8, 8), 1, 4)
+    path = str(tmp_path / "model.pth")
+    torch.save({"last": model.state_dict(), "best": model.state_dict()}, path)
+    phase, seen = ["pgd"], []
+    build = models.build_model
+
+    def spied(*args, **kwargs):  # the first conv's output dtype, per phase of eval.py
+        net = build(*args, **kwargs)
+        net._model[0].register_forward_hook(lambda m, i, out: seen.append((phase[0], out.dtype)))
+        return net
+    attack = autoattack_eval.attack_accuracy
+
+    def marked(*args, **kwargs):
+        phase[0] = "autoattack"
+        return attack(*args, **kwargs)
+    monkeypatch.setattr(models, "build_model", spied)
+    monkeypatch.setattr(autoattack_eval, "attack_accuracy", marked)
+    assert eval_py.main(["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76",
+                         "--model_path", path, "--n_eval", "8", "--batch_size_eval", "8", "--device", "cpu",
+                         "--attack_iters", "2", "--n_restarts", "1", "--half_prec", "--attack", "autoattack"]) == 0
+    assert {dtype for p, dtype in seen if p == "pgd"} == {torch.bfloat16}  # PGD keeps --half_prec
+    assert {dtype for p, dtype in seen if p == "autoattack"} == {torch.float32}
