@@ -97,8 +97,8 @@ def load_data(cfg: Config, device: torch.device) -> Data:
 
 # ================================================================================ model, optimiser
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD(momentum 0.9) for resnet18, Adam with coupled L2 for the CNN; on all parameters."""
-    if cfg.model == "resnet18":
+    """SGD(momentum 0.9) for resnet18 and wrn28_10, Adam with coupled L2 for the CNNs; on all parameters."""
+    if cfg.model in ("resnet18", "wrn28_10"):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr_max, weight_decay=cfg.weight_decay)
 

@@ -12,3 +12,7 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: over a few seconds on the CPU (deselect with -m 'not slow')")

@@ -106,3 +106,12 @@ def test_acceptance_epoch_timing_and_projection_at_tiny_size_on_cpu(one_thread):
     assert math.isclose(p["total_minutes"] * 60,
                         p["train_s"] + 59 * evaluation["periodic_evaluation_s"] + 1000 * 500
                         * evaluation["fp32_pass_s_per_example"])
+
+
+def test_wrn28_10_has_sizes_and_a_cifar_config_for_every_method():
+    # (timing it is too slow for the suite on a CPU: one forward+backward of 2 images takes seconds)
+    s = bench.parse_settings(["--quick", "--models", "wrn28_10", "--device", "cpu"])
+    assert s.models == ("wrn28_10",) and s.batch_sizes["wrn28_10"] == 2 and s.evals["wrn28_10"].n_eval == 2
+    for method in bench.METHODS:
+        cfg = bench.method_config("wrn28_10", method, 2, s)
+        assert (cfg.model, cfg.dataset) == ("wrn28_10", "cifar10")

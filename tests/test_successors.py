@@ -217,3 +217,42 @@ def test_eval_autoattack_gets_the_fp32_model_under_half_prec(tmp_path, monkeypat
                          "--attack_iters", "2", "--n_restarts", "1", "--half_prec", "--attack", "autoattack"]) == 0
     assert {dtype for p, dtype in seen if p == "pgd"} == {torch.bfloat16}  # PGD keeps --half_prec
     assert {dtype for p, dtype in seen if p == "autoattack"} == {torch.float32}
+
+
+# ------------------------------------------------------------------------------ CIFAR-100, WRN-28-10
+def _tiny_cifar100_run(tmp_path, model: str) -> str:
+    import json
+    import os
+
+    from tests.fixtures import write_cifar100
+    write_cifar100(tmp_path / "data", list(range(0, 100, 12)), [3, 50, 97, 12])  # 9 training, 4 test images
+    out = tmp_path / "runs"
+    args = ["--dataset", "cifar100", "--data_dir", str(tmp_path / "data"), "--model", model, "--epochs", "1",
+            "--batch_size", "4", "--n_eval_every_k_iter", "4", "--eval_iter_freq", "2", "--attack_iters", "1",
+            "--n_final_eval", "2", "--batch_size_eval", "2", "--device", "cpu", "--debug", "--out_dir", str(out),
+            "--attack", "fgsm", "--attack_init", "zero"]
+    assert train.main(args) == 0
+    (name,) = os.listdir(out)
+    run_dir = out / name
+    for file in ("config.json", "metrics.jsonl", "model.pth", "final.json"):
+        assert os.path.getsize(run_dir / file) > 0, file
+    config = json.load(open(run_dir / "config.json"))
+    assert (config["dataset"], config["model"]) == ("cifar100", model)
+    rows = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 2]  # epoch 0's iteration, then the 2 of epoch 1
+    final = json.load(open(run_dir / "final.json"))
+    assert final["n_eval"] == 2 and 0 <= final["last"]["pgd_acc"] <= final["last"]["clean_acc"] <= 1
+    return str(run_dir)
+
+
+def test_one_epoch_on_tiny_cifar100_writes_a_run(tmp_path):
+    run_dir = _tiny_cifar100_run(tmp_path, "cnn")
+    weights = torch.load(f"{run_dir}/model.pth", weights_only=True)["last"]
+    assert weights["_model.3.weight"].shape[0] == 100  # a 100-class head
+
+
+@pytest.mark.slow  # about a minute: 36.5M parameters on the CPU
+def test_one_epoch_of_wrn28_10_on_tiny_cifar100_writes_a_run(tmp_path):
+    run_dir = _tiny_cifar100_run(tmp_path, "wrn28_10")
+    weights = torch.load(f"{run_dir}/model.pth", weights_only=True)["last"]
+    assert weights["fc.weight"].shape == (100, 640) and len(weights) == 155
