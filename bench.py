@@ -3,6 +3,7 @@ the pass/fail check of a GPU, fp16 numerics included, is gpu_check.py).
 
     python bench.py                   # CPU-sized: cnn batch 128 on 8x8 digits, resnet18 batch 32 (< 3 min, 2 cores)
     python bench.py --device cuda     # GPU-sized: cnn batch 512, resnet18 batch 128, real PGD-50-10 on 1024 images
+    python bench.py --models wrn28_10 # WideResNet-28-10 (batch 4 on CPU, 128 on CUDA), not in the default list
 
 Training: one call of train.train_step (the real step, optimiser update included) for FGSM, FGSM-RS,
 FGSM+GradAlign, PGD-2, PGD-10, Free-AT, N-FGSM, ZeroGrad, ELLE-A and GradAlign with its finite-difference
@@ -11,7 +12,7 @@ train mode) of the same model on the same batch at the same precision. Every tim
 once per round, in turn, so a change in machine load hits all of them alike; a unit count is the
 median over rounds of (step time / forward+backward time of that round).
 Evaluation: utils.seeded_robust_accuracy (the final evaluation's code) on a cnn trained on digits
-for a few seconds with train.main, and on an untrained resnet18 (random images labelled with its own
+for a few seconds with train.main, and on an untrained resnet18 or wrn28_10 (random images labelled with its own
 predictions, so every example is attacked): images/s, forward+backward passes per example (the
 reference attacks every example in every restart: steps x restarts of them), the robust accuracy
 and the floor that accuracy implies (an example that stays robust costs every pass).
@@ -59,7 +60,8 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     key: (m.label, [f for f in methods.flags(key, BENCH_EPS, "cifar10") if not f.startswith(("--epochs", "--lr_max"))],
           m.passes)
     for key, m in methods.METHODS.items() if key not in BENCH_SKIP}
-INPUT_SHAPES = {"cnn": (1, 8, 8), "cnn_bn": (1, 8, 8), "resnet18": (3, 32, 32)}  # the CNNs bench on digits-shaped input
+INPUT_SHAPES = {"cnn": (1, 8, 8), "cnn_bn": (1, 8, 8), "resnet18": (3, 32, 32),  # the CNNs bench on digits-shaped input
+                "wrn28_10": (3, 32, 32)}
 N_CLASSES = 10
 EVAL_RESERVE_S = 25.0  # of the CPU time budget, kept for the evaluations (digits training included)
 BENCH_LR = 1e-4  # learning rate of the timed steps: small, so repeated updates keep the weights finite
@@ -115,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--device", default="auto", help="auto (cuda if available; the default), cpu, cuda or cuda:N")
     a("--models", nargs="+", default=["cnn", "resnet18"], choices=models.MODELS, help="default: cnn resnet18")
     a("--batch_size", type=int, default=None,
-      help="training batch of every model (default: cnn 128 / resnet18 32 on CPU, 512 / 128 on CUDA)")
+      help="training batch of every model (default: cnn 128 / resnet18 32 / wrn28_10 4 on CPU, 512 / 128 / 128 "
+           "on CUDA)")
     a("--repeats", type=int, default=None, help="timed rounds (default 5; 1 with --quick)")
     a("--budget_s", type=float, default=None,
       help="seconds for the whole run, spent mostly on timing rounds: fewer rounds when the machine is slow "
@@ -152,16 +155,18 @@ def parse_settings(argv: list[str] | None) -> Settings:
     cuda = device.type == "cuda"
     n_digits_test = len(data.load_split("digits", "", train=False))
     if args.quick:
-        batch_sizes = {"cnn": 16, "resnet18": 2}
-        evals = {"cnn": EvalSize(64, 64, 5, 2), "resnet18": EvalSize(2, 2, 2, 1)}
+        batch_sizes = {"cnn": 16, "resnet18": 2, "wrn28_10": 2}
+        evals = {"cnn": EvalSize(64, 64, 5, 2), "resnet18": EvalSize(2, 2, 2, 1), "wrn28_10": EvalSize(2, 2, 2, 1)}
         digits_epochs = 2
     elif cuda:
-        batch_sizes = {"cnn": 512, "resnet18": 128}
-        evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(1024, 1024, 50, 10)}
+        batch_sizes = {"cnn": 512, "resnet18": 128, "wrn28_10": 128}
+        evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(1024, 1024, 50, 10),
+                 "wrn28_10": EvalSize(1024, 512, 50, 10)}
         digits_epochs = 15
     else:
-        batch_sizes = {"cnn": 128, "resnet18": 32}
-        evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(32, 32, 5, 2)}
+        batch_sizes = {"cnn": 128, "resnet18": 32, "wrn28_10": 4}
+        evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(32, 32, 5, 2),
+                 "wrn28_10": EvalSize(4, 4, 2, 1)}
         digits_epochs = 15
     batch_sizes["cnn_bn"], evals["cnn_bn"] = batch_sizes["cnn"], evals["cnn"]
     if args.batch_size is not None:
@@ -227,9 +232,9 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
 # ---------------------------------------------------------------------------------- training steps
 def method_config(model_name: str, method: str, batch_size: int, device: str, *, half_prec: bool = False,
                   half_prec_dtype: str = "auto", extra: tuple[str, ...] = ()) -> train.Config:
-    """train.py's frozen config for one method at eps BENCH_EPS (cifar10 for resnet18, digits for the
-    CNNs), through its own parser and checks; `extra` flags come last."""
-    argv = ["--model", model_name, "--dataset", "cifar10" if model_name == "resnet18" else "digits",
+    """train.py's frozen config for one method at eps BENCH_EPS (digits for the 8x8-input CNNs, cifar10 for the
+    ResNets), through its own parser and checks; `extra` flags come last."""
+    argv = ["--model", model_name, "--dataset", "digits" if INPUT_SHAPES[model_name] == (1, 8, 8) else "cifar10",
             "--batch_size", str(batch_size), "--n_eval_every_k_iter", str(max(256, batch_size)),
             "--eps", str(BENCH_EPS), "--device", device, *METHODS[method][1]]
     if half_prec:
@@ -379,7 +384,7 @@ def timed_autoattack(model: nn.Module, batches, eps: float, s: Settings, device:
 
 
 def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
-    """cnn: the trained digits model on the first test points; resnet18 and cnn_bn: untrained, on random
+    """cnn: the trained digits model on the first test points; resnet18, wrn28_10 and cnn_bn: untrained, on random
     images labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
     size = s.evals[model_name]
     if model_name == "cnn":

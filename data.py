@@ -1,4 +1,4 @@
-"""Datasets and batches: CIFAR-10, SVHN, MNIST, the binary CIFAR-10 sets and scikit-learn's digits.
+"""Datasets and batches: CIFAR-10, CIFAR-100, SVHN, MNIST, the binary CIFAR-10 sets and scikit-learn's digits.
 
 Images are kept as uint8 (N, C, H, W) tensors and turned into float32 in [0, 1] batch by batch
 (x = images / scale). Augmentation (zero-padded random crop, horizontal flip) runs on whole batches
@@ -29,6 +29,7 @@ class DatasetInfo:
 
 DATASETS: dict[str, DatasetInfo] = {
     "cifar10": DatasetInfo(10, (3, 32, 32), 4, True, 50000),
+    "cifar100": DatasetInfo(100, (3, 32, 32), 4, True, 50000),  # the 100 fine labels; augmented as CIFAR-10
     "svhn": DatasetInfo(10, (3, 32, 32), 4, False, 73257),
     "mnist": DatasetInfo(10, (1, 28, 28), 0, False, 60000),
     "cifar10_binary": DatasetInfo(2, (3, 32, 32), 4, True, 10000),
@@ -69,6 +70,20 @@ class _CIFAR10(datasets.CIFAR10):
         self.classes = []  # class names (batches.meta, md5-checked) are not needed
 
 
+class _CIFAR100(datasets.CIFAR100):
+    def _check_integrity(self) -> bool:
+        files = self.train_list if self.train else self.test_list
+        return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
+
+    def _load_meta(self) -> None:
+        self.classes = []
+
+
+def _cifar_reader(name: str) -> type[datasets.CIFAR10]:
+    """torchvision's reader of a CIFAR dataset (the binary sets read CIFAR-10's files)."""
+    return _CIFAR100 if name == "cifar100" else _CIFAR10
+
+
 class _SVHN(datasets.SVHN):
     def _check_integrity(self) -> bool:
         return os.path.isfile(os.path.join(self.root, self.filename))
@@ -95,8 +110,9 @@ def _mnist_files(root: str, train: bool) -> list[str]:
 
 def _source(name: str, data_dir: str, train: bool) -> tuple[str, str]:
     """(the dataset's name in messages, the path it is expected at)."""
-    if name.startswith("cifar10"):
-        return "CIFAR-10", os.path.join(data_dir, "cifar-10-batches-py")
+    if name.startswith("cifar"):
+        label = "CIFAR-100" if name == "cifar100" else "CIFAR-10"
+        return label, os.path.join(data_dir, _cifar_reader(name).base_folder)
     if name == "svhn":
         return "SVHN", os.path.join(data_dir, f"{'train' if train else 'test'}_32x32.mat")
     return "MNIST", " and ".join(_mnist_files(data_dir, train))
@@ -104,7 +120,9 @@ def _source(name: str, data_dir: str, train: bool) -> tuple[str, str]:
 
 def _download(name: str, data_dir: str, train: bool) -> None:
     """torchvision's own download, md5-verified (a no-op when verified files are already there)."""
-    if name.startswith("cifar10"):
+    if name == "cifar100":
+        datasets.CIFAR100(data_dir, train=train, download=True)
+    elif name.startswith("cifar10"):
         datasets.CIFAR10(data_dir, train=train, download=True)
     elif name == "svhn":
         datasets.SVHN(data_dir, split="train" if train else "test", download=True)
@@ -114,8 +132,8 @@ def _download(name: str, data_dir: str, train: bool) -> None:
 
 def _read(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (N, C, H, W), labels int64 (N,)) through torchvision's readers."""
-    if name.startswith("cifar10"):
-        ds = _CIFAR10(data_dir, train=train)
+    if name.startswith("cifar"):
+        ds = _cifar_reader(name)(data_dir, train=train)
         images, labels = ds.data.transpose(0, 3, 1, 2), ds.targets  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     elif name == "svhn":
         ds = _SVHN(data_dir, split="train" if train else "test")
@@ -127,7 +145,7 @@ def _read(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray
 
 
 def _first_unreadable(name: str, data_dir: str, train: bool) -> str | None:
-    """The first CIFAR-10 batch or MNIST IDX file that its reader rejects (None if each reads alone);
+    """The first CIFAR batch or MNIST IDX file that its reader rejects (None if each reads alone);
     SVHN's one .mat file."""
     if name == "mnist":
         images, labels = _mnist_files(data_dir, train)
@@ -137,11 +155,12 @@ def _first_unreadable(name: str, data_dir: str, train: bool) -> str | None:
             except Exception:  # noqa: BLE001 - any failure means this file is the damaged one
                 return path
         return None
-    if not name.startswith("cifar10"):
+    if not name.startswith("cifar"):
         return _source(name, data_dir, train)[1]
-    files = _CIFAR10.train_list if train else _CIFAR10.test_list
+    reader = _cifar_reader(name)
+    files = reader.train_list if train else reader.test_list
     for file_name, _ in files:
-        path = os.path.join(data_dir, _CIFAR10.base_folder, file_name)
+        path = os.path.join(data_dir, reader.base_folder, file_name)
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
@@ -212,15 +231,19 @@ def check_model_input(model_name: str, shape: tuple[int, int, int]) -> None:
     """Raises ValueError when the architecture cannot take images of this (C, H, W) shape.
 
     resnet18 (PreAct, avg_pool2d(4) before a 512-input linear layer) needs 3 channels and a square
-    side in 25..56 (a 4..7 final feature map); cnn takes any shape.
+    side in 25..56 (a 4..7 final feature map); wrn28_10 (two stride-2 stages, avg_pool2d(8) before
+    its linear layer) 3 channels and a square side in 29..60 (an 8..15 final map); cnn takes any shape.
     """
-    if model_name != "resnet18":
+    sides = {"resnet18": (25, 56), "wrn28_10": (29, 60)}
+    if model_name not in sides:
         return
     channels, height, width = shape
+    low, high = sides[model_name]
     if channels != 3:
-        raise ValueError(f"resnet18 needs 3-channel images; these have {channels} channel(s): use --model cnn")
-    if height != width or not 25 <= height <= 56:
-        raise ValueError(f"resnet18 takes square images of side 25..56, not {height}x{width}: use --model cnn")
+        raise ValueError(f"{model_name} needs 3-channel images; these have {channels} channel(s): use --model cnn")
+    if height != width or not low <= height <= high:
+        raise ValueError(f"{model_name} takes square images of side {low}..{high}, not {height}x{width}: "
+                         "use --model cnn")
 
 
 class Batches:

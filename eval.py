@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_shared_flags(p, from_run=True, batch_size_eval=1024,
-                     half_prec_help="evaluate under autocast (fp16 on CUDA, bf16 on CPU)")
+                     half_prec_help="PGD under autocast (fp16 on CUDA, bf16 on CPU); --attack always runs in fp32")
     a = p.add_argument
     a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
     a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
@@ -163,7 +163,9 @@ def evaluate(args) -> dict:
            "fp32_redone_passes": utils.take_fp32_redos(forward)}
     if args.attack != "pgd":
         with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
-            extra = autoattack_eval.attack_accuracy(forward, batches, eps, args.attack, args.seed, info.n_classes,
+            # AutoAttack always gets the fp32 model (--half_prec is for the PGD part only): its APGD steps
+            # have no loss scaling, and its numbers then match train.py's --final_autoattack.
+            extra = autoattack_eval.attack_accuracy(model, batches, eps, args.attack, args.seed, info.n_classes,
                                                     progress=bar.update)
         out.update(extra.json_fields())
     return out

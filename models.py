@@ -1,8 +1,9 @@
-"""The two architectures of the paper (arXiv 2007.02617), with the state_dict keys of the authors' code.
+"""The two architectures of the paper (arXiv 2007.02617), with the state_dict keys of the authors' code,
+the WideResNet-28-10 of the later methods' code, and a small BatchNorm CNN for the digits demo.
 
-Both models take images of shape (B, C, H, W) with values in [0, 1] and return logits (B, n_classes).
-Both register an alias submodule `model_preact_hl1` that points at their first layers, exactly as
-the authors' code does, so that the authors' released checkpoints load with strict=True.
+Every model takes images of shape (B, C, H, W) with values in [0, 1] and returns logits (B, n_classes).
+The paper's two register an alias submodule `model_preact_hl1` that points at their first layers,
+exactly as the authors' code does, so that the authors' released checkpoints load with strict=True.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("resnet18", "cnn", "cnn_bn")
+MODELS = ("resnet18", "cnn", "cnn_bn", "wrn28_10")
 
 
 class Normalize(nn.Module):
@@ -126,6 +127,68 @@ class CNNBN(nn.Module):
         return self._model[0].weight
 
 
+class WideBlock(nn.Module):
+    """Pre-activation wide block: bn1 -> relu -> conv1 (3x3, stride) -> bn2 -> relu -> conv2 (3x3).
+
+    Where the width or the stride changes, the shortcut is a 1x1 conv (convShortcut) of relu(bn1(x)),
+    otherwise x itself (Zagoruyko & Komodakis's design, as in the code of ELLE and ZeroGrad).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.same_shape = in_planes == planes
+        if not self.same_shape:
+            self.convShortcut = nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+        return out + (x if self.same_shape else self.convShortcut(act))
+
+
+class WideGroup(nn.Module):
+    """n_blocks wide blocks; the first changes the width and applies the stride. Keys layer.<i>.*."""
+
+    def __init__(self, n_blocks: int, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(in_planes if i == 0 else planes, planes, stride if i == 0 else 1)
+                                     for i in range(n_blocks)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """WideResNet-depth-width (pre-activation, no dropout): conv1 (3 -> 16), three groups of
+    (depth - 4) / 6 blocks of widths 16, 32 and 64 times `width` (strides 1, 2, 2), then BatchNorm,
+    ReLU, avg_pool2d(8) and a linear layer. Depth 28, width 10: 4 blocks per group, widths 160, 320,
+    640, 36.5M parameters. The state_dict keys are those of ELLE's and ZeroGrad's WideResNet (conv1,
+    block{1,2,3}.layer.<i>.*, bn1, fc). Input (B, 3, S, S) with 29 <= S <= 60 (32 in practice).
+    """
+
+    def __init__(self, n_classes: int = 10, depth: int = 28, width: int = 10):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
+            raise ValueError(f"a WideResNet needs depth 6n + 4 >= 10 and width >= 1 (got {depth}, {width})")
+        n_blocks = (depth - 4) // 6
+        widths = (16 * width, 32 * width, 64 * width)
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
+        self.block1 = WideGroup(n_blocks, 16, widths[0], 1)
+        self.block2 = WideGroup(n_blocks, widths[0], widths[1], 2)
+        self.block3 = WideGroup(n_blocks, widths[1], widths[2], 2)
+        self.bn1 = nn.BatchNorm2d(widths[2])
+        self.fc = nn.Linear(widths[2], n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = F.avg_pool2d(F.relu(self.bn1(out)), 8)
+        return self.fc(out.flatten(1))
+
+
 def init_weights(module: nn.Module) -> None:
     """The authors' initialisation, applied to every module with model.apply.
 
@@ -147,9 +210,15 @@ def init_weights(module: nn.Module) -> None:
 
 def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
                 n_layers: int = 1, n_filters_cnn: int = 16) -> nn.Module:
-    """A freshly initialised model (the authors' init, including its second pass over the aliases)."""
+    """A freshly initialised model (the authors' init, including its second pass over the aliases).
+
+    wrn28_10 gets the same init: its convolutions and BatchNorms as in ELLE's and ZeroGrad's code, its
+    linear layer N(0, sqrt(2 / in_features)) where theirs keeps PyTorch's default (bias 0 in both).
+    """
     if name == "resnet18":
         model = PreActResNet18(n_classes)
+    elif name == "wrn28_10":
+        model = WideResNet(n_classes, depth=28, width=10)
     elif name == "cnn":
         model = CNN(n_classes, shape_in, n_conv=n_layers, n_filters=n_filters_cnn)
     elif name == "cnn_bn":

@@ -97,8 +97,8 @@ def load_data(cfg: Config, device: torch.device) -> Data:
 
 # ================================================================================ model, optimiser
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD(momentum 0.9) for resnet18, Adam with coupled L2 for the CNN; on all parameters."""
-    if cfg.model == "resnet18":
+    """SGD(momentum 0.9) for resnet18 and wrn28_10, Adam with coupled L2 for the CNNs; on all parameters."""
+    if cfg.model in ("resnet18", "wrn28_10"):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr_max, weight_decay=cfg.weight_decay)
 
@@ -133,7 +133,7 @@ class StepState:
 
 
 def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
-    """FGSM (zero start), FGSM-RS (uniform start) or Free-AT (persistent delta, m > 1)."""
+    """FGSM (zero start), FGSM-RS (uniform start), Free-AT (persistent delta, m > 1), ZeroGrad and ELLE's attack."""
     eps = cfg.eps_frac
     if cfg.free_at:
         if st.free_delta is None:
@@ -142,14 +142,15 @@ def perturb_fgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:
     else:
         delta0 = torch.zeros_like(x) if cfg.attack_init == "zero" else utils.uniform_delta(x, eps)
     step = st.warm * cfg.fgsm_alpha * eps  # SVHN warms the step multiplier only
-    if cfg.zerograd_q > 0:  # ZeroGrad
-        delta, grad = utils.zerograd_attack(model, x, y, delta0, eps, step, cfg.zerograd_q, cfg.clamp_grad,
-                                            create_graph=st.grad1_graph)
+    clamp = None if cfg.elle_lambda > 0 or cfg.zerograd_q > 0 else cfg.clamp_grad  # their code: no clamp in the graph
+    if cfg.zerograd_q > 0:  # ZeroGrad (its gradient is taken at its start projected onto the box)
+        delta, grad, delta0 = utils.zerograd_attack(model, x, y, delta0, eps, step, cfg.zerograd_q,
+                                                    create_graph=st.grad1_graph)
     else:
-        delta, grad = utils.fgsm_attack(model, x, y, delta0, eps, step, cfg.clamp_grad, create_graph=st.grad1_graph)
+        delta, grad = utils.fgsm_attack(model, x, y, delta0, eps, step, clamp, create_graph=st.grad1_graph)
     if cfg.free_at:
         st.free_delta = delta
-    return Perturbation(delta, grad, delta0, cfg.clamp_grad)
+    return Perturbation(delta, grad, delta0, clamp)
 
 
 def perturb_nfgsm(model, x, y, cfg: Config, st: StepState) -> Perturbation:

@@ -151,27 +151,30 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 
 def directional_fd_surrogate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta: torch.Tensor,
                              direction: torch.Tensor, h: float, clamp_rule: str | None = None) -> torch.Tensor:
-    """A scalar whose parameter gradient approximates that of sum_i <direction_i, grad_i>, where grad_i
-    is example i's input gradient of the summed cross-entropy at x + delta (as input_grad computes it),
+    """A scalar whose parameter gradient approximates that of <direction, grad>, where grad is the
+    input gradient of the summed cross-entropy L at x + delta (input_grad's, all examples together),
     without double backprop.
 
-    Each direction_i (detached) is split into its norm n_i and unit vector u_i; the directional
-    derivative <u_i, grad_i> is replaced by the central difference (l_i(x + delta + h u_i) -
-    l_i(x + delta - h u_i)) / (2 h), with l_i the example's cross-entropy (the forward sees the points
-    clamped under `clamp_rule`, or raw when None). Error O(h^2) where the loss is smooth; h in [0, 1]
+    The whole batch moves jointly along the direction V (detached), scaled by one number c, the
+    largest per-example norm of V (so no example moves by more than h): the surrogate is
+    c (L(x + delta + h V / c) - L(x + delta - h V / c)) / (2 h), a central difference of
+    <V, grad> = sum_j <v_j, d L / d x_j>. Because the batch moves together, the terms through which
+    train-mode BatchNorm couples the examples (example k's loss depends on x_j through the batch
+    statistics) get the same weights as in the exact gradient. The forward sees the points clamped
+    under `clamp_rule`, or raw when None. Error O(h^2) where L is smooth in (x, theta); h in [0, 1]
     input units. Costs two forward+backward passes of the batch; the two forwards run in the model's
     current mode (train mode updates BatchNorm's running statistics twice).
     """
     v = direction.detach().flatten(1).float()
-    norm = v.norm(dim=1)
-    unit = (v / torch.where(norm > 0, norm, torch.ones_like(norm)).unsqueeze(1)).view_as(delta).to(x.dtype)
+    scale = v.norm(dim=1).max()
+    unit = (v / torch.where(scale > 0, scale, torch.ones_like(scale))).view_as(delta).to(x.dtype)
     base = x + delta.detach()
     losses = []
     for sign in (1.0, -1.0):
         point = base + sign * h * unit
         logits = model(point if clamp_rule is None else box_clamp(point, clamp_rule))
-        losses.append(F.cross_entropy(_at_least_fp32(logits), y, reduction="none"))
-    return (norm * (losses[0] - losses[1])).sum() / (2 * h)
+        losses.append(F.cross_entropy(_at_least_fp32(logits), y, reduction="sum"))
+    return scale * (losses[0] - losses[1]) / (2 * h)
 
 
 def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1: torch.Tensor,
@@ -180,17 +183,21 @@ def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1:
     """GradAlign's regulariser with a finite-difference parameter gradient instead of double backprop.
 
     Value: exactly grad_align_reg(grad1, grad2, lam) (the gradients are used detached). Parameter
-    gradient: by the chain rule d reg / d theta = sum_j <d reg / d grad_j, d grad_j / d theta>; each
-    term is the parameter gradient of <v_j, grad_j> with v_j = d reg / d grad_j held fixed, and
-    directional_fd_surrogate approximates it with a central difference of step h (in [0, 1] input
-    units) along v_j. grad2 is the input gradient at x + delta2 (no clamp), as train.py computes it;
-    grad1 gets its term only when delta1 is given (grad1 at x + delta1 under clamp_rule1), otherwise it
-    is treated as a constant, as the detached FGSM gradient is. Shapes (B, C, H, W).
-    Cost: 2 forward+backward passes per differentiated gradient, no double backprop. For a smooth
-    network the error of the gradient vanishes as h -> 0 (until rounding dominates). A ReLU network
-    differs: double backprop treats its kinks as flat, while the difference sees every kink within h of
-    a point, so the two agree only for h below the distance to the nearest kink (about 1e-5 and
-    float64 on a small CNN); at the h that fp32 allows, this is a smoothed variant, not the same gradient.
+    gradient: by the chain rule d reg / d theta = <V, d grad2 / d theta> (+ the same for grad1), with
+    V = d reg / d grad2 held fixed; that is the parameter gradient of <V, grad2>, which
+    directional_fd_surrogate approximates with a central difference of step h (in [0, 1] input units)
+    moving the whole batch jointly along V. grad2 is the input gradient at x + delta2 (no clamp), as
+    train.py computes it; grad1 gets its term only when delta1 is given (grad1 at x + delta1 under
+    clamp_rule1), otherwise it is treated as a constant, as the detached FGSM gradient is. Shapes
+    (B, C, H, W). Cost: 2 forward+backward passes per differentiated gradient, no double backprop.
+
+    Accuracy: where the network is smooth the error of the gradient is O(h^2), BatchNorm in train
+    mode included, until rounding dominates; so it needs fp32 or better: in fp16 or bf16 the
+    difference of two losses over 2h is mostly rounding noise (refuse_fd_in_half_precision). A ReLU
+    network differs: double backprop treats its kinks as flat, while the difference sees every kink
+    within h of a point, so the two agree only for h below the distance to the nearest kink (about
+    1e-5 and float64 on a small CNN); at the h that fp32 allows, this is a smoothed variant, not the
+    same gradient.
     """
     g1 = grad1.detach().float().requires_grad_(delta1 is not None)
     g2 = grad2.detach().float().requires_grad_(True)
@@ -202,6 +209,15 @@ def grad_align_reg_fd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, grad1:
     if delta1 is not None:
         surrogate = surrogate + directional_fd_surrogate(model, x, y, delta1, dirs[1], h, clamp_rule1)
     return value.detach() + (surrogate - surrogate.detach())
+
+
+def refuse_fd_in_half_precision(grad_align_fd: float, half_prec: bool) -> str | None:
+    """The error message when the finite-difference GradAlign gradient is asked for in half precision
+    (the difference of two fp16 or bf16 losses over 2h is mostly rounding noise), else None."""
+    if grad_align_fd > 0 and half_prec:
+        return ("--grad_align_fd needs fp32: in half precision its finite difference is mostly rounding noise; "
+                "drop --half_prec or --grad_align_fd")
+    return None
 
 
 # -------------------------------------------------------------------------------------------------- ELLE
@@ -236,8 +252,11 @@ class ElleAdaptive:
 
     A spike is an error above mean + sensitivity * std of every earlier error of the run (population
     std; at least 3 earlier errors are needed), lambda starts at 0, and the paper's values are
-    decay 0.99 and sensitivity 2. The running mean and std (Welford) are tensors on the error's
-    device: update() makes no host synchronisation.
+    decay 0.99 and sensitivity 2. As in the authors' released code (the rule runs after the step's
+    backward), the lambda set from step t's error first scales step t + 1's regulariser: update()
+    returns the lambda set by the previous call. The running mean and std (Welford) are tensors on
+    the error's device: update() makes no host synchronisation. state_dict: count, the lambda for
+    the next step, and the statistics.
     """
     lam_max: float
     decay: float = 0.99
@@ -248,11 +267,13 @@ class ElleAdaptive:
     m2: torch.Tensor | None = None
 
     def update(self, error: torch.Tensor) -> torch.Tensor:
-        """Sets lambda from this step's error (a detached scalar), then adds the error to the
-        statistics; returns the lambda for this step (a 0-dim tensor)."""
+        """Returns the lambda of this step (a 0-dim tensor: the one set from the previous step's
+        error, 0 at the first step); then sets the next step's lambda from this step's error (a
+        detached scalar) and adds the error to the statistics."""
         error = error.detach().float()
         if self.lam is None:
             self.lam, self.mean, self.m2 = (torch.zeros_like(error) for _ in range(3))
+        current = self.lam
         std = torch.sqrt(self.m2 / max(self.count, 1))
         spike = (error > self.mean + self.sensitivity * std) & (self.count > 2)
         self.lam = torch.where(spike, torch.full_like(error, self.lam_max), self.decay * self.lam)
@@ -260,7 +281,7 @@ class ElleAdaptive:
         diff = error - self.mean
         self.mean = self.mean + diff / self.count
         self.m2 = self.m2 + diff * (error - self.mean)
-        return self.lam
+        return current
 
     def state_dict(self) -> dict:
         return {"count": self.count, "lam": self.lam, "mean": self.mean, "m2": self.m2}
@@ -271,12 +292,15 @@ class ElleAdaptive:
 
 # --------------------------------------------------------------------------------------------- attacks
 def fgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torch.Tensor, eps: float,
-                step: float, clamp_rule: str, *, create_graph: bool = False
+                step: float, clamp_rule: str | None, *, create_graph: bool = False
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One FGSM step from delta0 (training: FGSM, FGSM-RS and Free-AT).
+    """One FGSM step from delta0 (training: FGSM, FGSM-RS, Free-AT and ELLE's attack).
 
-    The gradient is taken at clamp(x + delta0) under `clamp_rule`; the step is step * sign(grad)
-    (step = fgsm_alpha * eps), clipped to [-eps, eps] and projected onto the box.
+    The gradient is taken at clamp(x + delta0) under `clamp_rule` (the paper's code), or at x + delta0
+    with no clamp in the graph when clamp_rule is None (ELLE's code: from its zero start that is x
+    itself, so a pixel at exactly 0 or 1 gets its real gradient under either --clamp_grad rule).
+    The step is step * sign(grad) (step = fgsm_alpha * eps), clipped to [-eps, eps] and projected
+    onto the box.
     Returns (delta, grad at delta0); delta is detached, and so is grad unless create_graph keeps its
     graph (GradAlign backpropagating through this gradient too).
     """
@@ -286,38 +310,48 @@ def fgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torc
 
 
 def zero_smallest(grad: torch.Tensor, q: float) -> torch.Tensor:
-    """ZeroGrad's filter: in each example of grad (B, ...), the floor(q * d) coordinates of smallest
-    |value| (d coordinates per example; ties broken by position) are set to 0, the rest kept.
+    """ZeroGrad's filter: in each example of grad (B, ...), every coordinate whose |value| is strictly
+    below the example's q-quantile of |grad| is set to 0, the rest kept.
 
-    q in [0, 1): 0 returns grad unchanged. Shapes and dtype are kept; no host synchronisation.
+    The quantile is torch.quantile's default (linear interpolation between the order statistics at
+    floor and ceil of q * (d - 1), d coordinates per example), as in the authors' code; with distinct
+    values that zeroes the ceil(q * (d - 1)) smallest. q in [0, 1): 0 returns grad unchanged. Shapes
+    and dtype are kept; computed with a sort, with no host synchronisation.
     """
     if not 0.0 <= q < 1.0:
         raise ValueError(f"ZeroGrad's quantile must be in [0, 1) (got {q})")
-    flat = grad.flatten(1)
-    k = int(q * flat.shape[1])
-    if k == 0:
+    if q == 0.0:
         return grad
-    smallest = flat.abs().topk(k, dim=1, largest=False, sorted=False).indices
-    return flat.scatter(1, smallest, 0.0).view_as(grad)
+    flat = grad.flatten(1)
+    size = flat.abs()
+    rank = q * (flat.shape[1] - 1)
+    low = int(rank)
+    ordered = size.sort(dim=1).values
+    high = min(low + 1, flat.shape[1] - 1)
+    threshold = torch.lerp(ordered[:, low:low + 1], ordered[:, high:high + 1], rank - low)
+    return torch.where(size < threshold, torch.zeros_like(flat), flat).view_as(grad)
 
 
 def zerograd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, delta0: torch.Tensor, eps: float,
-                    step: float, q: float, clamp_rule: str, *, create_graph: bool = False
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    step: float, q: float, *, create_graph: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ZeroGrad (Golgooni et al., arXiv 2103.15476): FGSM whose small gradient coordinates do not move.
 
     Threat model: L-inf ball of radius eps (in [0, 1] units) intersected with the box [0, 1].
-    The gradient g is taken at clamp(x + delta0) under `clamp_rule`, as in fgsm_attack; in each example
-    the floor(q * d) coordinates with the smallest |g| are zeroed (zero_smallest), and the step is
-    step * sign(filtered g) (a zeroed coordinate keeps its delta0 value), clipped to [-eps, eps] and
+    As in the authors' code, the start delta0 is first projected onto the box (start = clamp(x +
+    delta0, 0, 1) - x) and the gradient g is taken at x + start with no clamp in the graph, so every
+    pixel, saturated or not, gets its real gradient whatever --clamp_grad says. In each example the
+    coordinates with |g| below the q-quantile are zeroed (zero_smallest), and the step is
+    step * sign(filtered g) (a zeroed coordinate keeps its start value), clipped to [-eps, eps] and
     projected onto the box. x, delta0: (B, C, H, W); q in [0, 1).
-    Returns (delta, g at delta0 before filtering): |delta|_inf <= eps and 0 <= x + delta <= 1; delta
-    is detached, g too unless create_graph.
+    Returns (delta, g at the start before filtering, start): |delta|_inf <= eps and 0 <= x + delta <= 1;
+    delta and start are detached, g too unless create_graph.
     """
-    grad, _ = input_grad(model, x, y, delta0, clamp_rule=clamp_rule, create_graph=create_graph)
+    start = torch.clamp(x + delta0.detach(), 0.0, 1.0) - x
+    grad, _ = input_grad(model, x, y, start, create_graph=create_graph)
     kept = zero_smallest(grad.detach(), q)
-    delta = torch.clamp(delta0.detach() + step * torch.sign(kept), -eps, eps)
-    return torch.clamp(x + delta, 0.0, 1.0) - x, grad
+    delta = torch.clamp(start + step * torch.sign(kept), -eps, eps)
+    return torch.clamp(x + delta, 0.0, 1.0) - x, grad, start.detach()
 
 
 def nfgsm_noise(x: torch.Tensor, eps: float, noise_mult: float) -> torch.Tensor:

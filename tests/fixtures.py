@@ -1,4 +1,4 @@
-"""Writers of tiny datasets in the real on-disk formats (CIFAR-10 pickles, SVHN .mat, MNIST IDX)."""
+"""Writers of tiny datasets in the real on-disk formats (CIFAR-10 and CIFAR-100 pickles, SVHN .mat, MNIST IDX)."""
 from __future__ import annotations
 
 import os
@@ -20,6 +20,23 @@ def write_cifar10(root, train_labels: list[list[int]], test_labels: list[int], s
             pickle.dump(entry, f)
     with open(os.path.join(folder, "batches.meta"), "wb") as f:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, f)
+
+
+def write_cifar100(root, train_labels: list[int], test_labels: list[int], seed: int = 0) -> None:
+    """root/cifar-100-python/{train,test,meta}: one pickle per split with 'data' (N, 3072) uint8,
+    'fine_labels' (0..99) and 'coarse_labels' (0..19), as the real files have them."""
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, labels in (("train", train_labels), ("test", test_labels)):
+        entry = {"filenames": [f"{name}_{i}.png" for i in range(len(labels))], "batch_label": name,
+                 "fine_labels": list(labels), "coarse_labels": [label // 5 for label in labels],
+                 "data": rng.integers(0, 256, (len(labels), 3072), dtype=np.uint8)}
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump(entry, f)
+    with open(os.path.join(folder, "meta"), "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)],
+                     "coarse_label_names": [f"super{i}" for i in range(20)]}, f)
 
 
 def write_svhn(root, train_labels: list[int], test_labels: list[int], seed: int = 0) -> None:

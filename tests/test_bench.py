@@ -78,3 +78,11 @@ def test_quick_bench_on_cuda_reports_peak_memory(tmp_path):
         assert steps["settings"]["cudnn_benchmark"] in (True, False)
     assert all(e["peak_mib"] > 0 for e in report["eval"].values())
 
+
+def test_wrn28_10_has_sizes_and_a_cifar_config_for_every_method():
+    # (timing it is too slow for the suite on a CPU: one forward+backward of 2 images takes seconds)
+    s = bench.parse_settings(["--quick", "--models", "wrn28_10", "--device", "cpu"])
+    assert s.models == ("wrn28_10",) and s.batch_sizes["wrn28_10"] == 2 and s.evals["wrn28_10"].n_eval == 2
+    for method in bench.METHODS:
+        cfg = bench.method_config("wrn28_10", method, 2, s.device)
+        assert (cfg.model, cfg.dataset) == ("wrn28_10", "cifar10")

@@ -12,7 +12,7 @@ from scipy.io import loadmat
 from sklearn.datasets import load_digits
 
 import data
-from tests.fixtures import write_cifar10, write_mnist, write_svhn
+from tests.fixtures import write_cifar10, write_cifar100, write_mnist, write_svhn
 
 TRAIN_LABELS = [[4, 0, 8], [1, 8, 4], [2, 3, 5], [6, 7, 9], [4, 4, 8]]  # 15 images: 5 deer, 3 ships
 TEST_LABELS = [8, 1, 4, 0]
@@ -41,6 +41,27 @@ def test_cifar10_channels_come_from_the_pickle_layout(tmp_path):
         row = pickle.load(f)["data"][0]  # 1024 red, 1024 green, 1024 blue values, row-major
     test = data.load_split("cifar10", str(tmp_path), train=False)
     assert np.array_equal(test.images[0].numpy().ravel(), row)
+
+
+def test_cifar100_pickles_load_fine_labels_and_pixels(tmp_path):
+    train_labels, test_labels = [0, 99, 42, 7, 63], [5, 98, 0]
+    write_cifar100(tmp_path, train_labels, test_labels)
+    train = data.load_split("cifar100", str(tmp_path), train=True)
+    test = data.load_split("cifar100", str(tmp_path), train=False)
+    assert train.images.shape == (5, 3, 32, 32) and train.images.dtype == torch.uint8 and train.scale == 255.0
+    assert train.labels.tolist() == train_labels and test.labels.tolist() == test_labels  # fine, not coarse
+    with open(tmp_path / "cifar-100-python" / "test", "rb") as f:
+        rows = pickle.load(f)["data"]  # 1024 red, 1024 green, 1024 blue values per row
+    assert np.array_equal(test.images.numpy().reshape(3, -1), rows)
+    info = data.DATASETS["cifar100"]
+    assert (info.n_classes, info.crop_padding, info.hflip) == (100, 4, True)  # augmented as CIFAR-10
+    os.remove(tmp_path / "cifar-100-python" / "train")
+    with pytest.raises(data.DataMissingError, match="CIFAR-100 not found.*cifar-100-python"):
+        data.load_split("cifar100", str(tmp_path), train=True)
+    with open(tmp_path / "cifar-100-python" / "train", "wb") as f:
+        f.write(b"not a pickle")
+    with pytest.raises(data.DataUnreadableError, match="cifar-100-python/train"):
+        data.load_split("cifar100", str(tmp_path), train=True)
 
 
 def test_binary_sets_keep_deer_and_ship_in_order(cifar_dir):
@@ -95,7 +116,8 @@ def test_digits_split_and_values():
 
 
 def test_dataset_table_matches_what_loads(cifar_dir):
-    assert set(data.DATASETS) == {"cifar10", "svhn", "mnist", "cifar10_binary", "cifar10_binary_gs", "digits"}
+    assert set(data.DATASETS) == {"cifar10", "cifar100", "svhn", "mnist", "cifar10_binary", "cifar10_binary_gs",
+                                  "digits"}
     for name in ("cifar10", "cifar10_binary", "cifar10_binary_gs", "digits"):
         split = data.load_split(name, cifar_dir, train=True)
         assert tuple(split.images.shape[1:]) == data.DATASETS[name].shape
@@ -103,7 +125,7 @@ def test_dataset_table_matches_what_loads(cifar_dir):
 
 
 # ------------------------------------------------------------------------------------- bad requests
-@pytest.mark.parametrize("name", ["cifar10", "svhn", "mnist", "cifar10_binary_gs"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "mnist", "cifar10_binary_gs"])
 def test_missing_data_is_a_one_line_error_naming_path_and_fix(tmp_path, name):
     with pytest.raises(data.DataMissingError) as info:
         data.load_split(name, str(tmp_path / "nowhere"), train=True)
@@ -149,6 +171,13 @@ def test_check_model_input():
     data.check_model_input("resnet18", (3, 32, 32))
     data.check_model_input("resnet18", (3, 25, 25))
     data.check_model_input("resnet18", (3, 56, 56))
+    for side in (29, 32, 60):
+        data.check_model_input("wrn28_10", (3, side, side))
+    for shape in [(3, 28, 28), (3, 61, 61), (3, 32, 30)]:
+        with pytest.raises(ValueError, match="wrn28_10 takes square images of side 29..60"):
+            data.check_model_input("wrn28_10", shape)
+    with pytest.raises(ValueError, match="wrn28_10 needs 3-channel"):
+        data.check_model_input("wrn28_10", (1, 32, 32))
     for shape in [(1, 8, 8), (1, 28, 28), (3, 100, 7), (5, 32, 32)]:
         data.check_model_input("cnn", shape)
     with pytest.raises(ValueError, match="3-channel.*--model cnn"):

@@ -170,7 +170,9 @@ def test_elle_adaptive_lambda_is_applied_in_the_step():
     assert float(stats.sums[1]) == 0.0 and st.elle.count == 4  # lambda starts at 0
     st.elle.mean.fill_(-1.0)  # every earlier error far below this one: a spike
     train.train_step(model, opt, scaler, x, y, cfg, st, stats, update=True)
-    assert float(st.elle.lam) == 50.0 and float(stats.sums[1]) > 0
+    assert float(st.elle.lam) == 50.0 and float(stats.sums[1]) == 0.0  # set now, applied from the next step
+    train.train_step(model, opt, scaler, x, y, cfg, st, stats, update=True)
+    assert float(stats.sums[1]) > 0
 
 
 def test_elle_adaptive_state_survives_a_resume(tmp_path):

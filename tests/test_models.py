@@ -112,6 +112,59 @@ def test_preact_block_shortcut_takes_block_input():
     assert not torch.allclose(out, other, atol=1e-3)
 
 
+def test_wrn28_10_keys_shapes_and_size():
+    model = models.build_model("wrn28_10", 100, (3, 32, 32))
+    state = model.state_dict()
+    assert sum(p.numel() for p in model.parameters()) == 36_479_194 + 90 * 641  # 36.5M at 10 classes
+    assert len(state) == 155  # 12 blocks x 12 keys, 3 shortcut convs, conv1, bn1 (5 keys), fc (2)
+    assert state["conv1.weight"].shape == (16, 3, 3, 3) and state["fc.weight"].shape == (100, 640)
+    for group, (planes, blocks) in enumerate([(160, 4), (320, 4), (640, 4)], start=1):
+        for i in range(blocks):
+            assert state[f"block{group}.layer.{i}.conv2.weight"].shape == (planes, planes, 3, 3)
+        assert f"block{group}.layer.0.convShortcut.weight" in state
+        assert f"block{group}.layer.1.convShortcut.weight" not in state
+    assert state["block2.layer.0.conv1.weight"].shape == (320, 160, 3, 3)
+    small = models.WideResNet(7, depth=16, width=2)  # depth and width are arguments: 2 blocks, widths 32-128
+    assert len(small.block1.layer) == 2 and small.fc.weight.shape == (7, 128)
+    with pytest.raises(ValueError, match="depth 6n"):
+        models.WideResNet(10, depth=27)
+
+
+def test_wide_block_shortcut_is_the_preactivated_input_when_the_width_changes():
+    torch.manual_seed(2)
+    for in_planes, planes, stride in ((4, 8, 2), (8, 8, 1)):
+        block = models.WideBlock(in_planes, planes, stride).eval()
+        for bn in (block.bn1, block.bn2):
+            bn.running_mean.normal_()
+            bn.weight.data.normal_()
+            bn.bias.data.normal_()
+        x = torch.randn(2, in_planes, 8, 8)
+        with torch.no_grad():
+            pre = F.relu(block.bn1(x))
+            main = block.conv2(F.relu(block.bn2(block.conv1(pre))))
+            shortcut = block.convShortcut(pre) if in_planes != planes else x
+            assert torch.allclose(block(x), main + shortcut, atol=1e-5)
+            assert not torch.allclose(block(x), main + (pre if in_planes == planes else block.convShortcut(x)),
+                                      atol=1e-3)
+
+
+@pytest.mark.parametrize("side", [28, 29, 32, 60, 61])
+def test_wrn_input_sides_are_what_check_model_input_accepts(side):
+    import data
+    model = models.WideResNet(10, depth=10, width=1).eval()  # the sides depend on the strides only
+    accepted = True
+    try:
+        data.check_model_input("wrn28_10", (3, side, side))
+    except ValueError:
+        accepted = False
+    try:
+        with torch.no_grad():
+            works = model(torch.rand(2, 3, side, side)).shape == (2, 10)
+    except RuntimeError:
+        works = False
+    assert works == accepted == (29 <= side <= 60)
+
+
 # ----------------------------------------------------------------------------------- checkpoints
 def _outputs(model, x):
     model.eval()
@@ -330,7 +383,8 @@ def test_cnn_forward_shapes():
 
 # ------------------------------------------------------------------------------------ no host sync
 def test_forward_methods_have_no_host_sync_in_source():
-    for cls in (models.Normalize, models.PreActBlock, models.PreActResNet18, models.CNN, models.CNNBN):
+    for cls in (models.Normalize, models.PreActBlock, models.PreActResNet18, models.CNN, models.CNNBN,
+                models.WideBlock, models.WideGroup, models.WideResNet):
         src = inspect.getsource(cls.forward)
         for bad in (".item(", ".cpu(", "numpy", ".tolist("):
             assert bad not in src, (cls.__name__, bad)
