@@ -1,11 +1,59 @@
-"""Writers of tiny datasets in the real on-disk formats (CIFAR-10 pickles, SVHN .mat, MNIST IDX)."""
+"""Shared test helpers: the tiny digits run's flags, reading a run directory, and writers of tiny
+datasets in the real on-disk formats (CIFAR-10 pickles, SVHN .mat, MNIST IDX)."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import struct
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny digits run: cnn-4, 1400/350 = 4 iterations per epoch, evaluated every 2 iterations.
+TINY = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76", "--epochs", "1",
+        "--batch_size", "350", "--n_eval_every_k_iter", "350", "--eval_iter_freq", "2", "--lr_max", "0.01",
+        "--attack_iters", "2", "--n_final_eval", "64", "--batch_size_eval", "64", "--clamp_grad", "half",
+        "--device", "cpu", "--debug"]
+# 3 epochs -> global iterations 0..12, resumable states after epochs 0, 1, 2 (the interrupted-run tests).
+RUN = TINY + ["--attack", "fgsm", "--grad_align_cos_lambda", "0.5", "--epochs", "3"]
+
+
+def run_dir_of(out_dir, argv: list[str]) -> str:
+    """The directory train.py gives the run of these flags under out_dir."""
+    import train
+    cfg, defaults = train.parse_config(list(argv))
+    return os.path.join(str(out_dir), train.run_name(cfg, defaults))
+
+
+def run_train(tmp_path, *extra: str) -> str:
+    """Trains TINY + extra in-process under tmp_path/runs; returns the run directory. For runs a test
+    changes or patches (a run only read belongs to the shared tiny_run fixture)."""
+    import train
+    args = TINY + ["--out_dir", str(tmp_path / "runs"), *extra]
+    assert train.main(args) == 0
+    return run_dir_of(tmp_path / "runs", args)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def comparable(run_dir: str) -> tuple[list[dict], dict]:
+    """metrics.jsonl's rows and final.json without their timing fields (equal for equal runs)."""
+    rows = read_metrics(run_dir)
+    for row in rows:
+        row.pop("elapsed_s"), row.pop("train_minutes")
+    final = read_json(os.path.join(run_dir, "final.json"))
+    final.pop("train_minutes")
+    return rows, final
 
 
 def write_cifar10(root, train_labels: list[list[int]], test_labels: list[int], seed: int = 0) -> None:

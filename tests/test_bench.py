@@ -40,6 +40,7 @@ def check_report(report: dict, device: str) -> None:
     assert report["reference"]["eval_pgd_50_10"]["grad_passes_per_example"] == 500
 
 
+@pytest.mark.slow
 def test_quick_bench_on_cpu_writes_every_number(tmp_path, capsys):
     with_aa = autoattack_eval.available()  # the optional extra (installed by the README's test command)
     report = run_quick(tmp_path, "cpu", *(["--autoattack"] if with_aa else []))
@@ -64,7 +65,7 @@ def test_bad_flags_exit_with_usage_error():
     assert exc.value.code == 2
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_quick_bench_on_cuda_reports_peak_memory(tmp_path):
     report = run_quick(tmp_path, "cuda")
     check_report(report, "cuda")
@@ -94,7 +95,7 @@ def test_acceptance_without_cuda_runs_the_cpu_parts_and_marks_cuda_absent(tmp_pa
     assert any(r["fp16_scaled"] < r["fp16_unscaled"] for r in rows)
 
 
-def test_acceptance_epoch_timing_and_projection_at_tiny_size_on_cpu(one_thread):
+def test_acceptance_epoch_timing_and_projection_at_tiny_size_on_cpu():
     cpu = torch.device("cpu")
     epoch = bench.epoch_seconds("cnn", "gradalign", 64, 32, cpu, warmup_steps=1)
     assert epoch["steps"] == 2 and epoch["seconds_per_epoch"] > 0 and epoch["peak_mib"] is None

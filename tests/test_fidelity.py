@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import models
 import train
 import utils
-from tests.fixtures import write_cifar10
-from tests.test_train import TINY, read_metrics, run_train
+from tests.fixtures import TINY, read_metrics, run_train, write_cifar10
 
 
 # ---------------------------------------------------------------------------------- BatchNorm stats
