@@ -90,8 +90,12 @@ def test_ci_runs_the_readme_lint_and_test_command_with_a_pinned_ruff():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert ci in readme.splitlines()
     assert "-r requirements-dev.txt" in ci and "ruff check ." in ci and "python -m pytest -q tests" in ci
+    assert "--durations=15" in ci  # the full suite, with its slowest tests named
     pins = open(os.path.join(ROOT, "requirements-dev.txt")).read()
     assert re.search(r"^ruff==\d+\.\d+\.\d+$", pins, re.MULTILINE)
+    assert re.search(r"^pytest==\d+\.\d+\.\d+$", pins, re.MULTILINE)  # a development tool, not a run dependency
+    runtime = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert not re.search(r"^pytest\b", runtime, re.MULTILINE)
 
 
 @pytest.mark.slow
