@@ -10,18 +10,12 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import os
-import signal
 import sys
-import threading
 
 import pytest
 import torch
 
-from tests.fixtures import TINY, read_json, read_metrics, run_dir_of
-
-GUARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
-# Set by pytest for each test phase, and by scikit-learn when it is first imported: not a test's doing.
-UNGUARDED_ENV = {"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK"}
+from tests.fixtures import TINY, ProcessState, read_json, read_metrics, run_dir_of
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -42,53 +36,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # ---------------------------------------------------------------------------------- the state guard
-def _torch_flags() -> tuple:
-    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark)
-
-
-def _set_torch_flags(flags: tuple) -> None:
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.benchmark = flags
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_state():
-    """Fails the test if it (or an entry point it ran in-process) changed the signal handlers, the torch
-    thread count, the working directory, the environment or the umask, or left a run lock's refreshing
-    thread running; restores them either way so the next test starts clean. The TF32 and cudnn
-    benchmark switches are process-wide settings train.py makes on purpose: restored, not reported."""
-    handlers = {s: signal.getsignal(s) for s in GUARDED_SIGNALS}
-    threads, cwd, env, flags = torch.get_num_threads(), os.getcwd(), dict(os.environ), _torch_flags()
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """Fails the test if it, or an entry point it ran in-process, left process state behind (see
+    ProcessState); restores that state either way, so the next test starts clean."""
+    before = ProcessState()
     yield
-    leaked = []
-    for s, handler in handlers.items():
-        if signal.getsignal(s) is not handler:
-            leaked.append(f"the {s.name} handler")
-            signal.signal(s, handler)
-    if torch.get_num_threads() != threads:
-        leaked.append(f"torch's thread count ({torch.get_num_threads()}, was {threads})")
-        torch.set_num_threads(threads)
-    if os.getcwd() != cwd:
-        leaked.append(f"the working directory ({os.getcwd()})")
-        os.chdir(cwd)
-    changed = sorted(k for k in (set(env) | set(os.environ)) - UNGUARDED_ENV if env.get(k) != os.environ.get(k))
-    if changed:
-        leaked.append(f"environment variables {changed}")
-        for key in changed:
-            if key in env:
-                os.environ[key] = env[key]
-            else:
-                del os.environ[key]
-    now = os.umask(umask)
-    if now != umask:
-        leaked.append(f"the umask ({oct(now)}, was {oct(umask)})")
-    _set_torch_flags(flags)
-    for thread in threading.enumerate():
-        if thread.name == "run-lock-heartbeat":
-            thread.join(timeout=2)
-            if thread.is_alive():
-                leaked.append("a run lock's refreshing thread")
+    leaked = before.restore()
     if leaked:
         pytest.fail("the test left process state behind: " + "; ".join(leaked), pytrace=False)
 

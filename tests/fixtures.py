@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import struct
+import threading
 
 import numpy as np
 
@@ -25,6 +27,63 @@ def run_dir_of(out_dir, argv: list[str]) -> str:
     import train
     cfg, defaults = train.parse_config(list(argv))
     return os.path.join(str(out_dir), train.run_name(cfg, defaults))
+
+
+class ProcessState:
+    """What an in-process call of an entry point must leave as it found it: the stop-signal handlers,
+    torch's thread count, the working directory, the environment, the umask, and no run lock's
+    refreshing thread still running. Captured when made; restore() puts it back and names what changed.
+    The TF32 and cudnn benchmark switches are process-wide settings train.py makes on purpose: restored,
+    not reported."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+    # Set by pytest for each test phase, and by scikit-learn and torch's compiler package when first
+    # imported (a module imported during a test): not a test's doing.
+    UNWATCHED_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                               "TORCHINDUCTOR_CACHE_DIR"})
+
+    def __init__(self):
+        import torch
+        self.handlers = {s: signal.getsignal(s) for s in self.SIGNALS}
+        self.threads, self.cwd, self.env = torch.get_num_threads(), os.getcwd(), dict(os.environ)
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                      torch.backends.cudnn.benchmark)
+
+    def restore(self) -> list[str]:
+        import torch
+        leaked = []
+        for s, handler in self.handlers.items():
+            if signal.getsignal(s) is not handler:
+                leaked.append(f"the {s.name} handler")
+                signal.signal(s, handler)
+        if torch.get_num_threads() != self.threads:
+            leaked.append(f"torch's thread count ({torch.get_num_threads()}, was {self.threads})")
+            torch.set_num_threads(self.threads)
+        if os.getcwd() != self.cwd:
+            leaked.append(f"the working directory ({os.getcwd()})")
+            os.chdir(self.cwd)
+        env = self.env
+        changed = sorted(k for k in (set(env) | set(os.environ)) - self.UNWATCHED_ENV
+                         if env.get(k) != os.environ.get(k))
+        if changed:
+            leaked.append(f"environment variables {changed}")
+            for key in changed:
+                if key in env:
+                    os.environ[key] = env[key]
+                else:
+                    del os.environ[key]
+        umask = os.umask(self.umask)
+        if umask != self.umask:
+            leaked.append(f"the umask ({oct(umask)}, was {oct(self.umask)})")
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = self.flags
+        for thread in threading.enumerate():
+            if thread.name == "run-lock-heartbeat":
+                thread.join(timeout=2)
+                if thread.is_alive():
+                    leaked.append("a run lock's refreshing thread")
+        return leaked
 
 
 def run_train(tmp_path, *extra: str) -> str:
