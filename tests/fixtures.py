@@ -80,7 +80,7 @@ class ProcessState:
          torch.backends.cudnn.benchmark) = self.flags
         for thread in threading.enumerate():
             if thread.name == "run-lock-heartbeat":
-                thread.join(timeout=2)
+                thread.join(timeout=0.2)  # release() joins it: one still running was never released
                 if thread.is_alive():
                     leaked.append("a run lock's refreshing thread")
         return leaked
