@@ -538,7 +538,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
         n_iters, n_restarts = cfg.final_attack
         rundir.write_config(run_dir, {
             **dataclasses.asdict(cfg), "run_name": name, "device_used": str(device),
-            "half_prec_dtype": str(half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
+            "half_prec_dtype_used": str(half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
             "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
                           "restart_rule": "robust only if no restart fools it"}})
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)

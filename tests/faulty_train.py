@@ -6,7 +6,7 @@
 The word train.py before the flags keeps the command a train.py command for launch.py (which names
 the run from the flags after it). The fault is counted in training steps taken by this process, which
 equals the global iteration for a run that starts fresh. Nothing here changes train.py's files:
-train.train_step is wrapped in this process only.
+train.train_step is wrapped in this process only (or, through injected(), in one test).
 """
 from __future__ import annotations
 
@@ -21,18 +21,22 @@ sys.path.insert(0, ROOT)
 import train  # after ROOT is on the path
 
 
-def inject(kill_at: int = -1, nan_at: int = -1) -> None:
-    """Wraps train.train_step: SIGKILL before step kill_at, a NaN loss returned by step nan_at."""
-    original = train.train_step
+def faulty(original, kill_at: int = -1, nan_at: int = -1):
+    """original (train.train_step) wrapped: SIGKILL before step kill_at, a NaN loss returned by step nan_at."""
     calls = iter(range(10**9))
 
-    def faulty(*args, **kwargs):
+    def step(*args, **kwargs):
         iteration = next(calls)
         if iteration == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         loss = original(*args, **kwargs)
         return loss * float("nan") if iteration == nan_at else loss
-    train.train_step = faulty
+    return step
+
+
+def injected(monkeypatch, nan_at: int) -> None:
+    """The NaN fault inside a test process (pytest's monkeypatch undoes it after the test)."""
+    monkeypatch.setattr(train, "train_step", faulty(train.train_step, nan_at=nan_at))
 
 
 def main(argv: list[str]) -> int:
@@ -41,7 +45,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--nan_at", type=int, default=-1)
     parser.add_argument("script", choices=["train.py"])
     args, train_argv = parser.parse_known_args(argv)
-    inject(args.kill_at, args.nan_at)
+    train.train_step = faulty(train.train_step, args.kill_at, args.nan_at)
     return train.main(train_argv)
 
 

@@ -1,11 +1,118 @@
-"""Writers of tiny datasets in the real on-disk formats (CIFAR-10 and CIFAR-100 pickles, SVHN .mat, MNIST IDX)."""
+"""Shared test helpers: the tiny digits run's flags, reading a run directory, and writers of tiny
+datasets in the real on-disk formats (CIFAR-10 and CIFAR-100 pickles, SVHN .mat, MNIST IDX)."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import signal
 import struct
+import threading
 
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny digits run: cnn-4, 1400/350 = 4 iterations per epoch, evaluated every 2 iterations.
+TINY = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76", "--epochs", "1",
+        "--batch_size", "350", "--n_eval_every_k_iter", "350", "--eval_iter_freq", "2", "--lr_max", "0.01",
+        "--attack_iters", "2", "--n_final_eval", "64", "--batch_size_eval", "64", "--clamp_grad", "half",
+        "--device", "cpu", "--debug"]
+# 3 epochs -> global iterations 0..12, resumable states after epochs 0, 1, 2 (the interrupted-run tests).
+RUN = TINY + ["--attack", "fgsm", "--grad_align_cos_lambda", "0.5", "--epochs", "3"]
+
+
+def run_dir_of(out_dir, argv: list[str]) -> str:
+    """The directory train.py gives the run of these flags under out_dir."""
+    import train
+    cfg, defaults = train.parse_config(list(argv))
+    return os.path.join(str(out_dir), train.run_name(cfg, defaults))
+
+
+class ProcessState:
+    """What an in-process call of an entry point must leave as it found it: the stop-signal handlers,
+    torch's thread count, the working directory, the environment, the umask, and no run lock's
+    refreshing thread still running. Captured when made; restore() puts it back and names what changed.
+    The TF32 and cudnn benchmark switches are process-wide settings train.py makes on purpose: restored,
+    not reported."""
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
+    # Set by pytest for each test phase, and by scikit-learn and torch's compiler package when first
+    # imported (a module imported during a test): not a test's doing.
+    UNWATCHED_ENV = frozenset({"PYTEST_CURRENT_TEST", "KMP_DUPLICATE_LIB_OK", "KMP_INIT_AT_FORK",
+                               "TORCHINDUCTOR_CACHE_DIR"})
+
+    def __init__(self):
+        import torch
+        self.handlers = {s: signal.getsignal(s) for s in self.SIGNALS}
+        self.threads, self.cwd, self.env = torch.get_num_threads(), os.getcwd(), dict(os.environ)
+        self.umask = os.umask(0o022)
+        os.umask(self.umask)
+        self.flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+                      torch.backends.cudnn.benchmark)
+
+    def restore(self) -> list[str]:
+        import torch
+        leaked = []
+        for s, handler in self.handlers.items():
+            if signal.getsignal(s) is not handler:
+                leaked.append(f"the {s.name} handler")
+                signal.signal(s, handler)
+        if torch.get_num_threads() != self.threads:
+            leaked.append(f"torch's thread count ({torch.get_num_threads()}, was {self.threads})")
+            torch.set_num_threads(self.threads)
+        if os.getcwd() != self.cwd:
+            leaked.append(f"the working directory ({os.getcwd()})")
+            os.chdir(self.cwd)
+        env = self.env
+        changed = sorted(k for k in (set(env) | set(os.environ)) - self.UNWATCHED_ENV
+                         if env.get(k) != os.environ.get(k))
+        if changed:
+            leaked.append(f"environment variables {changed}")
+            for key in changed:
+                if key in env:
+                    os.environ[key] = env[key]
+                else:
+                    del os.environ[key]
+        umask = os.umask(self.umask)
+        if umask != self.umask:
+            leaked.append(f"the umask ({oct(umask)}, was {oct(self.umask)})")
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.benchmark) = self.flags
+        for thread in threading.enumerate():
+            if thread.name == "run-lock-heartbeat":
+                thread.join(timeout=0.2)  # release() joins it: one still running was never released
+                if thread.is_alive():
+                    leaked.append("a run lock's refreshing thread")
+        return leaked
+
+
+def run_train(tmp_path, *extra: str) -> str:
+    """Trains TINY + extra in-process under tmp_path/runs; returns the run directory. For runs a test
+    changes or patches (a run only read belongs to the shared tiny_run fixture)."""
+    import train
+    args = TINY + ["--out_dir", str(tmp_path / "runs"), *extra]
+    assert train.main(args) == 0
+    return run_dir_of(tmp_path / "runs", args)
+
+
+def read_metrics(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def comparable(run_dir: str) -> tuple[list[dict], dict]:
+    """metrics.jsonl's rows and final.json without their timing fields (equal for equal runs)."""
+    rows = read_metrics(run_dir)
+    for row in rows:
+        row.pop("elapsed_s"), row.pop("train_minutes")
+    final = read_json(os.path.join(run_dir, "final.json"))
+    final.pop("train_minutes")
+    return rows, final
 
 
 def write_cifar10(root, train_labels: list[list[int]], test_labels: list[int], seed: int = 0) -> None:

@@ -5,7 +5,7 @@ import csv
 import os
 
 import analysis
-from tests.test_train import run_train
+from tests.fixtures import run_train
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

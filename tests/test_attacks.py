@@ -14,8 +14,6 @@ import models
 import utils
 from tests.fixtures import trained_digits_cnn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 # ------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import utils
 from tests.fixtures import trained_digits_cnn
 
 torchattacks = pytest.importorskip("torchattacks")  # the optional extra: requirements-aa.txt
-pytestmark = pytest.mark.usefixtures("one_thread")
 BUDGET = {"n_iters": 5, "square_queries": 100}
 
 

@@ -19,7 +19,7 @@ import eval as eval_py
 import launch
 import report
 import rundir
-from tests.test_train import ROOT, TINY, run_train
+from tests.fixtures import ROOT, TINY, run_train
 
 RUN = ["--attack", "fgsm"]  # TINY (eps 76) with FGSM: the finished run most tests copy
 

@@ -41,6 +41,7 @@ def check_report(report: dict, device: str) -> None:
     assert report["reference"]["eval_pgd_50_10"]["grad_passes_per_example"] == 500
 
 
+@pytest.mark.slow
 def test_quick_bench_on_cpu_writes_every_number(tmp_path, capsys):
     with_aa = autoattack_eval.available()  # the optional extra (installed by the README's test command)
     report = run_quick(tmp_path, "cpu", *(["--autoattack"] if with_aa else []))
@@ -68,7 +69,6 @@ def test_bad_flags_exit_with_usage_error_in_one_line(capsys):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_quick_bench_on_cuda_reports_peak_memory(tmp_path):
     report = run_quick(tmp_path, "cuda")
     check_report(report, "cuda")

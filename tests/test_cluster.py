@@ -19,10 +19,7 @@ import config
 import launch
 import rundir
 import train
-from tests.fixtures import write_cifar10, write_svhn
-from tests.test_robustness import RUN, comparable, run_dir_of
-from tests.test_robustness import launch as launch_train
-from tests.test_train import ROOT, TINY
+from tests.fixtures import ROOT, RUN, TINY, comparable, run_dir_of, write_cifar10, write_svhn
 
 
 def write_lock(run_dir: str, host: str, pid: int, age_s: float) -> str:
@@ -34,14 +31,6 @@ def write_lock(run_dir: str, host: str, pid: int, age_s: float) -> str:
     stamp = time.time() - age_s
     os.utime(path, (stamp, stamp))
     return path
-
-
-@pytest.fixture(scope="module")
-def whole(tmp_path_factory):
-    """An uninterrupted run of RUN (the reference for every interrupted one)."""
-    out = tmp_path_factory.mktemp("whole")
-    assert launch_train(out).returncode == 0
-    return run_dir_of(out)
 
 
 # ---------------------------------------------------------------------------------------- the lease lock
@@ -131,6 +120,7 @@ def test_files_of_a_finished_run_follow_the_umask(tmp_path, umask):
 
 
 # ------------------------------------------------------------------------------------ Slurm requeue
+@pytest.mark.slow
 def test_checkpoint_stops_the_command_and_returns_the_job_again_until_max_requeues(tmp_path):
     job = launch.TrainJob([sys.executable, "-c", "import time; time.sleep(60)"], str(tmp_path / "r.log"),
                           max_requeues=2, requeues=1)
@@ -155,11 +145,13 @@ def _parent_pid(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_job_stopped_by_submitit_is_requeued_and_finishes_from_resume_pt(tmp_path, whole):
+def test_a_job_stopped_by_submitit_is_requeued_and_finishes_from_resume_pt(tmp_path, tiny_run):
+    whole = tiny_run(*RUN[len(TINY):]).run_dir  # the uninterrupted run, in-process
     out, logs = tmp_path / "runs", tmp_path / "logs"
     (tmp_path / "cmds.txt").write_text(f"python train.py {shlex.join(RUN)} --out_dir {shlex.quote(str(out))}\n")
-    run_dir = run_dir_of(out)
+    run_dir = run_dir_of(out, RUN)
     sweep = subprocess.Popen([sys.executable, "launch.py", str(tmp_path / "cmds.txt"), "--log_dir", str(logs),
                               "--slurm", "--submitit_local", "--gpus_per_job", "0", "--cpus_per_job", "1",
                               "--mem_gb", "1", "--time_min", "10"], cwd=ROOT, stdout=subprocess.PIPE,

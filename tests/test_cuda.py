@@ -1,5 +1,5 @@
 """The CUDA path: fp16 autocast + GradScaler, GradAlign's double backprop, the GPU-resident dataset.
-Skipped on machines without CUDA (CI has none); run them where a GPU is available."""
+Marked cuda: skipped on machines without CUDA (CI has none); run them where a GPU is available."""
 from __future__ import annotations
 
 import json
@@ -11,9 +11,9 @@ import torch
 import models
 import train
 import utils
-from tests.test_train import TINY
+from tests.fixtures import TINY
 
-pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = pytest.mark.cuda
 CUDA = [a if a != "cpu" else "cuda" for a in TINY]
 
 

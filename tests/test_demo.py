@@ -7,7 +7,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 import train
+
+pytestmark = pytest.mark.slow  # runs the shell script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = "sh/demo_digits.sh"

@@ -17,7 +17,7 @@ import models
 import rundir
 import train
 import utils
-from tests.test_train import TINY
+from tests.fixtures import TINY
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour on a machine without CUDA")
 
@@ -105,7 +105,7 @@ def test_device_auto_says_first_what_it_chose_and_config_records_the_resolved_dt
     assert first.endswith(f"precision {precision}" + (" with loss scaling" if dtype == "float16" else ""))
     cfg, defaults = train.parse_config(args)
     config = rundir.read_config(os.path.join(str(tmp_path / "runs"), train.run_name(cfg, defaults)))
-    assert config["half_prec_dtype"] == dtype
+    assert config["half_prec_dtype_used"] == dtype
 
 
 @NO_CUDA
@@ -169,4 +169,4 @@ def test_fp32_runs_record_no_redo(tmp_path):
     rows = rundir.read_jsonl(os.path.join(str(tmp_path), train.run_name(cfg, defaults), "metrics.jsonl"))
     assert [r["fp32_redone_passes"] for r in rows] == [0] * len(rows)
     assert json.loads(open(os.path.join(str(tmp_path), train.run_name(cfg, defaults), "config.json")).read())[
-        "half_prec_dtype"] is None
+        "half_prec_dtype_used"] is None

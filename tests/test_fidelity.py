@@ -12,8 +12,7 @@ import torch.nn.functional as F
 import models
 import train
 import utils
-from tests.fixtures import write_cifar10
-from tests.test_train import TINY, read_metrics, run_train
+from tests.fixtures import TINY, read_metrics, run_train, write_cifar10
 
 
 # ---------------------------------------------------------------------------------- BatchNorm stats
@@ -25,9 +24,9 @@ from tests.test_train import TINY, read_metrics, run_train
     (["--attack", "fgsm", "--minibatch_replay", "2"], 2),
 ])
 def test_batchnorm_running_stats_are_updated_by_exactly_the_reference_forwards(tmp_path, flags, forwards):
-    write_cifar10(tmp_path / "data", [[1, 2]] * 5, [3, 4, 5, 6])  # 10 images: batch 5 -> 2 iterations/epoch
+    write_cifar10(tmp_path / "data", [[1, 2], [3, 4], [], [], []], [5, 6])  # 4 images: batch 2 -> 2 iterations/epoch
     args = ["--dataset", "cifar10", "--model", "resnet18", "--data_dir", str(tmp_path / "data"), "--epochs", "1",
-            "--batch_size", "5", "--n_eval_every_k_iter", "5", "--batch_size_eval", "4", "--attack_iters", "1",
+            "--batch_size", "2", "--n_eval_every_k_iter", "2", "--batch_size_eval", "2", "--attack_iters", "1",
             "--n_final_eval", "2", "--device", "cpu", "--debug", "--out_dir", str(tmp_path / "runs"), *flags]
     assert train.main(args) == 0
     cfg, defaults = train.parse_config(args)

@@ -68,7 +68,7 @@ def cut_double_backward(monkeypatch) -> None:
     monkeypatch.setattr(utils, "input_grad", input_grad)
 
 
-def test_a_cut_double_backward_fails_the_agreement_part(tmp_path, monkeypatch, one_thread):
+def test_a_cut_double_backward_fails_the_agreement_part(tmp_path, monkeypatch):
     code, report = run(tmp_path, "--parts", "agreement")
     assert code == 0 and report["passed"] is True
     cut_double_backward(monkeypatch)
@@ -82,7 +82,7 @@ def test_a_cut_double_backward_fails_the_agreement_part(tmp_path, monkeypatch, o
         assert r["cos_grad2"] > 0.99  # the values agree; only the graph is gone
 
 
-def test_the_report_is_written_after_each_part_and_a_crash_fails_only_its_part(tmp_path, monkeypatch, one_thread):
+def test_the_report_is_written_after_each_part_and_a_crash_fails_only_its_part(tmp_path, monkeypatch):
     def broken(sizes, device):
         raise RuntimeError("out of memory")
     monkeypatch.setattr(gpu_check, "part_underflow", broken)

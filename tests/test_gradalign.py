@@ -10,8 +10,6 @@ from torch import nn
 import models
 import utils
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _reference_reg(g1: torch.Tensor, g2: torch.Tensor, lam: float) -> float:
     """lam * (1 - mean cos), written independently: flatten, normalise each row, dot, average."""

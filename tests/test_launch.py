@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 import shlex
-import subprocess
 import sys
+
+import pytest
 
 import launch
 import report
 import train
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ("--dataset digits --model cnn --n_filters_cnn 4 --epochs 1 --batch_size 350 --n_eval_every_k_iter 350 "
         "--eval_iter_freq 2 --attack_iters 2 --n_final_eval 64 --batch_size_eval 64 --debug --device cpu --eps 76 "
         "--clamp_grad half")
@@ -32,26 +32,26 @@ def log_of(tmp_path, run_dir) -> str:
     return launch.log_file(str(tmp_path / "logs"), str(run_dir), [], 0)
 
 
-def launch_py(tmp_path, lines: list[str], *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+def launch_py(cli, tmp_path, lines: list[str], *args: str):
+    """launch.py in this process (its runs are subprocesses, one thread each: see conftest.py)."""
     commands = tmp_path / "commands.txt"
     commands.write_text("\n".join(lines) + "\n")
-    return subprocess.run([sys.executable, "launch.py", str(commands), "--log_dir", str(tmp_path / "logs"), *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # parallel runs share the cores
+    return cli("launch.py", commands, "--log_dir", tmp_path / "logs", *args)
 
 
-def test_local_sweep_end_to_end_with_a_failing_command(tmp_path):
+@pytest.mark.slow
+def test_local_sweep_end_to_end_with_a_failing_command(tmp_path, cli):
     out = tmp_path / "runs"
     good = [command(out, "--seed 0"), command(out, "--seed 1")]
     bad = command(out, "--eps -1")
-    done = launch_py(tmp_path, ["# two seeds and a bad eps", *good, "", bad], "--jobs", "2")
-    assert done.returncode == 1, done.stdout + done.stderr
+    done = launch_py(cli, tmp_path, ["# two seeds and a bad eps", *good, "", bad], "--jobs", "2")
+    assert done.code == 1, done.out + done.err
     names = [run_name(out, "--seed 0"), run_name(out, "--seed 1")]
     bad_name = names[0].replace("eps76", "eps-1")
-    assert f"FAILED {bad_name}: exit 2 (bad input)" in done.stdout
-    assert "3 runs: 2 ok, 1 failed" in done.stdout
+    assert f"FAILED {bad_name}: exit 2 (bad input)" in done.out
+    assert "3 runs: 2 ok, 1 failed" in done.out
     for name in names:
-        assert f"{name}: ok" in done.stdout
+        assert f"{name}: ok" in done.out
         assert os.path.getsize(log_of(tmp_path, out / name)) > 0
     assert "outside [0, 255]" in open(log_of(tmp_path, out / bad_name)).read()
 
@@ -66,17 +66,18 @@ def test_local_sweep_end_to_end_with_a_failing_command(tmp_path):
     # Relaunching skips the finished runs (train.py does) and succeeds.
     final = out / names[0] / "final.json"
     before = final.stat().st_mtime_ns
-    again = launch_py(tmp_path, good, "--jobs", "2")
-    assert again.returncode == 0 and "2 runs: 2 ok, 0 failed" in again.stdout
+    again = launch_py(cli, tmp_path, good, "--jobs", "2")
+    assert again.code == 0 and "2 runs: 2 ok, 0 failed" in again.out
     assert final.stat().st_mtime_ns == before
 
 
-def test_nan_loss_is_reported_as_such(tmp_path):
+@pytest.mark.slow
+def test_nan_loss_is_reported_as_such(tmp_path, cli):
     out = tmp_path / "runs"
     faulty = command(out).replace("python train.py", "python tests/faulty_train.py --nan_at 1 train.py", 1)
-    done = launch_py(tmp_path, [faulty])
-    assert done.returncode == 1
-    assert f"FAILED {run_name(out)}: exit 4 (the training loss became NaN or inf)" in done.stdout
+    done = launch_py(cli, tmp_path, [faulty])
+    assert done.code == 1
+    assert f"FAILED {run_name(out)}: exit 4 (the training loss became NaN or inf)" in done.out
 
 
 def test_devices_go_round_robin_over_the_gpus(tmp_path):

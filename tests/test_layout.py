@@ -76,14 +76,13 @@ def test_report_names_each_method_of_the_table_by_its_label(dataset):
         assert method.label in report.METHOD_ORDER
 
 
-def test_method_table_cli_prints_the_sweep_flags():
-    out = subprocess.run([sys.executable, "methods.py", "flags", "gradalign", "--eps", "14", "--dataset", "cifar10"],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=1.124", "--epochs=30",
-                   "--lr_max=0.30"]
-    bad = subprocess.run([sys.executable, "methods.py", "flags", "pgd3", "--eps", "8", "--dataset", "svhn"],
-                         cwd=ROOT, capture_output=True, text=True)
-    assert bad.returncode == 2 and "unknown method 'pgd3'" in bad.stderr
+def test_method_table_cli_prints_the_sweep_flags(cli):
+    out = cli("methods.py", "flags", "gradalign", "--eps", "14", "--dataset", "cifar10")
+    assert out.code == 0, out.err
+    assert out.out.split() == ["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=1.124", "--epochs=30",
+                               "--lr_max=0.30"]
+    bad = cli("methods.py", "flags", "pgd3", "--eps", "8", "--dataset", "svhn")
+    assert bad.code == 2 and "unknown method 'pgd3'" in bad.err
 
 
 def test_ci_runs_the_readme_lint_and_test_command_with_a_pinned_ruff():
@@ -91,10 +90,15 @@ def test_ci_runs_the_readme_lint_and_test_command_with_a_pinned_ruff():
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert ci in readme.splitlines()
     assert "-r requirements-dev.txt" in ci and "ruff check ." in ci and "python -m pytest -q tests" in ci
+    assert "--durations=15" in ci  # the full suite, with its slowest tests named
     pins = open(os.path.join(ROOT, "requirements-dev.txt")).read()
     assert re.search(r"^ruff==\d+\.\d+\.\d+$", pins, re.MULTILINE)
+    assert re.search(r"^pytest==\d+\.\d+\.\d+$", pins, re.MULTILINE)  # a development tool, not a run dependency
+    runtime = open(os.path.join(ROOT, "requirements.txt")).read()
+    assert not re.search(r"^pytest\b", runtime, re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_launch_names_a_run_without_importing_the_training_code():
     code = ("import sys, launch; d = launch.run_dir_of(['--dataset', 'digits', '--eps', '8', '--out_dir', 'r']); "
             "print(d, 'train' in sys.modules)")

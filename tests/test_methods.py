@@ -12,8 +12,6 @@ from torch import nn
 import models
 import utils
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def _relu_net(d: int = 12, n_classes: int = 3, seed: int = 0, dtype=torch.float32) -> nn.Module:
     torch.manual_seed(seed)

@@ -11,10 +11,7 @@ import torch
 import models
 import rundir
 import train
-from tests.fixtures import write_cifar10
-from tests.test_train import TINY
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tests.fixtures import TINY, write_cifar10
 
 NEW_METHODS = {
     "nfgsm": ["--attack", "nfgsm"],

@@ -12,8 +12,6 @@ from torch import nn
 
 import models
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def resnet():

@@ -15,10 +15,8 @@ from torch import nn
 
 import train
 import utils
-from tests.fixtures import trained_digits_cnn
-from tests.test_train import TINY
+from tests.fixtures import TINY, trained_digits_cnn
 
-pytestmark = pytest.mark.usefixtures("one_thread")
 CPU = torch.device("cpu")
 Z = [-0.5, 0.0, 0.5, 1.0, 1.5]
 RULE_GRADS = {"zero": [0.0, 0.0, 1.0, 0.0, 0.0], "half": [0.0, 0.5, 1.0, 0.5, 0.0]}

@@ -180,6 +180,7 @@ def test_runs_glob_selects_runs(sweep, tmp_path):
     assert report.main([str(sweep), "--out", str(tmp_path / "r"), "--runs-glob", "nothing*"]) == 1
 
 
+@pytest.mark.slow
 def test_importing_runs_nothing(tmp_path):
     """Importing report.py and launch.py writes nothing, prints nothing and loads neither torch nor pyplot."""
     code = "import sys, report, launch; print(sorted({'torch', 'matplotlib.pyplot'} & set(sys.modules)))"

@@ -12,9 +12,7 @@ from torch import nn
 import models
 import train
 import utils
-from tests.test_train import TINY
-
-pytestmark = pytest.mark.usefixtures("one_thread")
+from tests.fixtures import TINY
 
 SHAPE = (3, 6, 6)  # d = 108: the quantile's interpolation and floor(q d) zero different counts (38 vs 37)
 

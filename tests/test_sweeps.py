@@ -12,6 +12,8 @@ import config
 import methods
 import train
 
+pytestmark = pytest.mark.slow  # runs the shell scripts (each calls python for the method table)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR, SVHN, CNN = "sh/exps_diff_eps_cifar10.sh", "sh/exps_diff_eps_svhn.sh", "sh/cnn_single_layer.sh"
 COMMON = {"--eval_iter_freq": "200", "--batch_size_eval": "1024", "--half_prec": True,

@@ -1,25 +1,16 @@
-"""End-to-end tests of train.py and eval.py on the embedded digits data (CPU, a few seconds each)."""
+"""End-to-end tests of train.py and eval.py on the embedded digits data (CPU, in-process)."""
 from __future__ import annotations
 
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import eval as eval_py
 import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# A tiny digits run: cnn-4, 1400/350 = 4 iterations per epoch, evaluated every 2 iterations.
-TINY = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76", "--epochs", "1",
-        "--batch_size", "350", "--n_eval_every_k_iter", "350", "--eval_iter_freq", "2", "--lr_max", "0.01",
-        "--attack_iters", "2", "--n_final_eval", "64", "--batch_size_eval", "64", "--clamp_grad", "half",
-        "--device", "cpu", "--debug"]
+from tests.fixtures import TINY, read_metrics, run_train
 
 METHODS = {
     "fgsm": ["--attack", "fgsm", "--attack_init", "zero"],
@@ -32,25 +23,13 @@ METHODS = {
 }
 
 
-def run_train(tmp_path, *extra: str) -> str:
-    """Runs train.main in-process; returns the run directory."""
-    args = TINY + ["--out_dir", str(tmp_path / "runs"), *extra]
-    assert train.main(args) == 0
-    cfg, defaults = train.parse_config(args)
-    return os.path.join(tmp_path / "runs", train.run_name(cfg, defaults))
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    return [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("lam", ["0", "1"])
-def test_every_method_writes_the_run_files(tmp_path, method, lam):
+def test_every_method_writes_the_run_files(tiny_run, method, lam):
     extra = METHODS[method] + ["--grad_align_cos_lambda", lam]
     if method in ("fgsm", "pgd"):
         extra.append("--half_prec")  # the bf16 autocast path, double backprop included
-    run_dir = run_train(tmp_path, *extra)
+    run_dir = tiny_run(*extra).run_dir
     for name in ("config.json", "metrics.jsonl", "model.pth", "final.json"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     assert not os.path.exists(os.path.join(run_dir, "log.txt"))  # --debug: no log file, as in the authors' code
@@ -107,8 +86,8 @@ def eval_json(capsys, *flags: str) -> tuple[int, dict | None]:
     return code, json.loads(out[-1]) if code == 0 else None
 
 
-def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys):
-    run_dir = run_train(tmp_path, "--attack", "fgsm", "--n_filters_cnn", "3")
+def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_run):
+    run_dir = tiny_run("--attack", "fgsm", "--n_filters_cnn", "3").run_dir
     ckpt = os.path.join(run_dir, "model.pth")
     architecture = ["--dataset", "digits", "--model", "cnn", "--n_layers", "1", "--n_filters_cnn", "3"]
     short = eval_json(capsys, "--model_path", ckpt, "--eps", "76")
@@ -166,10 +145,10 @@ def test_run_name_changes_with_every_result_setting():
     assert train.run_name(cfg, defaults) == train.run_name(base, defaults)
 
 
-def test_help_documents_clamp_grad():
-    out = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True)
-    assert out.returncode == 0
-    assert "--clamp_grad" in out.stdout and "PyTorch 1.4" in out.stdout
+def test_help_documents_clamp_grad(cli):
+    out = cli("train.py", "--help")
+    assert out.code == 0
+    assert "--clamp_grad" in out.out and "PyTorch 1.4" in " ".join(out.out.split())
 
 
 @pytest.mark.parametrize("flags, fragment", [
@@ -189,14 +168,12 @@ def test_help_documents_clamp_grad():
     (["--device", "cuda"], "CUDA"),
     (["--dataset", "cifar10", "--model", "resnet18", "--data_dir", "/nonexistent/x"], "--download"),
 ])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, flags, fragment):
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, cli, flags, fragment):
     if flags == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     out_dir = tmp_path / "runs"
-    proc = subprocess.run([sys.executable, "train.py", *TINY, "--out_dir", str(out_dir), *flags], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+    proc = cli("train.py", *TINY, "--out_dir", out_dir, *flags)
+    assert proc.code == 2, proc.err
+    assert len(proc.err_lines) == 1 and fragment in proc.err_lines[0], proc.err
+    assert "Traceback" not in proc.err
     assert not out_dir.exists()
