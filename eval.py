@@ -29,14 +29,19 @@ import data
 import models
 import rundir
 import utils
-from config import EXIT_OK, EXIT_USAGE, OneLineParser, add_shared_flags
+from config import EXIT_OK, EXIT_USAGE, OneLineParser
+
+# The settings eval.py takes from config.json beside the checkpoint when their flags are not given.
+FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn")
+# train.py's settings that eval.py takes too, declared in config.py.
+SHARED = (*FROM_RUN, "eps", "seed", "batch_size_eval", "half_prec", "gpu", "device", "data_dir", "download")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_flags(p, from_run=True, batch_size_eval=1024,
-                     half_prec_help="evaluate under autocast (fp16 on CUDA, bf16 on CPU)")
+    config.add_flags(p, SHARED, from_run=FROM_RUN, defaults={"batch_size_eval": 1024},
+                     helps={"half_prec": "evaluate under autocast (fp16 on CUDA, bf16 on CPU)"})
     a = p.add_argument
     a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
     a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
@@ -51,10 +56,6 @@ def build_parser() -> argparse.ArgumentParser:
       help="pgd: PGD only; autoattack (the standard version), apgd-ce or apgd-t: PGD, then that attack on the "
            "same points (optional extra: requirements-aa.txt)")
     return p
-
-
-# The settings eval.py takes from config.json beside the checkpoint when their flags are not given.
-FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn")
 
 
 def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
@@ -132,6 +133,55 @@ def evaluate(args) -> dict:
                                                     progress=bar.update)
         out.update(extra.json_fields())
     return out
+
+
+# ------------------------------------------------------------------- AutoAttack of a finished run
+def autoattack_fields(model, batches, eps: float, seed: int, n_classes: int, n: int, label: str) -> dict:
+    """Standard AutoAttack on the final-evaluation points (model in fp32 and eval mode), seeded with
+    seed: {"aa_acc", "aa_stage_acc", "aa_grad_passes_per_example", "aa_forward_passes_per_example"}."""
+    with tqdm(total=n, desc=f"AutoAttack ({label})", unit="img", leave=False, disable=None) as bar:
+        result = autoattack_eval.attack_accuracy(model, batches, eps, "autoattack", seed, n_classes,
+                                                 progress=bar.update)
+    return result.result_fields()
+
+
+def lacks_autoattack(final_path: str) -> bool:
+    """A finished run's final.json has no AutoAttack accuracy for some weights it evaluated."""
+    with open(final_path) as f:
+        final = json.load(f)
+    return any(key in final and "aa_acc" not in final[key] for key in ("last", "best"))
+
+
+def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.py") -> int:
+    """Adds AutoAttack of the saved weights to a finished run's final.json (train.py --final_autoattack
+    on a finished run), on the final evaluation's points, without retraining. Returns an exit code."""
+    final_path = os.path.join(run_dir, "final.json")
+    with open(final_path) as f:
+        final = json.load(f)
+    info = data.DATASETS[cfg.dataset]
+    try:
+        split = data.load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
+        n = len(split) if cfg.n_final_eval < 0 else cfg.n_final_eval
+        batches = data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n, device=device)
+        model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn)
+        model = utils.to_device(model, device).float().eval()
+        for key in ("last", "best"):
+            if key in final and "aa_acc" not in final[key]:
+                models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))
+                final[key].update(autoattack_fields(model, batches, cfg.eps_frac, cfg.seed, info.n_classes, n, key))
+    except (data.DataMissingError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except models.CheckpointError as exc:
+        print(f"{prog}: error: {exc}; rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
+    final["autoattack"] = autoattack_eval.describe("autoattack")
+    rundir.atomic_write_json(final_path, final)
+    rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))(
+        "final: AutoAttack added to final.json: " + ", ".join(
+            f"{key} {final[key]['aa_acc']:.2%}" for key in ("last", "best") if key in final))
+    print(json.dumps({"run_dir": run_dir, **final}))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

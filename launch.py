@@ -247,7 +247,7 @@ def run_submitit(tasks: list[Task], args: argparse.Namespace) -> list[Outcome] |
     for task, job in zip(tasks, jobs):
         try:
             outcome = Outcome(task, job.result(), (time.time() - start) / 60)
-        except UncompletedJobError as exc:  # the job failed (FailedJobError), timed out or was cancelled
+        except UncompletedJobError as exc:  # the job failed (FailedJobError), timed out or was called off
             outcome = Outcome(task, None, (time.time() - start) / 60, f"{type(exc).__name__}: {exc}".splitlines()[0])
         outcomes.append(outcome)
         print_progress(outcome, len(outcomes), len(tasks))
