@@ -51,7 +51,7 @@ import precision
 import rundir
 import utils
 from config import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
-from precision import NonFiniteLoss
+from precision import NonFiniteLoss, forward_model
 from rundir import RESUME_FILE, run_name
 
 
@@ -388,7 +388,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     scaler = precision.make_scaler(cfg, device)
     step = StepState(device=device)
     step.select(cfg)
-    loop = Loop(cfg=cfg, run_dir=run_dir, model=model, fwd_model=precision.forward_model(cfg, model, device, scaler),
+    loop = Loop(cfg=cfg, run_dir=run_dir, model=model, fwd_model=forward_model(cfg, model, device, scaler),
                 opt=make_optimizer(cfg, model), scaler=scaler, guard=precision.FiniteGuard(scaler.is_enabled(), device),
                 step=step, loaders=loaders, log=rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt")),
                 best_state=copy.deepcopy(model.state_dict()))
