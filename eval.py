@@ -17,6 +17,7 @@ example; it needs the optional extra `pip install --no-deps -r requirements-aa.t
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -132,6 +133,27 @@ def evaluate(args) -> dict:
             extra = autoattack_eval.attack_accuracy(forward, batches, eps, args.attack, args.seed, info.n_classes,
                                                     progress=bar.update)
         out.update(extra.json_fields())
+    return out
+
+
+# ----------------------------------------------------------------------- train.py's final evaluation
+def final_evaluation(cfg: config.Config, model, state_dict: dict, batches: data.Batches, label: str) -> dict:
+    """A run's final evaluation of one set of weights, in fp32 and eval mode on a copy of the model:
+    clean and PGD-50-10 (eps/4 steps, --seed) accuracy on the first n_final_eval test points (an example
+    is robust only if no restart fools it), cos_x_eta on those points, and AutoAttack with
+    --final_autoattack."""
+    model = copy.deepcopy(model).float().eval()
+    model.load_state_dict(state_dict)
+    n_iters, n_restarts = cfg.final_attack
+    with tqdm(total=batches.n, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
+              disable=None) as bar:
+        result = utils.seeded_robust_accuracy(model, batches, cfg.eps_frac, n_iters, n_restarts, cfg.seed,
+                                              progress=bar.update)
+    cos = utils.cos_x_eta(model, batches, cfg.eps_frac, cfg.clamp_grad)
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    if cfg.final_autoattack:
+        out.update(autoattack_fields(model, batches, cfg.eps_frac, cfg.seed, data.DATASETS[cfg.dataset].n_classes,
+                                     batches.n, label))
     return out
 
 

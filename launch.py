@@ -77,7 +77,7 @@ def train_args(argv: list[str]) -> list[str] | None:
 def run_dir_of(args: list[str]) -> str | None:
     """out_dir/<run name> that train.py would write for these flags; None if argparse rejects them.
     Flags that parse but fail train.py's checks (say --eps -1) still get their name."""
-    import config  # imports torch: only when needed
+    import config  # its parser reads choices from modules that import torch: only when needed
     import rundir
     try:
         with contextlib.redirect_stderr(io.StringIO()):
@@ -168,7 +168,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._process = process
 
     def __call__(self) -> int:
-        from config import EXIT_LOCKED  # imports torch: only in the job
+        from config import EXIT_LOCKED
         from rundir import LEASE_SECONDS
         rc = run_command(self.argv, self.log_path, started=self._started)
         if self.requeues > 0 and rc == EXIT_LOCKED:

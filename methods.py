@@ -440,6 +440,23 @@ def states(cfg) -> dict[str, Any]:
     return out
 
 
+def state_dict(states: dict[str, Any]) -> dict[str, Any]:
+    """The methods' states as resume.pt keeps them: a tensor as it is, an object by its state_dict()."""
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in states.items()}
+
+
+def load_state_dict(states: dict[str, Any], saved: dict, device) -> None:
+    """Restores the states of `states` (this run's methods) from resume.pt's keys, onto device."""
+    for key, current in states.items():
+        value = saved.get(key)
+        if value is None:
+            continue
+        if hasattr(current, "load_state_dict"):
+            current.load_state_dict({k: v.to(device) if hasattr(v, "to") else v for k, v in value.items()})
+        elif hasattr(value, "to"):  # a tensor
+            states[key] = value.to(device)
+
+
 # ------------------------------------------------------------------------------------------ recipes
 def recipes() -> dict[str, Recipe]:
     """Every recipe by name, in REGISTRY's order."""

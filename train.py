@@ -8,18 +8,16 @@ arXiv 2007.02617.
         --grad_align_cos_lambda 0.2 --lr_max 0.30 --half_prec
     python train.py @recipes/gradalign_cifar10_eps8.args --seed 1     # flags from a file, then overrides
 
-Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; inside, eps is
-converted once (Config.eps_frac). A run writes out_dir/<run name>/: config.json, metrics.jsonl (one
+Sizes on the command line are in 1/255 units of inputs in [0, 1] (inside: Config.eps_frac). A run writes out_dir/<run name>/: config.json, metrics.jsonl (one
 object per periodic evaluation), log.txt, model.pth ({'last', 'best'} state_dicts, the format of the
 authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy; with --final_autoattack
 also AutoAttack's). Relaunching a finished run does nothing (with --final_autoattack, eval.py's
 add_autoattack adds AutoAttack to a final.json that lacks it); relaunching an interrupted one resumes
 from its last completed epoch.
 
-Reading order: data -> the training step (the method's perturbation and regulariser come from
-methods.py's registry) -> evaluation -> the epoch loop -> run and main. The flags are declared in
-config.py, the run directory's plumbing is in rundir.py, the precision bookkeeping in precision.py,
-the attacks and the regularisers' maths in utils.py.
+Reading order: data -> the training step (its perturbation and regulariser: methods.py's registry)
+-> evaluation -> the epoch loop -> run and main. Flags: config.py; the run directory: rundir.py;
+precision bookkeeping: precision.py; the attacks and the regularisers' maths: utils.py.
 
 Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
 training loss became NaN or inf (config.EXIT_MEANINGS). SIGTERM or SIGUSR2 (preemption, a near time
@@ -133,18 +131,10 @@ class StepState:
         self.states = {**methods.states(cfg), **self.states}
 
     def state_dict(self) -> dict:
-        return {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in self.states.items()}
+        return methods.state_dict(self.states)
 
     def load_state_dict(self, saved: dict) -> None:
-        for key, current in self.states.items():
-            value = saved.get(key)
-            if value is None:
-                continue
-            if hasattr(current, "load_state_dict"):
-                current.load_state_dict({k: v.to(self.device) if isinstance(v, torch.Tensor) else v
-                                         for k, v in value.items()})
-            elif isinstance(value, torch.Tensor):
-                self.states[key] = value.to(self.device)
+        methods.load_state_dict(self.states, saved, self.device)
 
 
 class Stats:
@@ -185,10 +175,12 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     """
     if st.perturbation is None:
         st.select(cfg)
+    # does the regulariser apply now, and does it need the input gradient at the attack's start (grad1)?
     reg = st.regulariser
     reg_on = reg is not None and (reg.active is None or reg.active(cfg, st.iteration))
     wants_grad1 = reg_on and reg.start_grad is not None  # the regulariser uses the gradient at the start
     st.grad1_graph = wants_grad1 and reg.start_grad(cfg)
+    # the perturbation to train on, then grad1 (or the monitoring forward at x)
     pert = st.perturbation.perturb(model, x, y, cfg, st)
     if pert.attack_grad is not None:
         grad1 = pert.attack_grad  # the attack's gradient: detached unless --grad_align_grad1 graph
@@ -199,6 +191,7 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
         with torch.no_grad():
             model(x)
         grad1 = None
+    # the loss at x + delta plus the regulariser, and the update (skipped in epoch 0)
     logits = model(x + pert.delta)
     loss = F.cross_entropy(logits, y)
     reg_value = reg.regularise(model, x, y, cfg, st, grad1, pert) if reg_on else torch.zeros((), device=x.device)
@@ -207,6 +200,7 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     if update:
         opt.zero_grad(set_to_none=True)
         st.skipped = precision.optimizer_step(opt, scaler, total)
+    # training statistics, on the device
     with torch.no_grad():
         stats.add(total, reg_value, logits, y, grad1, torch.clamp(x + pert.delta, 0.0, 1.0) - x)
     return total.detach()
@@ -224,25 +218,6 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     if isinstance(model, (models.CNN, models.CNNBN)):
         metrics["filter_norms"] = model.first_layer_filters().detach().flatten(1).norm(dim=1).tolist()
     return metrics
-
-
-def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: Data, label: str) -> dict:
-    """fp32, eval mode: clean and PGD-50-10 (eps/4 steps) accuracy on the first n_final_eval test
-    points; an example is robust only if no restart fools it. Also cos_x_eta on those points, and
-    AutoAttack with --final_autoattack."""
-    model = copy.deepcopy(model).float().eval()
-    model.load_state_dict(state_dict)
-    n_iters, n_restarts = cfg.final_attack
-    with tqdm(total=loaders.n_final, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
-              disable=None) as bar:
-        result = utils.seeded_robust_accuracy(model, loaders.test_final, cfg.eps_frac, n_iters, n_restarts,
-                                              cfg.seed, progress=bar.update)
-    cos = utils.cos_x_eta(model, loaders.test_final, cfg.eps_frac, cfg.clamp_grad)
-    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
-    if cfg.final_autoattack:
-        out.update(evaluation.autoattack_fields(model, loaders.test_final, cfg.eps_frac, cfg.seed,
-                                                loaders.info.n_classes, loaders.n_final, label))
-    return out
 
 
 def format_record(r: dict) -> str:
@@ -274,10 +249,10 @@ class Loop:
     loaders: Data | None = None
     log: rundir.RunLog | None = None
     best_state: dict | None = field(default=None, metadata=AS_VALUE)  # early stopping's 'best' weights
-    best_acc: float = field(default=0.0, metadata=AS_VALUE)            # ... and their training-subset PGD accuracy
+    best_acc: float = field(default=0.0, metadata=AS_VALUE)  # ... and their training-subset PGD accuracy
     next_epoch: int = field(default=0, metadata=AS_VALUE)
-    iteration: int = field(default=0, metadata=AS_VALUE)               # global iteration counter (epoch 0 has one iteration)
-    train_seconds: float = field(default=0.0, metadata=AS_VALUE)       # training time, counted between host syncs
+    iteration: int = field(default=0, metadata=AS_VALUE)  # global iteration counter (epoch 0 has one)
+    train_seconds: float = field(default=0.0, metadata=AS_VALUE)  # training time, between host syncs
     mark: float = 0.0             # when the current stretch of training time began
     start: float = 0.0            # when this process started the loop
 
@@ -411,9 +386,9 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
         return EXIT_NONFINITE
     rundir.atomic_torch_save({"last": model.state_dict(), "best": loop.best_state},
                              os.path.join(run_dir, "model.pth"))
-    final = {"last": final_evaluation(cfg, model, model.state_dict(), loaders, "last")}
+    final = {"last": evaluation.final_evaluation(cfg, model, model.state_dict(), loaders.test_final, "last")}
     if cfg.eval_early_stopped_model:
-        final["best"] = final_evaluation(cfg, model, loop.best_state, loaders, "best")
+        final["best"] = evaluation.final_evaluation(cfg, model, loop.best_state, loaders.test_final, "best")
     n_iters, n_restarts = cfg.final_attack
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
