@@ -13,6 +13,10 @@ object: {"clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", 
 --attack autoattack (or apgd-ce, apgd-t) also runs that attack on the same points after PGD-50-10 and
 adds its accuracy ("aa_acc", "apgd_ce_acc", "apgd_t_acc"), name, version, library and passes per
 example; it needs the optional extra `pip install --no-deps -r requirements-aa.txt`.
+
+Also the evaluation code of train.py's runs: final_evaluation (final.json's numbers) and
+add_autoattack (AutoAttack added to a finished run's final.json; `train.py --final_autoattack` on a
+finished run calls it).
 """
 from __future__ import annotations
 
