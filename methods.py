@@ -401,11 +401,14 @@ def select(cfg) -> tuple[Method | None, Method | None]:
 
 
 def method_problem(cfg) -> str | None:
-    """Why cfg.method cannot be used with these flags, or None."""
-    chosen = REGISTRY.get(cfg.method or "")
-    if cfg.method is None or chosen is None or chosen.attack is None and chosen.when is None:
-        return None if cfg.method is None or chosen is not None else f"--method {cfg.method} is not registered"
-    if not chosen.selects(cfg):
+    """Why cfg.method cannot be used with these flags, or None: a method that has flags of its own
+    (attack=, when=) must also be what they select."""
+    if cfg.method is None:
+        return None
+    chosen = REGISTRY.get(cfg.method)
+    if chosen is None:
+        return f"--method {cfg.method} is not registered"
+    if (chosen.attack is not None or chosen.when is not None) and not chosen.selects(cfg):
         words = next(iter(chosen.recipes.values())).words if chosen.recipes else ()
         return f"--method {cfg.method} does not match the other flags; its flags are: {' '.join(words) or '?'}"
     return None
