@@ -5,14 +5,14 @@ the pass/fail check of a GPU, fp16 numerics included, is gpu_check.py).
     python bench.py --device cuda     # GPU-sized: cnn batch 512, resnet18 batch 128, real PGD-50-10 on 1024 images
     python bench.py --models wrn28_10 # WideResNet-28-10 (batch 4 on CPU, 128 on CUDA), not in the default list
 
-Training: one call of train.train_step (the real step, optimiser update included) for FGSM, FGSM-RS,
-FGSM+GradAlign, PGD-2, PGD-10, Free-AT, N-FGSM, ZeroGrad, ELLE-A and GradAlign with its finite-difference
-gradient, in units of one forward+backward (parameter gradients,
+Training: one call of train.train_step (the real step, optimiser update included) for every recipe
+of methods.py's registry (the paper's methods, the later ones, GradAlign with its finite-difference
+gradient), in units of one forward+backward (parameter gradients,
 train mode) of the same model on the same batch at the same precision. Every timed function runs
 once per round, in turn, so a change in machine load hits all of them alike; a unit count is the
 median over rounds of (step time / forward+backward time of that round).
 Evaluation: utils.seeded_robust_accuracy (the final evaluation's code) on a cnn trained on digits
-for a few seconds with train.main, and on an untrained resnet18 or wrn28_10 (random images labelled with its own
+for a few seconds with train.main, and on an untrained resnet18 or wrn28_10 (random images whose labels are its own
 predictions, so every example is attacked): images/s, forward+backward passes per example (the
 reference attacks every example in every restart: steps x restarts of them), the robust accuracy
 and the floor that accuracy implies (an example that stays robust costs every pass).
@@ -43,23 +43,30 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoattack_eval
+import config
 import data
 import methods
 import models
+import precision
 import rundir
 import train
 import utils
 from config import OneLineParser
 
-# Training methods (methods.py's table at eps 8 with CIFAR-10's GradAlign lambda 0.2, without the
+# Training methods (methods.py's recipes at eps 8 with CIFAR-10's GradAlign lambda 0.2, without the
 # sweep's schedule): label, the flags that select them in train.py, and the forward+backward passes one
 # step makes (attack / monitoring pass at x / training pass; GradAlign adds grad2 and a double backprop).
 BENCH_EPS = 8
-BENCH_SKIP = ("elle",)  # ELLE's step is ELLE-A's (the same passes; only the lambda rule differs)
+
+
+def _method(flags: list[str]) -> tuple[str, list[str], str]:
+    cfg, _ = config.config_and_defaults(config.build_parser().parse_args(flags))
+    return methods.label_of(cfg), flags, methods.passes_of(cfg)
+
+
 METHODS: dict[str, tuple[str, list[str], str]] = {
-    key: (m.label, [f for f in methods.flags(key, BENCH_EPS, "cifar10") if not f.startswith(("--epochs", "--lr_max"))],
-          m.passes)
-    for key, m in methods.METHODS.items() if key not in BENCH_SKIP}
+    name: _method([f for f in r.flags(BENCH_EPS, "cifar10") if not f.startswith(("--epochs", "--lr_max"))])
+    for name, r in methods.recipes().items() if r.bench}
 INPUT_SHAPES = {"cnn": (1, 8, 8), "cnn_bn": (1, 8, 8), "resnet18": (3, 32, 32),  # the CNNs bench on digits-shaped input
                 "wrn28_10": (3, 32, 32)}
 N_CLASSES = 10
@@ -252,15 +259,12 @@ def forward_backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Call
 
 def make_scaler(cfg: train.Config, device: torch.device) -> torch.amp.GradScaler:
     """train.py's GradScaler: enabled under --half_prec with float16."""
-    return torch.amp.GradScaler(device.type,
-                                enabled=cfg.half_prec and train.half_prec_dtype(cfg, device) == torch.float16)
+    return precision.make_scaler(cfg, device)
 
 
 def training_step(model: nn.Module, opt, scaler, x, y, cfg: train.Config, device) -> Callable[[], torch.Tensor]:
     """One real train.train_step with the optimiser update; Free-AT's delta persists across calls."""
-    state, stats = train.StepState(), train.Stats(device)
-    if cfg.elle_adaptive:
-        state.elle = utils.ElleAdaptive(lam_max=cfg.elle_lambda)
+    state, stats = train.StepState(), train.Stats(device)  # the step creates the method's state
 
     def call() -> torch.Tensor:
         loss = train.train_step(model, opt, scaler, x, y, cfg, state, stats, update=True)
@@ -385,7 +389,7 @@ def timed_autoattack(model: nn.Module, batches, eps: float, s: Settings, device:
 
 def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
     """cnn: the trained digits model on the first test points; resnet18, wrn28_10 and cnn_bn: untrained, on random
-    images labelled with its own clean predictions (clean accuracy 1, so every example is attacked)."""
+    images whose labels are its own clean predictions (clean accuracy 1, so every example is attacked)."""
     size = s.evals[model_name]
     if model_name == "cnn":
         model, eps, train_s = train_digits_cnn(s, device)
@@ -404,7 +408,7 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
     with torch.no_grad():
         y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
     batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
-    return {"data": "random images labelled by the untrained model", "train_seconds": 0.0,
+    return {"data": "random images, the untrained model's predictions as labels", "train_seconds": 0.0,
             **timed_robust_accuracy(model, batches, 8 / 255, size, device)}
 
 

@@ -1,20 +1,24 @@
-"""The command line of train.py (its flags and the frozen Config) and the flags eval.py shares with it.
+"""The settings of train.py, each declared once: a Config field whose metadata holds its flag (help,
+default, type, choices) and its place in the run name and the report. The parsers of train.py and
+eval.py, rundir.py's run name, report.py's comparisons and launch.py are generated from them.
 
 Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; Config converts it
-once (Config.eps_frac). launch.py parses train.py commands here to name their runs without importing
-the training code.
+once (Config.eps_frac). No torch at import: report.py and launch.py read the declarations too.
+
+A command line may name argument files: `python train.py @recipes/x.args --seed 1` reads the flags
+of x.args (several per line, `#` starts a comment); flags after the file override it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
+import shlex
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import autoattack_eval
-import data
-import models
-import utils
+import methods
 
 ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none", "nfgsm")
 
@@ -23,151 +27,130 @@ EXIT_OK, EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 0, 2, 3, 4
 EXIT_MEANINGS = {1: "error (see the log)", EXIT_USAGE: "bad input", EXIT_LOCKED: "in progress elsewhere (locked)",
                  EXIT_NONFINITE: "the training loss became NaN or inf"}
 
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (no usage block) and exits with code 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+# The parts every run name starts with (rundir.run_name writes them in this order; the seed ends it).
+LEAD = "a fixed part of every run name"
 
 
-def add_shared_flags(p: argparse.ArgumentParser, *, from_run: bool = False, batch_size_eval: int = 256,
-                     half_prec_help: str = "") -> None:
-    """The flags train.py and eval.py both take, declared once. from_run: the dataset and architecture
-    flags default to None (eval.py then reads them from the run's config.json)."""
-    def default(value):
-        return None if from_run else value
-    run = " (default: the run's config.json, else {})" if from_run else ""
-    a = p.add_argument
-    a("--dataset", default=default("cifar10"), choices=sorted(data.DATASETS),
-      help="digits is the offline one" + run.format("cifar10"))
-    a("--model", default=default("resnet18"), choices=models.MODELS,
-      help="PreAct ResNet-18 or the small CNN" + run.format("resnet18"))
-    a("--n_layers", type=int, default=default(1),
-      help="conv layers of --model cnn (the authors always used 1)" + run.format(1))
-    a("--n_filters_cnn", type=int, default=default(16), help="filters of --model cnn" + run.format(16))
-    a("--eps", type=float, default=8, help="L-inf radius in 1/255 units")
-    a("--seed", type=int, default=0,
-      help="random seed (train.py: weights, data order, random starts; eval.py: PGD's random starts)")
-    a("--batch_size_eval", type=int, default=batch_size_eval, help="batch size of the evaluations")
-    a("--half_prec", action="store_true",
-      help=half_prec_help or "mixed precision: autocast fp16 on CUDA, bf16 on CPU")
-    a("--gpu", type=int, default=0, help="which GPU: same as --device cuda:N")
-    a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    a("--data_dir", default=os.environ.get("DATA_DIR", "./data"), help="dataset folder (env DATA_DIR)")
-    a("--download", action="store_true", help="download missing datasets through torchvision")
+def flag(default, help: str, *, short: str | None = None, unnamed: str | None = None, lead: bool = False,
+         compare: bool = True, type: Callable | None = None, choices=None, action=None,
+         record_default: bool = True) -> dataclasses.Field:
+    """One setting: its flag --<field name> and how the run name and the report treat it.
+
+    default: the parser's default (a zero-argument callable is read when the parser is built).
+    short: the run name lists the setting as short+value when it differs from its default;
+    unnamed: why the run name leaves it out (no number depends on it); lead: a fixed part of
+    every run name. Exactly one of the three. compare=False: runs grouped in a report may differ
+    in it. choices: a sequence, or a callable giving one (read from a module that imports torch).
+    record_default=False: config.json leaves the setting out while it has its default.
+    """
+    if (short is not None) + (unnamed is not None) + lead != 1:
+        raise ValueError(f"flag '{help}': give exactly one of short=, unnamed=, lead=")
+    return dataclasses.field(metadata={
+        "default": default, "help": help, "short": short, "unnamed": LEAD if lead else unnamed, "compare": compare,
+        "type": type, "choices": choices, "action": action, "record_default": record_default})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """train.py's flags: the authors' flags (same names, defaults and meaning), then this repo's."""
-    p = OneLineParser(prog="train.py", description="FGSM / FGSM-RS / PGD / Free-AT adversarial training, "
-                      "optionally with GradAlign (arXiv 2007.02617).",
-                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_flags(p, half_prec_help="mixed precision for training and periodic evaluation "
-                                       "(fp16 + GradScaler on CUDA, bf16 on CPU)")
-    a = p.add_argument
-    a("--batch_size", type=int, default=128, help="training batch size")
-    a("--epochs", type=int, default=30, help="training epochs (plus the one-iteration epoch 0)")
-    a("--lr_schedule", default="cyclic", choices=("cyclic", "piecewise"))
-    a("--lr_max", type=float, default=0.2, help="peak learning rate")
-    a("--attack", default="fgsm", choices=ATTACKS,
-      help="training attack (Free-AT: fgsm with --minibatch_replay>1; nfgsm: N-FGSM, trains outside the eps-ball)")
-    a("--attack_iters", type=int, default=10, help="PGD steps of the periodic evaluation")
-    a("--pgd_train_n_iters", type=int, default=10, help="PGD steps for --attack pgd training")
-    a("--pgd_alpha_train", type=float, default=2.0, help="PGD training step in 1/255 units")
-    a("--fgsm_alpha", type=float, default=None,
-      help="FGSM step as a multiple of eps (default 1.25; 1.0 for --attack nfgsm, as in its paper)")
-    a("--minibatch_replay", type=int, default=1, help="m of Free-AT: each batch is replayed m times")
-    a("--weight_decay", type=float, default=5e-4)
-    a("--attack_init", default="random", choices=("zero", "random"), help="start of FGSM/PGD training")
-    a("--debug", action="store_true", help="no log file; final evaluation PGD-10 with 3 restarts")
-    a("--grad_align_cos_lambda", type=float, default=0.0, help="GradAlign's lambda (0: off)")
-    a("--eval_early_stopped_model", action="store_true", help="also evaluate the early-stopped ('best') weights")
-    a("--final_autoattack", action="store_true",
-      help="final.json also gets standard AutoAttack accuracy (optional extra: requirements-aa.txt)")
-    a("--eval_iter_freq", type=int, default=200, help="iterations between periodic evaluations")
-    a("--n_eval_every_k_iter", type=int, default=256, help="size of the periodic-evaluation subsets")
-    a("--n_final_eval", type=int, default=-1, help="first test points of the final evaluation (-1: all)")
-    a("--fname", default="plain_cifar10", help="unused, kept for the authors' scripts")
-    # --- additions to the authors' flags
-    a("--clamp_grad", default="zero", choices=utils.CLAMP_RULES,
-      help="gradient of the box clamp in training attacks at pixels exactly 0 or 1: zero = the paper's "
-           "runs (PyTorch 1.4), half = the authors' code on PyTorch >= 1.10 (README: Fidelity notes)")
-    a("--out_dir", default="runs", help="parent folder of the run directories")
-    a("--overwrite", action="store_true", help="retrain even if the run has finished")
-    a("--data_on_device", action=argparse.BooleanOptionalAction, default=None,
-      help="keep the dataset on the GPU and augment there (default: on for CUDA)")
-    a("--half_prec_dtype", default="auto", choices=utils.HALF_PREC_DTYPES,
-      help="dtype of --half_prec: auto = float16 on CUDA, bfloat16 on CPU; float16 always comes with a "
-           "GradScaler, scaled input gradients and skipped non-finite steps (on the CPU too)")
-    a("--tf32", action="store_true", help="let CUDA matmuls and convolutions use TF32 (default: IEEE fp32)")
-    # --- successor methods and GradAlign variants (README, "Other fast adversarial training methods")
-    a("--nfgsm_noise_mult", type=float, default=2.0,
-      help="N-FGSM: the start noise is U[-k eps, k eps], k = this (the paper's k = 2)")
-    a("--zerograd_q", type=float, default=0.0,
-      help="ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM gradient before "
-           "the sign (0: off; the paper's 0.35); needs --attack fgsm")
-    a("--elle_lambda", type=float, default=0.0,
-      help="ELLE's lambda on the local-linearity error (0: off); with --elle_adaptive it is ELLE-A's lambda_max")
-    a("--elle_adaptive", action="store_true",
-      help="ELLE-A: lambda starts at 0, jumps to --elle_lambda when the error spikes, decays by 0.99 otherwise")
-    a("--grad_align_grad1", default="auto", choices=("auto", "detached", "graph"),
-      help="GradAlign: backprop through the first gradient too (graph) or not (detached); auto = detached "
-           "for fgsm/nfgsm (the FGSM gradient is reused), graph for the other attacks (as the authors' code)")
-    a("--grad_align_every", type=int, default=1, help="GradAlign: apply the regulariser every k-th iteration only")
-    a("--grad_align_fd", type=float, default=0.0,
-      help="GradAlign: finite-difference step h (in [0, 1] input units) replacing double backprop (0: exact)")
-    return p
+def _listed(module: str, name: str, sort: bool = False) -> Callable[[], list[str]]:
+    """Choices kept in a module that imports torch, read when a parser is built."""
+    def read() -> list[str]:
+        values = list(getattr(importlib.import_module(module), name))
+        return sorted(values) if sort else values
+    return read
+
+
+def _data_dir() -> str:
+    return os.environ.get("DATA_DIR", "./data")
 
 
 @dataclass(frozen=True)
 class Config:
-    """The command line, frozen; derived values are properties (eps etc. in [0, 1] units)."""
-    batch_size: int
-    data_dir: str
-    dataset: str
-    model: str
-    epochs: int
-    lr_schedule: str
-    lr_max: float
-    attack: str
-    eps: float
-    attack_iters: int
-    pgd_train_n_iters: int
-    pgd_alpha_train: float
-    fgsm_alpha: float
-    minibatch_replay: int
-    weight_decay: float
-    attack_init: str
-    seed: int
-    gpu: int
-    debug: bool
-    half_prec: bool
-    grad_align_cos_lambda: float
-    eval_early_stopped_model: bool
-    final_autoattack: bool
-    eval_iter_freq: int
-    n_eval_every_k_iter: int
-    n_layers: int
-    n_filters_cnn: int
-    batch_size_eval: int
-    n_final_eval: int
-    fname: str
-    clamp_grad: str
-    device: str
-    download: bool
-    out_dir: str
-    overwrite: bool
-    data_on_device: bool | None
-    half_prec_dtype: str
-    tf32: bool
-    nfgsm_noise_mult: float
-    zerograd_q: float
-    elle_lambda: float
-    elle_adaptive: bool
-    grad_align_grad1: str
-    grad_align_every: int
-    grad_align_fd: float
+    """train.py's command line, frozen; derived values are properties (eps etc. in [0, 1] units).
+
+    Fields that the run name lists when changed come in the run name's order; the authors' flags keep
+    their names, defaults and meaning."""
+    # --- the fixed parts of the run name: dataset_model_attack_init_eps_lambda_..._seed
+    dataset: str = flag("cifar10", "digits is the offline one", lead=True, choices=_listed("data", "DATASETS", True))
+    model: str = flag("resnet18", "PreAct ResNet-18 or the small CNN", lead=True, choices=_listed("models", "MODELS"))
+    attack: str = flag("fgsm", "training attack (Free-AT: fgsm with --minibatch_replay>1; nfgsm: N-FGSM, trains "
+                       "outside the eps-ball)", lead=True, choices=ATTACKS)
+    attack_init: str = flag("random", "start of FGSM/PGD training", lead=True, choices=("zero", "random"))
+    eps: float = flag(8, "L-inf radius in 1/255 units", lead=True, compare=False, type=float)
+    grad_align_cos_lambda: float = flag(0.0, "GradAlign's lambda (0: off)", lead=True)
+    seed: int = flag(0, "random seed (train.py: weights, data order, random starts; eval.py: PGD's random starts)",
+                     lead=True, compare=False)
+    # --- named when not the default, in this order
+    epochs: int = flag(30, "training epochs (plus the one-iteration epoch 0)", short="ep")
+    lr_schedule: str = flag("cyclic", "learning-rate schedule", short="", choices=("cyclic", "piecewise"))
+    lr_max: float = flag(0.2, "peak learning rate", short="lr")
+    batch_size: int = flag(128, "training batch size", short="bs")
+    weight_decay: float = flag(5e-4, "weight decay (SGD) or coupled L2 (Adam)", short="wd")
+    fgsm_alpha: float = flag(None, "FGSM step as a multiple of eps (default 1.25; 1.0 for --attack nfgsm, as in "
+                             "its paper)", short="fa", type=float)
+    minibatch_replay: int = flag(1, "m of Free-AT: each batch is replayed m times", short="mr")
+    pgd_train_n_iters: int = flag(10, "PGD steps for --attack pgd training", short="pgdk")
+    pgd_alpha_train: float = flag(2.0, "PGD training step in 1/255 units", short="pgda")
+    attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai")
+    n_layers: int = flag(1, "conv layers of --model cnn (the authors always used 1)", short="nl")
+    n_filters_cnn: int = flag(16, "filters of --model cnn", short="nf")
+    eval_iter_freq: int = flag(200, "iterations between periodic evaluations", short="eif")
+    n_eval_every_k_iter: int = flag(256, "size of the periodic-evaluation subsets", short="nek")
+    n_final_eval: int = flag(-1, "first test points of the final evaluation (-1: all)", short="nfe", compare=False)
+    half_prec: bool = flag(False, "mixed precision for training and periodic evaluation (fp16 + GradScaler on "
+                           "CUDA, bf16 on CPU)", short="hp")
+    half_prec_dtype: str = flag("auto", "dtype of --half_prec: auto = float16 on CUDA, bfloat16 on CPU; float16 "
+                                "always comes with a GradScaler, scaled input gradients and skipped non-finite "
+                                "steps (on the CPU too)", short="hpd", choices=_listed("utils", "HALF_PREC_DTYPES"))
+    tf32: bool = flag(False, "let CUDA matmuls and convolutions use TF32 (default: IEEE fp32)", short="tf32")
+    debug: bool = flag(False, "no log file; final evaluation PGD-10 with 3 restarts", short="debug", compare=False)
+    eval_early_stopped_model: bool = flag(False, "also evaluate the early-stopped ('best') weights", short="es",
+                                          compare=False)
+    clamp_grad: str = flag("zero", "gradient of the box clamp in training attacks at pixels exactly 0 or 1: zero = "
+                           "the paper's runs (PyTorch 1.4), half = the authors' code on PyTorch >= 1.10 (README: "
+                           "Fidelity notes)", short="clamp-", choices=_listed("utils", "CLAMP_RULES"))
+    # the final evaluation draws each PGD restart's random start batch by batch, so the batching decides
+    # which start each example gets
+    batch_size_eval: int = flag(256, "batch size of the evaluations", short="bse")
+    # on CUDA it moves the data generator (shuffling, crops, flips) to the GPU, whose random streams differ
+    data_on_device: bool | None = flag(None, "keep the dataset on the GPU and augment there (default: on for CUDA)",
+                                       short="dod", action=argparse.BooleanOptionalAction)
+    # successor methods and GradAlign variants (README, "Other fast adversarial training methods")
+    nfgsm_noise_mult: float = flag(2.0, "N-FGSM: the start noise is U[-k eps, k eps], k = this (the paper's k = 2)",
+                                   short="nk")
+    zerograd_q: float = flag(0.0, "ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM "
+                             "gradient before the sign (0: off; the paper's 0.35); needs --attack fgsm", short="zq")
+    elle_lambda: float = flag(0.0, "ELLE's lambda on the local-linearity error (0: off); with --elle_adaptive it is "
+                              "ELLE-A's lambda_max", short="elle")
+    elle_adaptive: bool = flag(False, "ELLE-A: lambda starts at 0, jumps to --elle_lambda when the error spikes, "
+                               "decays by 0.99 otherwise", short="ellea")
+    grad_align_grad1: str = flag("auto", "GradAlign: backprop through the first gradient too (graph) or not "
+                                 "(detached); auto = detached for fgsm/nfgsm (the FGSM gradient is reused), graph for "
+                                 "the other attacks (as the authors' code)", short="g1",
+                                 choices=("auto", "detached", "graph"))
+    grad_align_every: int = flag(1, "GradAlign: apply the regulariser every k-th iteration only", short="gaev")
+    grad_align_fd: float = flag(0.0, "GradAlign: finite-difference step h (in [0, 1] input units) replacing double "
+                                "backprop (0: exact)", short="gafd")
+    method: str | None = flag(None, "a method of methods.py's registry by name (default: the one the flags select); "
+                              "for a method registered without flags of its own", short="",
+                              choices=lambda: list(methods.REGISTRY), record_default=False)
+    # --- where files are, what to do with them, which machine: no number depends on these
+    gpu: int = flag(0, "which GPU: same as --device cuda:N", unnamed="which card of a machine", compare=False)
+    # cpu and cuda draw other random numbers and round differently, as two GPU models round differently,
+    # which no name could tell apart; config.json records device_used. The name must also be known before
+    # the device is: launch.py --status runs on a login node, a requeued job lands on any node.
+    device: str = flag("auto", "auto, cpu, cuda or cuda:N", compare=False,
+                       unnamed="the hardware, recorded as device_used in config.json")
+    data_dir: str = flag(_data_dir, "dataset folder (env DATA_DIR)", unnamed="where the dataset is read from",
+                         compare=False)
+    download: bool = flag(False, "download missing datasets through torchvision", compare=False,
+                          unnamed="fetches missing files, then reads the same")
+    out_dir: str = flag("runs", "parent folder of the run directories", unnamed="where the run directory goes",
+                        compare=False)
+    overwrite: bool = flag(False, "retrain even if the run has finished", unnamed="whether a finished run is retrained",
+                           compare=False)
+    final_autoattack: bool = flag(False, "final.json also gets standard AutoAttack accuracy (optional extra: "
+                                  "requirements-aa.txt)", compare=False,
+                                  unnamed="adds AutoAttack to final.json; training and the PGD numbers are the same")
+    fname: str = flag("plain_cifar10", "unused, kept for the authors' scripts", unnamed="unused", compare=False)
 
     @property
     def eps_frac(self) -> float:
@@ -175,7 +158,8 @@ class Config:
 
     @property
     def pgd_alpha_eval(self) -> float:
-        """Step of every evaluation PGD: eps / 4."""
+        """Step of every evaluation PGD (utils.eval_alpha)."""
+        import utils
         return utils.eval_alpha(self.eps_frac)
 
     @property
@@ -183,24 +167,75 @@ class Config:
         return self.pgd_alpha_train / 255
 
     @property
-    def free_at(self) -> bool:
-        return self.attack == "fgsm" and self.minibatch_replay > 1
-
-    @property
-    def grad1_graph(self) -> bool:
-        """Whether GradAlign backprops through its first gradient (the attack's for fgsm/nfgsm)."""
-        if self.grad_align_grad1 == "auto":
-            return self.attack not in ("fgsm", "nfgsm")
-        return self.grad_align_grad1 == "graph"
-
-    @property
     def final_attack(self) -> tuple[int, int]:
         """(PGD steps, restarts) of the final evaluation: 50x10, or 10x3 with --debug."""
         return (10, 3) if self.debug else (50, 10)
 
 
+FIELDS = {f.name: f.metadata for f in dataclasses.fields(Config)}
+# Fields that fill in a flag left unset (None), before the method's own defaults (methods.py).
+UNSET = {"fgsm_alpha": 1.25}
+
+
+def _default(name: str):
+    value = FIELDS[name]["default"]
+    return value() if callable(value) else value
+
+
+# ------------------------------------------------------------------------------------------ parsers
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line (no usage block) and exits with code 2, and reads
+    argument files (@file: several flags per line, `#` comments)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(fromfile_prefix_chars="@", **kwargs)
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
+        return shlex.split(arg_line, comments=True)
+
+
+def add_flags(p: argparse.ArgumentParser, names, *, from_run: tuple[str, ...] = (), defaults: dict | None = None,
+              helps: dict | None = None) -> None:
+    """Adds the flags of these Config fields to p, as Config declares them. from_run: fields whose flag
+    defaults to None (eval.py then reads them from the run's config.json); defaults, helps: another
+    default or help text for this tool."""
+    defaults, helps = defaults or {}, helps or {}
+    for name in names:
+        meta = FIELDS[name]
+        default = defaults.get(name, _default(name))
+        help_text = helps.get(name, meta["help"])
+        if name in from_run:
+            help_text += f" (default: the run's config.json, else {default})"
+            default = None
+        kwargs = {"default": default, "help": help_text}
+        if meta["action"] is not None:
+            kwargs["action"] = meta["action"]
+        elif isinstance(_default(name), bool):
+            kwargs["action"] = "store_true"
+        elif meta["type"] is not None or isinstance(_default(name), (int, float)):
+            kwargs["type"] = meta["type"] or type(_default(name))
+        if meta["choices"] is not None:
+            kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
+        p.add_argument(f"--{name}", **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """train.py's flags, one per Config field."""
+    p = OneLineParser(prog="train.py", description="FGSM / FGSM-RS / PGD / Free-AT adversarial training, "
+                      "optionally with GradAlign (arXiv 2007.02617), and the methods of methods.py's registry.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_flags(p, FIELDS)
+    return p
+
+
+# ------------------------------------------------------------------------------------- the checks
 def check_flags(cfg: Config) -> str | None:
     """The first problem with the flags, as a one-line message naming the fix, or None."""
+    import autoattack_eval
+    import data
     checks = [
         (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
         (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
@@ -242,31 +277,27 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.grad_align_cos_lambda > 0 or (cfg.grad_align_grad1 == "auto" and cfg.grad_align_every == 1
                                            and cfg.grad_align_fd == 0),
          "--grad_align_grad1, --grad_align_every and --grad_align_fd need --grad_align_cos_lambda > 0"),
+        (cfg.method is None or methods.method_problem(cfg) is None, methods.method_problem(cfg)),
     ]
     return next((message for ok, message in checks if not ok), None)
 
 
-# Flags whose default depends on --attack: (the default, {attack: its default}). Every other default
-# is the parser's.
-ATTACK_DEFAULTS = {"fgsm_alpha": (1.25, {"nfgsm": 1.0})}
-
-
+# ---------------------------------------------------------------------------------------- defaults
 def defaults(attack: str = "fgsm") -> dict:
     """The default of every Config field for this --attack (run names list the settings that differ
-    from them)."""
-    parser = build_parser()
-    values = {f.name: parser.get_default(f.name) for f in dataclasses.fields(Config)}
-    for name, (default, per_attack) in ATTACK_DEFAULTS.items():
-        values[name] = per_attack.get(attack, default)
+    from them): the declared default, UNSET for a flag left unset, then the attack's own (methods.py)."""
+    values = {name: _default(name) for name in FIELDS}
+    values.update(UNSET)
+    values.update(methods.attack_defaults(attack))
     return values
 
 
 def config_and_defaults(namespace: argparse.Namespace) -> tuple[Config, dict]:
-    """The Config of parsed flags (a flag left unset takes its --attack's default, ATTACK_DEFAULTS) and
-    the default of every field for that attack."""
+    """The Config of parsed flags (a flag left unset takes its --attack's default) and the default of
+    every field for that attack."""
     values = vars(namespace).copy()
     fallback = defaults(values["attack"])
-    for name in ATTACK_DEFAULTS:
+    for name in UNSET:
         if values[name] is None:
             values[name] = fallback[name]
     return Config(**values), fallback
@@ -281,3 +312,16 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
     if problem:
         parser.error(problem)
     return cfg, fallback
+
+
+def record(cfg: Config) -> dict:
+    """The settings as config.json records them (a field declared record_default=False only when set)."""
+    return {name: value for name, value in dataclasses.asdict(cfg).items()
+            if FIELDS[name]["record_default"] or value != _default(name)}
+
+
+def from_record(settings: dict) -> Config:
+    """A Config from config.json's settings; a field an older run did not record takes its default."""
+    values = defaults(settings.get("attack", "fgsm"))
+    values.update({k: v for k, v in settings.items() if k in FIELDS})
+    return Config(**values)

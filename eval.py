@@ -16,10 +16,15 @@ the LAST line on stdout is one JSON object: {"clean_acc", "pgd_acc", "n_eval", "
 --attack autoattack (or apgd-ce, apgd-t) also runs that attack on the same points after PGD-50-10 and
 adds its accuracy ("aa_acc", "apgd_ce_acc", "apgd_t_acc"), name, version, library and passes per
 example; it needs the optional extra `pip install --no-deps -r requirements-aa.txt`.
+
+Also the evaluation code of train.py's runs: final_evaluation (final.json's numbers) and
+add_autoattack (AutoAttack added to a finished run's final.json; `train.py --final_autoattack` on a
+finished run calls it).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -32,14 +37,20 @@ import data
 import models
 import rundir
 import utils
-from config import EXIT_OK, EXIT_USAGE, OneLineParser, add_shared_flags
+from config import EXIT_OK, EXIT_USAGE, OneLineParser
+
+# The settings eval.py takes from config.json beside the checkpoint when their flags are not given
+# (FROM_RUN_VALID says what a value there must be).
+FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "eps")
+# train.py's settings that eval.py takes too, declared in config.py.
+SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "data_dir", "download")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_shared_flags(p, from_run=True, batch_size_eval=1024,
-                     half_prec_help="PGD under autocast (fp16 on CUDA, bf16 on CPU); --attack always runs in fp32")
+    config.add_flags(p, SHARED, from_run=FROM_RUN, defaults={"batch_size_eval": 1024},
+                     helps={"half_prec": "PGD under autocast (fp16 on CUDA, bf16 on CPU); --attack always runs in fp32"})
     a = p.add_argument
     a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
     a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
@@ -53,13 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--attack", default="pgd", choices=("pgd", *autoattack_eval.ATTACKS),
       help="pgd: PGD only; autoattack (the standard version), apgd-ce or apgd-t: PGD, then that attack on the "
            "same points (optional extra: requirements-aa.txt)")
-    p.set_defaults(eps=None)  # the run's, like the architecture (FROM_RUN)
     return p
 
 
-# The settings eval.py takes from config.json beside the checkpoint when their flags are not given,
-# and what a value there must be.
-FROM_RUN = {
+# What a value of config.json that eval.py takes (FROM_RUN) must be.
+FROM_RUN_VALID = {
     "dataset": (lambda v: v in data.DATASETS, f"not one of {', '.join(sorted(data.DATASETS))}"),
     "model": (lambda v: v in models.MODELS, f"not one of {', '.join(models.MODELS)}"),
     "n_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
@@ -87,7 +96,7 @@ def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
     fallback = config.defaults()
     for name in needed:
         if name in run_config:
-            valid, why = FROM_RUN[name]
+            valid, why = FROM_RUN_VALID[name]
             if not valid(run_config[name]):
                 raise ValueError(f"{config_path} beside the checkpoint is not train.py's: its {name} "
                                  f"{run_config[name]!r} is {why}; give --{name} explicitly")
@@ -169,6 +178,76 @@ def evaluate(args) -> dict:
                                                     progress=bar.update)
         out.update(extra.json_fields())
     return out
+
+
+# ----------------------------------------------------------------------- train.py's final evaluation
+def final_evaluation(cfg: config.Config, model, state_dict: dict, batches: data.Batches, label: str) -> dict:
+    """A run's final evaluation of one set of weights, in fp32 and eval mode on a copy of the model:
+    clean and PGD-50-10 (eps/4 steps, --seed) accuracy on the first n_final_eval test points (an example
+    is robust only if no restart fools it), cos_x_eta on those points, and AutoAttack with
+    --final_autoattack."""
+    model = copy.deepcopy(model).float().eval()
+    model.load_state_dict(state_dict)
+    n_iters, n_restarts = cfg.final_attack
+    with tqdm(total=batches.n, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
+              disable=None) as bar:
+        result = utils.seeded_robust_accuracy(model, batches, cfg.eps_frac, n_iters, n_restarts, cfg.seed,
+                                              progress=bar.update)
+    cos = utils.cos_x_eta(model, batches, cfg.eps_frac, cfg.clamp_grad)
+    out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "cos_x_eta": cos}
+    if cfg.final_autoattack:
+        out.update(autoattack_fields(model, batches, cfg.eps_frac, cfg.seed, data.DATASETS[cfg.dataset].n_classes,
+                                     batches.n, label))
+    return out
+
+
+# ------------------------------------------------------------------- AutoAttack of a finished run
+def autoattack_fields(model, batches, eps: float, seed: int, n_classes: int, n: int, label: str) -> dict:
+    """Standard AutoAttack on the final-evaluation points (model in fp32 and eval mode), seeded with
+    seed: {"aa_acc", "aa_stage_acc", "aa_grad_passes_per_example", "aa_forward_passes_per_example"}."""
+    with tqdm(total=n, desc=f"AutoAttack ({label})", unit="img", leave=False, disable=None) as bar:
+        result = autoattack_eval.attack_accuracy(model, batches, eps, "autoattack", seed, n_classes,
+                                                 progress=bar.update)
+    return result.result_fields()
+
+
+def lacks_autoattack(final_path: str) -> bool:
+    """A finished run's final.json has no AutoAttack accuracy for some weights it evaluated."""
+    with open(final_path) as f:
+        final = json.load(f)
+    return any(key in final and "aa_acc" not in final[key] for key in ("last", "best"))
+
+
+def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.py") -> int:
+    """Adds AutoAttack of the saved weights to a finished run's final.json (train.py --final_autoattack
+    on a finished run), on the final evaluation's points, without retraining. Returns an exit code."""
+    final_path = os.path.join(run_dir, "final.json")
+    with open(final_path) as f:
+        final = json.load(f)
+    info = data.DATASETS[cfg.dataset]
+    try:
+        split = data.load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
+        n = len(split) if cfg.n_final_eval < 0 else cfg.n_final_eval
+        batches = data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n, device=device)
+        model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn)
+        model = utils.to_device(model, device).float().eval()
+        for key in ("last", "best"):
+            if key in final and "aa_acc" not in final[key]:
+                models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))
+                final[key].update(autoattack_fields(model, batches, cfg.eps_frac, cfg.seed, info.n_classes, n, key))
+    except (data.DataMissingError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except models.CheckpointError as exc:
+        print(f"{prog}: error: {exc}; rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
+    final["autoattack"] = autoattack_eval.describe("autoattack")
+    rundir.atomic_write_json(final_path, final)
+    rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt"))(
+        "final: AutoAttack added to final.json: " + ", ".join(
+            f"{key} {final[key]['aa_acc']:.2%}" for key in ("last", "best") if key in final))
+    print(json.dumps({"run_dir": run_dir, **final}))
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -282,7 +282,7 @@ class TrainJob(submitit.helpers.Checkpointable):
         self._process = process
 
     def __call__(self) -> int:
-        from config import EXIT_LOCKED  # imports torch: only in the job
+        from config import EXIT_LOCKED
         from rundir import LEASE_SECONDS
         rc = run_command(self.argv, self.log_path, started=self._started)
         if self.requeues > 0 and rc == EXIT_LOCKED:
@@ -367,7 +367,7 @@ def run_submitit(tasks: list[Task], args: argparse.Namespace) -> list[Outcome] |
     for task, job in zip(tasks, jobs):
         try:
             outcome = Outcome(task, job.result(), (time.time() - start) / 60)
-        except UncompletedJobError as exc:  # the job failed (FailedJobError), timed out or was cancelled
+        except UncompletedJobError as exc:  # the job failed (FailedJobError), timed out or was called off
             outcome = Outcome(task, None, (time.time() - start) / 60, f"{type(exc).__name__}: {exc}".splitlines()[0])
         outcomes.append(outcome)
         print_progress(outcome, len(outcomes), len(tasks))

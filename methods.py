@@ -1,23 +1,31 @@
-"""The training methods compared in the paper (arXiv 2007.02617), the later fast adversarial training
-methods (N-FGSM, ZeroGrad, ELLE, ELLE-A) and the train.py flags that select each one: the single
-table that the sweeps in sh/, the digits demos, bench.py and report.py read.
+"""The training methods, one registry entry each: the paper's (arXiv 2007.02617: FGSM, FGSM-RS,
+GradAlign, Free-AT, PGD-K) and the later fast adversarial training methods (N-FGSM, ZeroGrad, ELLE,
+ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all read REGISTRY.
 
+    python methods.py list [--paper | --all]                                   # the sweeps' method names
     python methods.py flags gradalign --eps 8 --dataset cifar10
     python methods.py grid --dataset svhn --methods "fgsm pgd10" --eps "1 2"   # "method eps flags..." lines
     python methods.py lambda --dataset cifar10 --eps 10                        # GradAlign's lambda
 
-Flags come as --flag=value words. eps is in 1/255 units. Per dataset, the flags include the
-training schedule of the authors' sweeps (--epochs, --lr_max); the digits demo sets its own.
-No torch here: the shell scripts call this once per sweep.
+A method is its maths (an attack or a regulariser in utils.py) plus one Method: the train.py flags
+that select it, its report label, its cost per step, its sweep recipes and the function train.py's
+step calls. A perturbation (the attack a step trains on) and a regulariser (a term added to the loss)
+combine: FGSM-RS + GradAlign is two entries. Flags come as --flag=value words; eps is in 1/255 units.
+Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
+--lr_max); the digits demos set their own. torch is imported only by the functions that train, so
+report.py and the shell scripts (which call this once per sweep) start fast.
 """
 from __future__ import annotations
 
 import argparse
 import math
 import sys
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 
+# ---------------------------------------------------------------------------------- sweep settings
 @dataclass(frozen=True)
 class Schedule:
     """--epochs and --lr_max of a dataset's sweep: the default, GradAlign's and Free-AT's."""
@@ -56,66 +64,425 @@ def elle_lambda(eps: float) -> str:
     return "1000" if eps <= 8 else "5000" if eps <= 20 else "10000"
 
 
-@dataclass(frozen=True)
-class Method:
-    label: str    # the name in the paper's tables (report.py's method_name gives the same for these flags)
-    passes: str   # forward+backward passes of one step: attack / monitoring pass at x / training pass
-    #               (f: a forward only; dbl: a double backprop; ELLE's 3: one pass over three points
-    #               per example; GradAlign (FD): 2 passes of the finite difference instead of dbl)
-    attack: list[str]
+def _no_words(eps: float, dataset: str) -> list[str]:
+    return []
 
-    def flags(self, key: str, eps: float, dataset: str) -> list[str]:
-        """The train.py flags of this method at eps on dataset (schedule included where the dataset has one)."""
-        words = list(self.attack)
-        if key in ("gradalign", "gradalign_fd"):
-            words.append(f"--grad_align_cos_lambda={gradalign_lambda(dataset, eps)}")
-            if key == "gradalign_fd":
-                words.append("--grad_align_fd=0.001")
-        elif key == "elle":
-            words.append(f"--elle_lambda={elle_lambda(eps)}")
-        elif key in ("pgd2", "pgd10"):
-            words.append(f"--pgd_alpha_train={eps / (2 if key == 'pgd2' else 5):g}")  # alpha = eps/2, eps/5
+
+def _default_schedule(s: Schedule) -> tuple[int, str]:
+    return s.epochs, s.lr_max
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A sweep's train.py flags for a method: fixed words, the words that depend on eps and the
+    dataset, then the dataset's schedule (which of its columns: `schedule`)."""
+    words: tuple[str, ...]
+    per_eps: Callable[[float, str], list[str]] = _no_words
+    schedule: Callable[[Schedule], tuple[int, str]] = _default_schedule
+    paper: bool = False   # one of the paper's six methods (the SVHN sweep, CIFAR-10's default)
+    listed: bool = True   # False: bench.py measures it, the sweeps do not offer it
+    bench: bool = True    # False: bench.py leaves it out (its step costs what another recipe's does)
+
+    def flags(self, eps: float, dataset: str) -> list[str]:
+        words = [*self.words, *self.per_eps(eps, dataset)]
         schedule = SCHEDULES.get(dataset)
         if schedule is not None:
-            epochs, lr = {"gradalign": (schedule.epochs, schedule.gradalign_lr_max),
-                          "gradalign_fd": (schedule.epochs, schedule.gradalign_lr_max),
-                          "free_at": (schedule.free_at_epochs, schedule.free_at_lr_max)
-                          }.get(key, (schedule.epochs, schedule.lr_max))
+            epochs, lr = self.schedule(schedule)
             words += [f"--epochs={epochs}", f"--lr_max={lr}"]
         return words
 
 
-# The paper's methods, in the row order of its tables.
-METHODS = {
-    "fgsm": Method("FGSM", "2", ["--attack=fgsm", "--attack_init=zero"]),
-    "fgsm_rs": Method("FGSM-RS", "2", ["--attack=fgsm", "--attack_init=random"]),  # fgsm_alpha stays 1.25
-    "gradalign": Method("FGSM + GradAlign", "3+dbl", ["--attack=fgsm", "--attack_init=zero"]),
-    "free_at": Method("Free-AT (m=8)", "2", ["--attack=fgsm", "--attack_init=zero", "--fgsm_alpha=1.0",
-                                             "--minibatch_replay=8"]),
-    "pgd2": Method("PGD-2", "2+f+1", ["--attack=pgd", "--attack_init=zero", "--pgd_train_n_iters=2"]),
-    "pgd10": Method("PGD-10", "10+f+1", ["--attack=pgd", "--attack_init=zero", "--pgd_train_n_iters=10"]),
-    # Later methods, each with its paper's CIFAR-10 settings on this protocol's schedule (both N-FGSM's
-    # and ELLE's papers also train 30 epochs at lr_max 0.2); README, "Other fast adversarial training
-    # methods". N-FGSM: noise 2 eps, step eps, at every eps.
-    "nfgsm": Method("N-FGSM", "2", ["--attack=nfgsm", "--fgsm_alpha=1.0", "--nfgsm_noise_mult=2"]),
-    "zerograd": Method("ZeroGrad", "2", ["--attack=fgsm", "--attack_init=random", "--fgsm_alpha=2.0",
-                                         "--zerograd_q=0.35"]),
-    "elle": Method("ELLE", "2+3", ["--attack=fgsm", "--attack_init=zero", "--fgsm_alpha=1.0"]),
-    "elle_a": Method("ELLE-A", "2+3", ["--attack=fgsm", "--attack_init=zero", "--fgsm_alpha=1.0",
-                                       "--elle_lambda=4000", "--elle_adaptive"]),
-    # GradAlign with a finite-difference gradient instead of double backprop (h = 0.001), for bench.py.
-    "gradalign_fd": Method("FGSM + GradAlign (FD)", "3+2", ["--attack=fgsm", "--attack_init=zero"]),
-}
-# Row order of report.py's tables: the paper's methods above, plain training first, and FGSM-RS +
-# GradAlign; then the later methods.
+# --------------------------------------------------------------------------------------- the entry
+@dataclass
+class Perturbation:
+    """What a perturbation function returns: the delta trained on, the input gradient the attack took
+    at its start (None if it took none; GradAlign's first gradient), that start's delta and the clamp
+    rule of its forward."""
+    delta: Any
+    attack_grad: Any = None
+    start: Any = None
+    start_clamp: str | None = None
+
+
+@dataclass(frozen=True)
+class Method:
+    """One training method. Exactly one of perturb and regularise is set.
+
+    Selection: a perturbation with attack=A is selected by --attack A when `when(cfg)` also holds; a
+    regulariser by `when(cfg)`; the first match in REGISTRY's order wins, and --method NAME selects
+    an entry outright (the only way to select one with neither attack nor when).
+    perturb(model, x, y, cfg, st) -> Perturbation; regularise(model, x, y, cfg, st, grad1, pert) ->
+    a 0-dim tensor added to the loss. st is train.py's StepState (warm-up factor, iteration, whether
+    the attack's gradient keeps its graph, and st.states[state_key], this method's state).
+    label: the report's name; a perturbation's is a string or label(cfg), a regulariser's is
+    label(cfg, perturbation's label). passes: forward+backward passes of one step (attack /
+    monitoring pass at x / training pass; f: a forward only, dbl: a double backprop); a
+    perturbation's is a string or passes(cfg), a regulariser's maps the perturbation's to the sum.
+    """
+    name: str
+    label: str | Callable[..., str]
+    passes: str | Callable[[Any], str] | dict[str, str] = "?"
+    attack: str | None = None
+    when: Callable[[Any], bool] | None = None
+    perturb: Callable[..., Perturbation] | None = None
+    regularise: Callable[..., Any] | None = None
+    # a regulariser that uses the attack's input gradient at its start (grad1): whether it must keep its graph
+    start_grad: Callable[[Any], bool] | None = None
+    active: Callable[[Any, int], bool] | None = None  # on which iterations a regulariser applies (default: all)
+    state: Callable[[Any], Any] | None = None  # the method's state across steps (a tensor or a state_dict owner)
+    state_key: str | None = None               # ... and its key in resume.pt
+    defaults: dict[str, Any] = field(default_factory=dict)  # defaults of flags for this --attack
+    recipes: dict[str, Recipe] = field(default_factory=dict)
+
+    def selects(self, cfg) -> bool:
+        if self.attack is None and self.when is None:
+            return False
+        return (self.attack is None or cfg.attack == self.attack) and (self.when is None or self.when(cfg))
+
+    def passes_for(self, cfg, base: str = "") -> str:
+        if isinstance(self.passes, dict):
+            return self.passes.get(base, "?")
+        return self.passes(cfg) if callable(self.passes) else self.passes
+
+
+# ---------------------------------------------------------------------------- the perturbations
+def perturb_fgsm(model, x, y, cfg, st) -> Perturbation:
+    """FGSM (zero start) or FGSM-RS (uniform start): one step of fgsm_alpha * eps from the start;
+    SVHN warms the step multiplier only."""
+    import torch
+
+    import utils
+    eps = cfg.eps_frac
+    delta0 = torch.zeros_like(x) if cfg.attack_init == "zero" else utils.uniform_delta(x, eps)
+    clamp = fgsm_clamp_rule(cfg)
+    delta, grad = utils.fgsm_attack(model, x, y, delta0, eps, st.warm * cfg.fgsm_alpha * eps, clamp,
+                                    create_graph=st.grad1_graph)
+    return Perturbation(delta, grad, delta0, clamp)
+
+
+def fgsm_clamp_rule(cfg) -> str | None:
+    """The box-clamp gradient rule of the FGSM step's forward: --clamp_grad (the paper's attacks clamp
+    x + delta in the graph), or None under ELLE, whose authors take the gradient at x + delta with no
+    clamp in the graph, so pixels at exactly 0 or 1 get their real gradient."""
+    return None if cfg.elle_lambda > 0 else cfg.clamp_grad
+
+
+def perturb_free_at(model, x, y, cfg, st) -> Perturbation:
+    """Free-AT: FGSM from the delta of the previous step (zero at first), kept across batches; the
+    loop replays each batch minibatch_replay times."""
+    import torch
+
+    import utils
+    eps = cfg.eps_frac
+    delta0 = st.states["free_delta"]
+    if delta0 is None:
+        delta0 = torch.zeros_like(x)
+    delta, grad = utils.fgsm_attack(model, x, y, delta0, eps, st.warm * cfg.fgsm_alpha * eps, cfg.clamp_grad,
+                                    create_graph=st.grad1_graph)
+    st.states["free_delta"] = delta
+    return Perturbation(delta, grad, delta0, cfg.clamp_grad)
+
+
+def perturb_zerograd(model, x, y, cfg, st) -> Perturbation:
+    """ZeroGrad: FGSM(-RS) whose gradient coordinates below each example's --zerograd_q quantile of
+    |gradient| do not move."""
+    import torch
+
+    import utils
+    eps = cfg.eps_frac
+    delta0 = torch.zeros_like(x) if cfg.attack_init == "zero" else utils.uniform_delta(x, eps)
+    # as its authors' code: the start is projected onto the box first and the gradient taken there,
+    # with no clamp in the graph (so --clamp_grad does not apply)
+    delta, grad, start = utils.zerograd_attack(model, x, y, delta0, eps, st.warm * cfg.fgsm_alpha * eps,
+                                               cfg.zerograd_q, create_graph=st.grad1_graph)
+    return Perturbation(delta, grad, start, None)
+
+
+def perturb_nfgsm(model, x, y, cfg, st) -> Perturbation:
+    """N-FGSM: noise of k eps, one step of fgsm_alpha * eps, box-clamped only (outside the eps-ball);
+    SVHN warms eps."""
+    import utils
+    eps = st.warm * cfg.eps_frac
+    delta, grad, eta = utils.nfgsm_attack(model, x, y, eps, cfg.nfgsm_noise_mult, cfg.fgsm_alpha * eps,
+                                          create_graph=st.grad1_graph)
+    return Perturbation(delta, grad, eta, None)
+
+
+def perturb_pgd(model, x, y, cfg, st) -> Perturbation:
+    """PGD-K training; SVHN warms eps of the start and the projection, not the step."""
+    import utils
+    return Perturbation(utils.pgd_attack(model, x, y, st.warm * cfg.eps_frac, cfg.pgd_alpha_train_frac,
+                                         cfg.pgd_train_n_iters, random_start=cfg.attack_init == "random",
+                                         clamp_rule=cfg.clamp_grad))
+
+
+def perturb_pgd_corner(model, x, y, cfg, st) -> Perturbation:
+    """PGD, then moved to the full-eps corner of its signs and box-clamped."""
+    import torch
+    delta = cfg.eps_frac * torch.sign(perturb_pgd(model, x, y, cfg, st).delta)
+    return Perturbation(torch.clamp(x + delta, 0.0, 1.0) - x)
+
+
+def perturb_random_corner(model, x, y, cfg, st) -> Perturbation:
+    """A random corner of the eps-ball, NOT box-clamped (as in the authors' code)."""
+    import torch
+
+    import utils
+    return Perturbation(cfg.eps_frac * torch.sign(utils.uniform_delta(x, cfg.eps_frac)))
+
+
+def perturb_none(model, x, y, cfg, st) -> Perturbation:
+    import torch
+    return Perturbation(torch.zeros_like(x))
+
+
+# ------------------------------------------------------------------------------- the regularisers
+def grad1_graph(cfg) -> bool:
+    """Whether GradAlign backprops through its first gradient: --grad_align_grad1, where auto is
+    detached for fgsm and nfgsm (the attack's own gradient is reused) and graph for the other attacks."""
+    if cfg.grad_align_grad1 == "auto":
+        return cfg.attack not in ("fgsm", "nfgsm")
+    return cfg.grad_align_grad1 == "graph"
+
+
+def regularise_gradalign(model, x, y, cfg, st, grad1, pert):
+    """GradAlign: lambda * (1 - cos(grad1, grad2)), grad2 at x + eta, eta ~ U[-eps, eps]^d, with its
+    graph: the parameter gradient is a double backprop."""
+    import utils
+    eta = utils.uniform_delta(x, cfg.eps_frac)
+    grad2, _ = utils.input_grad(model, x, y, eta, create_graph=True)
+    return utils.grad_align_reg(grad1, grad2, cfg.grad_align_cos_lambda)
+
+
+def regularise_gradalign_fd(model, x, y, cfg, st, grad1, pert):
+    """GradAlign's value, with the parameter gradient by finite differences of step --grad_align_fd."""
+    import utils
+    eta = utils.uniform_delta(x, cfg.eps_frac)
+    grad2, _ = utils.input_grad(model, x, y, eta)
+    return utils.grad_align_reg_fd(model, x, y, grad1, grad2, eta, cfg.grad_align_cos_lambda, cfg.grad_align_fd,
+                                   delta1=pert.start if grad1_graph(cfg) else None, clamp_rule1=pert.start_clamp)
+
+
+def regularise_elle(model, x, y, cfg, st, grad1, pert):
+    """ELLE: --elle_lambda times the local-linearity error in the (warmed) eps-ball."""
+    import utils
+    return cfg.elle_lambda * utils.elle_error(model, x, y, st.warm * cfg.eps_frac)
+
+
+def regularise_elle_adaptive(model, x, y, cfg, st, grad1, pert):
+    """ELLE-A: the error times a lambda that jumps to --elle_lambda when the error spikes (utils.ElleAdaptive)."""
+    import utils
+    error = utils.elle_error(model, x, y, st.warm * cfg.eps_frac)
+    return st.states["elle"].update(error) * error
+
+
+def _new_elle_adaptive(cfg):
+    import utils
+    return utils.ElleAdaptive(lam_max=cfg.elle_lambda)
+
+
+def _gradalign_label(cfg, base: str) -> str:
+    """'<base> + GradAlign', then ' (...)' naming its non-default variant settings."""
+    parts = []
+    if cfg.grad_align_grad1 != "auto":
+        parts.append(f"grad1 {cfg.grad_align_grad1}")
+    if cfg.grad_align_every > 1:
+        parts.append(f"every {cfg.grad_align_every}")
+    if cfg.grad_align_fd > 0:
+        parts.append("FD")
+    return f"{base} + GradAlign" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def _one_fgsm_step(cfg) -> bool:
+    """Plain FGSM(-RS): no batch replay, no gradient filter."""
+    return cfg.minibatch_replay == 1 and cfg.zerograd_q == 0
+
+
+def _pgd_label(suffix: str) -> Callable[[Any], str]:
+    return lambda c: f"PGD-{c.pgd_train_n_iters}{'' if c.attack_init == 'zero' else '-RS'}{suffix}"
+
+
+def _pgd_passes(cfg) -> str:
+    return f"{cfg.pgd_train_n_iters}+f+1"
+
+
+def _gradalign_every(cfg, iteration: int) -> bool:
+    return iteration % cfg.grad_align_every == 0
+
+
+def _gradalign_lambda_words(eps: float, dataset: str) -> list[str]:
+    return [f"--grad_align_cos_lambda={gradalign_lambda(dataset, eps)}"]
+
+
+def _gradalign_schedule(s: Schedule) -> tuple[int, str]:
+    return s.epochs, s.gradalign_lr_max
+
+
+FGSM_ZERO = ("--attack=fgsm", "--attack_init=zero")
+
+# --------------------------------------------------------------------------------------- registry
+# In the order of the sweeps' method lists (`methods.py list`); selection takes the first match.
+# Later methods carry their paper's CIFAR-10 settings on this protocol's schedule (both N-FGSM's and
+# ELLE's papers also train 30 epochs at lr_max 0.2); README, "Other fast adversarial training methods".
+_ENTRIES = [
+    Method("fgsm", "FGSM", "2", attack="fgsm", when=lambda c: c.attack_init == "zero" and _one_fgsm_step(c),
+           perturb=perturb_fgsm, recipes={"fgsm": Recipe(FGSM_ZERO, paper=True)}),
+    Method("fgsm_rs", "FGSM-RS", "2", attack="fgsm", when=lambda c: c.attack_init == "random" and _one_fgsm_step(c),
+           perturb=perturb_fgsm,  # fgsm_alpha stays 1.25
+           recipes={"fgsm_rs": Recipe(("--attack=fgsm", "--attack_init=random"), paper=True)}),
+    Method("gradalign", _gradalign_label, {"2": "3+dbl"},
+           when=lambda c: c.grad_align_cos_lambda > 0 and c.grad_align_fd == 0,
+           regularise=regularise_gradalign, start_grad=grad1_graph, active=_gradalign_every,
+           recipes={"gradalign": Recipe(FGSM_ZERO, _gradalign_lambda_words, _gradalign_schedule, paper=True)}),
+    Method("pgd", _pgd_label(""), _pgd_passes, attack="pgd", perturb=perturb_pgd, recipes={
+        f"pgd{k}": Recipe(("--attack=pgd", "--attack_init=zero", f"--pgd_train_n_iters={k}"),
+                          lambda eps, dataset, k=k: [f"--pgd_alpha_train={eps / (2 if k == 2 else 5):g}"],
+                          paper=True)  # alpha = eps/2 for PGD-2, eps/5 for PGD-10
+        for k in (2, 10)}),
+    Method("free_at", lambda c: f"Free-AT (m={c.minibatch_replay})", "2", attack="fgsm",
+           when=lambda c: c.minibatch_replay > 1, perturb=perturb_free_at,  # ignores --attack_init
+           state=lambda c: None, state_key="free_delta",
+           recipes={"free_at": Recipe(("--attack=fgsm", "--attack_init=zero", "--fgsm_alpha=1.0",
+                                       "--minibatch_replay=8"),
+                                      schedule=lambda s: (s.free_at_epochs, s.free_at_lr_max), paper=True)}),
+    # N-FGSM: noise 2 eps, step eps, at every eps
+    Method("nfgsm", lambda c: "N-FGSM" if (c.nfgsm_noise_mult, c.fgsm_alpha) == (2.0, 1.0)
+           else f"N-FGSM (k={c.nfgsm_noise_mult:g}, alpha={c.fgsm_alpha:g})", "2", attack="nfgsm",
+           perturb=perturb_nfgsm, defaults={"fgsm_alpha": 1.0},
+           recipes={"nfgsm": Recipe(("--attack=nfgsm", "--fgsm_alpha=1.0", "--nfgsm_noise_mult=2"))}),
+    Method("zerograd", "ZeroGrad", "2", attack="fgsm", when=lambda c: c.zerograd_q > 0, perturb=perturb_zerograd,
+           recipes={"zerograd": Recipe(("--attack=fgsm", "--attack_init=random", "--fgsm_alpha=2.0",
+                                        "--zerograd_q=0.35"))}),
+    Method("elle", lambda c, base: "ELLE" if base == "FGSM" else f"{base} + ELLE", {"2": "2+3"},
+           when=lambda c: c.elle_lambda > 0 and not c.elle_adaptive, regularise=regularise_elle,
+           recipes={"elle": Recipe((*FGSM_ZERO, "--fgsm_alpha=1.0"), lambda eps, dataset: [f"--elle_lambda={elle_lambda(eps)}"],
+                                   bench=False)}),  # its step costs what ELLE-A's does
+    Method("elle_a", lambda c, base: "ELLE-A" if base == "FGSM" else f"{base} + ELLE-A", {"2": "2+3"},
+           when=lambda c: c.elle_lambda > 0 and c.elle_adaptive, regularise=regularise_elle_adaptive,
+           state=_new_elle_adaptive, state_key="elle",
+           recipes={"elle_a": Recipe((*FGSM_ZERO, "--fgsm_alpha=1.0", "--elle_lambda=4000", "--elle_adaptive"))}),
+    # GradAlign with a finite-difference gradient instead of double backprop (h = 0.001), for bench.py
+    Method("gradalign_fd", _gradalign_label, {"2": "3+2"},
+           when=lambda c: c.grad_align_cos_lambda > 0 and c.grad_align_fd > 0,
+           regularise=regularise_gradalign_fd, start_grad=lambda c: False, active=_gradalign_every,
+           recipes={"gradalign_fd": Recipe(FGSM_ZERO, lambda eps, dataset: [*_gradalign_lambda_words(eps, dataset),
+                                                                              "--grad_align_fd=0.001"],
+                                           _gradalign_schedule, listed=False)}),
+    Method("pgd_corner", _pgd_label(" corner"), _pgd_passes, attack="pgd_corner", perturb=perturb_pgd_corner),
+    Method("random_corner", "Random corner", "f+1", attack="random_corner", perturb=perturb_random_corner),
+    Method("none", "Standard", "f+1", attack="none", perturb=perturb_none),
+]
+REGISTRY: dict[str, Method] = {m.name: m for m in _ENTRIES}
+
+# Row order of report.py's tables: the paper's methods, plain training first, and FGSM-RS + GradAlign;
+# then the later methods. Labels not here follow alphabetically.
 ROW_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradAlign", "Free-AT (m=8)",
              "PGD-2", "PGD-10", "N-FGSM", "ZeroGrad", "ELLE", "ELLE-A", "FGSM + GradAlign (FD)"]
 
 
+def register(method: Method) -> Method:
+    """Adds a method to REGISTRY (after the others: flags that select an earlier entry keep selecting it)."""
+    if method.name in REGISTRY:
+        raise ValueError(f"a method named '{method.name}' is already registered")
+    if (method.perturb is None) == (method.regularise is None):
+        raise ValueError(f"method '{method.name}': give exactly one of perturb= and regularise=")
+    taken = set(recipes())
+    if taken & set(method.recipes):
+        raise ValueError(f"method '{method.name}': recipe names {sorted(taken & set(method.recipes))} are taken")
+    REGISTRY[method.name] = method
+    return method
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name)
+
+
+# -------------------------------------------------------------------------------------- selection
+def select(cfg) -> tuple[Method | None, Method | None]:
+    """(the perturbation, the regulariser or None) that cfg selects; cfg.method replaces the one of its
+    role. The perturbation is None only for an --attack no entry handles (an older run's config)."""
+    perturbation = next((m for m in REGISTRY.values() if m.perturb is not None and m.selects(cfg)), None)
+    regulariser = next((m for m in REGISTRY.values() if m.regularise is not None and m.selects(cfg)), None)
+    chosen = REGISTRY.get(getattr(cfg, "method", None) or "")
+    if chosen is not None and chosen.perturb is not None:
+        perturbation = chosen
+    elif chosen is not None:
+        regulariser = chosen
+    return perturbation, regulariser
+
+
+def method_problem(cfg) -> str | None:
+    """Why cfg.method cannot be used with these flags, or None: a method that has flags of its own
+    (attack=, when=) must also be what they select."""
+    if cfg.method is None:
+        return None
+    chosen = REGISTRY.get(cfg.method)
+    if chosen is None:
+        return f"--method {cfg.method} is not registered"
+    if (chosen.attack is not None or chosen.when is not None) and not chosen.selects(cfg):
+        words = next(iter(chosen.recipes.values())).words if chosen.recipes else ()
+        return f"--method {cfg.method} does not match the other flags; its flags are: {' '.join(words) or '?'}"
+    return None
+
+
+def label_of(cfg) -> str:
+    """The report's name of cfg's training method (the paper's name for the paper's methods)."""
+    perturbation, regulariser = select(cfg)
+    base = cfg.attack if perturbation is None else (
+        perturbation.label(cfg) if callable(perturbation.label) else perturbation.label)
+    return base if regulariser is None else regulariser.label(cfg, base)
+
+
+def passes_of(cfg) -> str:
+    """Forward+backward passes of one training step of cfg's method ('?' when unknown)."""
+    perturbation, regulariser = select(cfg)
+    base = "?" if perturbation is None else perturbation.passes_for(cfg)
+    return base if regulariser is None else regulariser.passes_for(cfg, base)
+
+
+def attack_defaults(attack: str) -> dict[str, Any]:
+    """The defaults of flags that the methods training with this --attack set (N-FGSM's step)."""
+    return {k: v for m in REGISTRY.values() if m.attack == attack for k, v in m.defaults.items()}
+
+
+def states(cfg) -> dict[str, Any]:
+    """Every state key of the registry (None), then the initial states of cfg's methods."""
+    out: dict[str, Any] = {m.state_key: None for m in REGISTRY.values() if m.state_key}
+    for m in select(cfg):
+        if m is not None and m.state_key:
+            out[m.state_key] = m.state(cfg)
+    return out
+
+
+def state_dict(states: dict[str, Any]) -> dict[str, Any]:
+    """The methods' states as resume.pt keeps them: a tensor as it is, an object by its state_dict()."""
+    return {k: v.state_dict() if hasattr(v, "state_dict") else v for k, v in states.items()}
+
+
+def load_state_dict(states: dict[str, Any], saved: dict, device) -> None:
+    """Restores the states of `states` (this run's methods) from resume.pt's keys, onto device."""
+    for key, current in states.items():
+        value = saved.get(key)
+        if value is None:
+            continue
+        if hasattr(current, "load_state_dict"):
+            current.load_state_dict({k: v.to(device) if hasattr(v, "to") else v for k, v in value.items()})
+        elif hasattr(value, "to"):  # a tensor
+            states[key] = value.to(device)
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def recipes() -> dict[str, Recipe]:
+    """Every recipe by name, in REGISTRY's order."""
+    return {name: r for m in REGISTRY.values() for name, r in m.recipes.items()}
+
+
 def flags(method: str, eps: float, dataset: str) -> list[str]:
-    if method not in METHODS:
-        raise ValueError(f"unknown method '{method}': choose from {', '.join(METHODS)}")
-    return METHODS[method].flags(method, eps, dataset)
+    """The train.py flags of a recipe at eps on dataset (schedule included where the dataset has one)."""
+    table = recipes()
+    if method not in table:
+        raise ValueError(f"unknown method '{method}': choose from {', '.join(table)}")
+    return table[method].flags(eps, dataset)
 
 
 def number(text: str) -> float:
@@ -127,6 +494,10 @@ def number(text: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="methods.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
+    listing = sub.add_parser("list", help="the methods the sweeps offer, on one line")
+    which = listing.add_mutually_exclusive_group()
+    which.add_argument("--paper", action="store_true", help="only the paper's six methods")
+    which.add_argument("--all", action="store_true", help="also those only bench.py measures")
     one = sub.add_parser("flags", help="the flags of one method")
     one.add_argument("method")
     grid = sub.add_parser("grid", help="one line per (method, eps): method, eps, flags")
@@ -137,7 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--eps", required=True, help=eps_help)
     args = p.parse_args(argv)
     try:
-        if args.command == "flags":
+        if args.command == "list":
+            print(" ".join(name for name, r in recipes().items()
+                           if args.all or (r.paper if args.paper else r.listed)))
+        elif args.command == "flags":
             print(" ".join(flags(args.method, number(args.eps), args.dataset)))
         elif args.command == "lambda":
             print(gradalign_lambda(args.dataset, number(args.eps)))

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+import config
 import methods
 import rundir
 
@@ -39,14 +40,10 @@ PAPER_PROTOCOL = {"n_eval": 1000, "attack_iters": 50, "n_restarts": 10}
 OWN_PROTOCOL = {"digits": {"n_eval": 397, "attack_iters": 50, "n_restarts": 10}}
 # The paper's row order, then the later methods (methods.py); other methods follow alphabetically.
 METHOD_ORDER = methods.ROW_ORDER
-# Forward+backward passes of one training step, as methods.py counts them and bench.py measures their
-# cost (FGSM-RS + GradAlign, not in that table, makes GradAlign's passes).
-PASSES_PER_STEP = {**{m.label: m.passes for m in methods.METHODS.values()},
-                   "FGSM-RS + GradAlign": methods.METHODS["gradalign"].passes}
-# Config keys that do not change results (or are the group key / seed); the others must agree in a group.
-NOT_COMPARED = {"seed", "eps", "run_name", "argv", "git_commit", "torch_version", "device_used", "device", "gpu",
-                "data_dir", "out_dir", "download", "overwrite", "fname",
-                "final_pgd", "eval_early_stopped_model", "debug", "n_final_eval", "final_autoattack"}
+# config.json keys that do not change results (or are the group key / seed): the settings declared
+# compare=False in config.py, and what train.py records beside the settings. The others must agree in a group.
+NOT_COMPARED = {name for name, meta in config.FIELDS.items() if not meta["compare"]} | {
+    "run_name", "argv", "git_commit", "torch_version", "device_used", "final_pgd"}
 CSV_COLUMNS = ["dataset", "model", "method", "eps", "n_seeds", "seeds", "n_eval", "attack_iters", "n_restarts",
                "last_clean_mean", "last_clean_std", "last_pgd_mean", "last_pgd_std",
                "best_clean_mean", "best_clean_std", "best_pgd_mean", "best_pgd_std", "n_best",
@@ -155,61 +152,21 @@ def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
 
 
 # -------------------------------------------------------------------------------------- aggregating
-def method_name(config: dict) -> str:
-    """The paper's name of a run's training method, from its config (train.py's flags)."""
-    attack, init = config.get("attack", "fgsm"), config.get("attack_init", "random")
-    lam, m = float(config.get("grad_align_cos_lambda", 0.0)), int(config.get("minibatch_replay", 1))
-    k = config.get("pgd_train_n_iters", 10)
-    if attack == "fgsm" and float(config.get("zerograd_q", 0.0)) > 0:
-        name = "ZeroGrad"
-    elif attack == "nfgsm":
-        noise, alpha = float(config.get("nfgsm_noise_mult", 2.0)), float(config.get("fgsm_alpha") or 1.0)
-        name = "N-FGSM" if (noise, alpha) == (2.0, 1.0) else f"N-FGSM (k={noise:g}, alpha={alpha:g})"
-    elif attack == "fgsm" and m > 1:
-        name = f"Free-AT (m={m})"  # Free-AT ignores attack_init
-    elif attack == "fgsm":
-        name = "FGSM" if init == "zero" else "FGSM-RS"
-    elif attack == "pgd":
-        name = f"PGD-{k}" if init == "zero" else f"PGD-{k}-RS"
-    elif attack == "pgd_corner":
-        name = f"PGD-{k} corner" if init == "zero" else f"PGD-{k}-RS corner"
-    else:
-        name = {"random_corner": "Random corner", "none": "Standard"}.get(attack, attack)
-    if m > 1 and attack != "fgsm":
-        name += f" (m={m})"
-    if float(config.get("elle_lambda", 0.0)) > 0:
-        elle = "ELLE-A" if config.get("elle_adaptive") else "ELLE"
-        return elle if name == "FGSM" else f"{name} + {elle}"
-    if lam > 0:
-        return name + " + GradAlign" + grad_align_variant(config)
-    return name
+def method_name(settings: dict) -> str:
+    """The name of a run's training method, from its config.json (methods.py's registry)."""
+    return methods.label_of(config.from_record(settings))
 
 
-def grad_align_variant(config: dict) -> str:
-    """' (...)' naming GradAlign's non-default variant settings, or ''."""
-    parts = []
-    if config.get("grad_align_grad1", "auto") != "auto":
-        parts.append(f"grad1 {config['grad_align_grad1']}")
-    if int(config.get("grad_align_every", 1)) > 1:
-        parts.append(f"every {config['grad_align_every']}")
-    if float(config.get("grad_align_fd", 0.0)) > 0:
-        parts.append("FD")
-    return f" ({', '.join(parts)})" if parts else ""
+def passes_per_step(settings: dict) -> str:
+    """A run's forward+backward passes per training step (methods.py's registry)."""
+    return methods.passes_of(config.from_record(settings))
 
 
-def passes_per_step(method: str) -> str:
-    """A method's forward+backward passes per training step (PASSES_PER_STEP; PGD-k: k, a forward, 1)."""
-    pgd = re.fullmatch(r"PGD-(\d+)(-RS)?", method)
-    if pgd:
-        return f"{pgd.group(1)}+f+1"
-    return PASSES_PER_STEP.get(method, "?")
-
-
-def model_name(config: dict) -> str:
+def model_name(settings: dict) -> str:
     """resnet18, or cnn-<layers>x<filters> (cnn_bn-<layers>x<filters>) for the small CNNs."""
-    if config.get("model") in ("cnn", "cnn_bn"):
-        return f"{config['model']}-{config.get('n_layers', 1)}x{config.get('n_filters_cnn', 16)}"
-    return str(config.get("model", "resnet18"))
+    if settings.get("model") in ("cnn", "cnn_bn"):
+        return f"{settings['model']}-{settings.get('n_layers', 1)}x{settings.get('n_filters_cnn', 16)}"
+    return str(settings.get("model", "resnet18"))
 
 
 def group_key(run: Run) -> tuple[str, str, str, float]:
@@ -272,6 +229,7 @@ def aggregate(runs: list[Run]) -> list[dict]:
         finals = [r.final for r in members]
         best = [f["best"] for f in finals if "best" in f]
         row = {"dataset": dataset, "model": model, "method": method, "eps": eps, "n_seeds": len(members),
+               "passes": passes_per_step(members[0].config),
                "seeds": " ".join(str(r.config.get("seed")) for r in sorted(members, key=lambda r: r.config.get("seed"))),
                "n_eval": one_or_all([f.get("n_eval") for f in finals]),
                "attack_iters": one_or_all([f.get("attack_iters") for f in finals]),
@@ -375,8 +333,9 @@ def cost_table(part: list[dict], methods: list[str], eps_values: list[float], be
     lines = ["### Robustness vs cost", "", legend, "", "| " + " | ".join(head) + " |",
              "|---|" + "---|" * (len(head) - 1)]
     fgsm = seconds.get("FGSM", float("nan"))
+    passes = {r["method"]: r["passes"] for r in part}
     for m in methods:
-        row = [m, passes_per_step(m), f"{seconds[m]:.2f}", "–" if np.isnan(fgsm) else f"{seconds[m] / fgsm:.1f}"]
+        row = [m, passes[m], f"{seconds[m]:.2f}", "–" if np.isnan(fgsm) else f"{seconds[m] / fgsm:.1f}"]
         if units:
             u = units.get(m.replace(" ", ""))
             row.append(f"{u:.2f}" if u is not None else "–")

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
+import config
+
 if TYPE_CHECKING:
     import torch
 
@@ -34,34 +36,10 @@ OUTPUT_FILES = ("final.json", "model.pth", "metrics.jsonl", "log.txt", RESUME_FI
 
 
 # ---------------------------------------------------------------------------------------- run names
-# Settings that change results, in run-name order, with their short names (named when not the default).
-# batch_size_eval: the final evaluation draws each PGD restart's random start batch by batch, so the
-# batching decides which start each example gets. data_on_device: on CUDA it moves the data generator
-# (shuffling, crops, flips) to the GPU, whose random streams differ from the CPU's.
-NAME_FIELDS = {"epochs": "ep", "lr_schedule": "", "lr_max": "lr", "batch_size": "bs", "weight_decay": "wd",
-               "fgsm_alpha": "fa", "minibatch_replay": "mr", "pgd_train_n_iters": "pgdk",
-               "pgd_alpha_train": "pgda", "attack_iters": "ai", "n_layers": "nl", "n_filters_cnn": "nf",
-               "eval_iter_freq": "eif", "n_eval_every_k_iter": "nek", "n_final_eval": "nfe",
-               "half_prec": "hp", "half_prec_dtype": "hpd", "tf32": "tf32", "debug": "debug",
-               "eval_early_stopped_model": "es", "clamp_grad": "clamp-", "batch_size_eval": "bse",
-               "data_on_device": "dod",
-               "nfgsm_noise_mult": "nk", "zerograd_q": "zq", "elle_lambda": "elle", "elle_adaptive": "ellea",
-               "grad_align_grad1": "g1", "grad_align_every": "gaev", "grad_align_fd": "gafd"}
-# Config fields that are not in the run name, and why (a test checks that every field is named or here).
-NOT_NAMED = {
-    # the leading parts of every run name
-    "dataset": "named first", "model": "named", "attack": "named", "attack_init": "named", "eps": "named",
-    "grad_align_cos_lambda": "named", "seed": "named last",
-    # where files are, what to do with them: no number depends on these
-    "data_dir": "where the dataset is read from", "out_dir": "where the run directory goes",
-    "fname": "unused, kept for the authors' scripts", "download": "fetches missing files, then reads the same",
-    "overwrite": "whether a finished run is retrained",
-    "final_autoattack": "adds AutoAttack to final.json; training and the PGD numbers are the same",
-    # which machine. cpu and cuda draw other random numbers and round differently, as two GPU models round
-    # differently, which no name could tell apart; config.json records device_used. The name must also be
-    # known before the device is: launch.py --status runs on a login node, a requeued job lands on any node.
-    "device": "the hardware, recorded as device_used in config.json", "gpu": "which card of a machine",
-}
+# Settings that change results, in run-name order, with their short names (named when not the default),
+# and the settings left out of the name with the reason: both from config.py's declarations.
+NAME_FIELDS = {name: meta["short"] for name, meta in config.FIELDS.items() if meta["short"] is not None}
+NOT_NAMED = {name: meta["unnamed"] for name, meta in config.FIELDS.items() if meta["unnamed"] is not None}
 
 
 def run_name(cfg, defaults: dict) -> str:
@@ -527,3 +505,36 @@ def load_resume_state(run_dir: str, data_generator: torch.Generator) -> dict | N
 
 def remove_resume_state(run_dir: str) -> None:
     os.remove(os.path.join(run_dir, RESUME_FILE))
+
+
+# ------------------------------------------------------------------------------- holding a run
+@contextlib.contextmanager
+def exclusive_run(run_dir: str, prog: str):
+    """Holds run_dir's lock for the block (RunLocked if another live process holds it).
+
+    A stop signal (STOP_SIGNALS) inside the block releases the lock at once (a requeued job, on any
+    node, can take the run over), says how to resume, and ends this process by that signal (its exit
+    status: killed by it). A lock taken over by another process (this one stalled longer than the
+    lease) stops the run the same way, through SIGTERM.
+    """
+    lock = RunLock(run_dir, on_lost=lambda: _lock_lost(run_dir, prog))
+    with stop_on_signals():
+        try:
+            lock.acquire()
+            yield lock
+        except Stopped as exc:
+            lock.release()
+            print(f"{prog}: stopped by {signal.Signals(exc.signum).name}; {run_dir}/{RESUME_FILE} holds the "
+                  "last finished epoch: relaunch the same command to resume", file=sys.stderr)
+            signal.signal(exc.signum, signal.SIG_DFL)
+            os.kill(os.getpid(), exc.signum)  # end as the signal would have ended us
+            raise
+        finally:
+            lock.release()
+
+
+def _lock_lost(run_dir: str, prog: str) -> None:
+    """Called by the lock's refreshing thread when another process took the run over."""
+    print(f"{prog}: the lock of {run_dir} was taken over by another process (this one stalled longer than "
+          "the lease); stopping", file=sys.stderr)
+    os.kill(os.getpid(), signal.SIGTERM)

@@ -1,12 +1,14 @@
-"""The maths: the box clamp, the attacks, GradAlign's regulariser, the metrics, the learning-rate
-schedules and mixed precision (arXiv 2007.02617). File I/O is in rundir.py.
+"""The maths: the box clamp, the attacks and the input-gradient helpers, the regularisers' terms
+(GradAlign, ELLE), the metrics, the learning-rate schedules and mixed precision (arXiv 2007.02617).
+methods.py's registry says which of them each training method uses; file I/O is in rundir.py.
 
 Units: every eps and step size here is in [0, 1] image units (the command line's 1/255 units are
 converted once, in config.py and eval.py). Images are (B, C, H, W) tensors with values in [0, 1].
 Attacks are pure functions of (model, x, y, ...): they never switch the model between train and
-eval mode, and every delta they return satisfies |delta|_inf <= eps and 0 <= x + delta <= 1
-(the one exception is train.py's random_corner perturbation, which is not box-clamped, as in the
-authors' code).
+eval mode, and every delta they return satisfies 0 <= x + delta <= 1 and, except N-FGSM's,
+|delta|_inf <= eps: nfgsm_attack trains outside the eps-ball (|delta|_inf <= noise_mult * eps + step,
+3 eps with its paper's settings). The random_corner perturbation of methods.py is a corner of the
+eps-ball that is not box-clamped, as in the authors' code.
 """
 from __future__ import annotations
 

@@ -4,8 +4,8 @@
 #   DRY_RUN=1 sh/exps_diff_eps_cifar10.sh                      # print the 480 commands
 #   JOBS=4 sh/exps_diff_eps_cifar10.sh --data_dir=/data --out_dir=runs/cifar10
 #   METHODS="fgsm gradalign" EPS="8 16" SEEDS=0 sh/exps_diff_eps_cifar10.sh
-# Methods: fgsm fgsm_rs gradalign pgd2 pgd10 free_at (the default: the paper's), and nfgsm zerograd
-# elle elle_a (successors, each with its paper's settings). Their flags, the schedule (30 epochs,
+# Methods: `python methods.py list` (fgsm fgsm_rs gradalign pgd2 pgd10 free_at, the default: the
+# paper's; then the successors, each with its paper's settings). Their flags, the schedule (30 epochs,
 # lr_max 0.2; GradAlign 0.30; Free-AT 96 epochs at 0.04) and each method's lambda per eps are in
 # methods.py, e.g.
 #   METHODS="nfgsm elle_a zerograd" EPS="8 16" sh/exps_diff_eps_cifar10.sh --data_dir=/data
@@ -16,8 +16,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/commands.sh
 
-PAPER_METHODS="fgsm fgsm_rs gradalign pgd2 pgd10 free_at"
-ALL_METHODS="$PAPER_METHODS nfgsm zerograd elle elle_a"
+PAPER_METHODS=$(python methods.py list --paper)
+ALL_METHODS=$(python methods.py list)
 METHODS=${METHODS:-$PAPER_METHODS}
 EPS=${EPS:-$(seq -s " " 1 16)}
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"

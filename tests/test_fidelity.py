@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import methods
 import models
 import train
 import utils
@@ -77,7 +78,7 @@ def test_free_at_first_delta_is_the_fgsm_step_from_zero_and_weights_see_the_upda
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     st = train.StepState()
     train.train_step(model, opt, scaler, x, y, cfg, st, train.Stats(torch.device("cpu")), update=True)
-    assert torch.allclose(st.free_delta, expected_delta, atol=1e-7)  # zero start, although init=random
+    assert torch.allclose(st.states["free_delta"], expected_delta, atol=1e-7)  # zero start, although init=random
 
     hand = F.cross_entropy(reference(x + expected_delta), y)
     hand.backward()
@@ -112,8 +113,8 @@ def test_svhn_warmup_factor():
 def test_svhn_warmup_scales_the_fgsm_step_only():
     model, x, y = _tiny_batch()
     cfg = _cfg("--attack", "fgsm", "--attack_init", "zero", "--fgsm_alpha", "1.0")
-    half = train.perturb_fgsm(model, x, y, cfg, train.StepState(warm=0.5)).delta
-    full = train.perturb_fgsm(model, x, y, cfg, train.StepState(warm=1.0)).delta
+    half = methods.perturb_fgsm(model, x, y, cfg, train.StepState(warm=0.5)).delta
+    full = methods.perturb_fgsm(model, x, y, cfg, train.StepState(warm=1.0)).delta
     unclipped = full.abs() > cfg.eps_frac - 1e-6  # the box did not cut the full step there
     assert unclipped.sum() > 10
     assert torch.allclose(half[unclipped], 0.5 * full[unclipped], atol=1e-6)

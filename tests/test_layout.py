@@ -68,12 +68,14 @@ def test_the_environment_check_sees_a_test_hook():
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "svhn", "digits"])
-def test_report_names_each_method_of_the_table_by_its_label(dataset):
-    for key, method in methods.METHODS.items():
+def test_report_names_each_recipe_by_the_label_of_its_registry_entry(dataset):
+    for key in methods.recipes():
         flags = methods.flags(key, 8, dataset)
-        settings = vars(config.build_parser().parse_args(flags))
-        assert report.method_name(settings) == method.label, (key, flags)
-        assert method.label in report.METHOD_ORDER
+        settings = config.record(config.config_and_defaults(config.build_parser().parse_args(flags))[0])
+        label = report.method_name(settings)
+        assert label in report.METHOD_ORDER, (key, label)
+        perturbation, regulariser = methods.select(config.from_record(settings))
+        assert key in (regulariser or perturbation).recipes or key.startswith(perturbation.name), key
 
 
 def test_method_table_cli_prints_the_sweep_flags(cli):

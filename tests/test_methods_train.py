@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import models
+import precision
 import rundir
 import train
+import utils
 from tests.fixtures import TINY, write_cifar10
 
 NEW_METHODS = {
@@ -161,13 +163,15 @@ def test_elle_adaptive_lambda_is_applied_in_the_step():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stats = train.Stats(torch.device("cpu"))
-    st = train.StepState(elle=train.utils.ElleAdaptive(lam_max=50.0))
+    st = train.StepState()  # the first step creates ELLE-A's lambda rule (methods.py)
     for _ in range(4):
         train.train_step(model, opt, scaler, x, y, cfg, st, stats, update=True)
-    assert float(stats.sums[1]) == 0.0 and st.elle.count == 4  # lambda starts at 0
-    st.elle.mean.fill_(-1.0)  # every earlier error far below this one: a spike
+    elle = st.states["elle"]
+    assert isinstance(elle, utils.ElleAdaptive) and elle.lam_max == 50.0
+    assert float(stats.sums[1]) == 0.0 and elle.count == 4  # lambda starts at 0
+    elle.mean.fill_(-1.0)  # every earlier error far below this one: a spike
     train.train_step(model, opt, scaler, x, y, cfg, st, stats, update=True)
-    assert float(st.elle.lam) == 50.0 and float(stats.sums[1]) == 0.0  # set now, applied from the next step
+    assert float(elle.lam) == 50.0 and float(stats.sums[1]) == 0.0  # set now, applied from the next step
     train.train_step(model, opt, scaler, x, y, cfg, st, stats, update=True)
     assert float(stats.sums[1]) > 0
 
@@ -178,18 +182,20 @@ def test_elle_adaptive_state_survives_a_resume(tmp_path):
 
     def loop() -> train.Loop:
         model = models.build_model("cnn", 10, (1, 8, 8), 1, 4)
+        step = train.StepState(device=torch.device("cpu"))
+        step.select(cfg)
         return train.Loop(cfg=cfg, run_dir=str(tmp_path), model=model, fwd_model=model,
                           opt=torch.optim.Adam(model.parameters()), scaler=torch.amp.GradScaler("cpu", enabled=False),
-                          loaders=None, log=None, device=torch.device("cpu"), first_bad_iter=torch.tensor(-1),
-                          best_state=model.state_dict(),
-                          step=train.StepState(elle=train.utils.ElleAdaptive(lam_max=cfg.elle_lambda)))
+                          guard=precision.FiniteGuard(False, torch.device("cpu")), step=step,
+                          best_state=model.state_dict())
     before = loop()
     for value in (1.0, 1.1, 0.9, 5.0):
-        before.step.elle.update(torch.tensor(value))
+        before.step.states["elle"].update(torch.tensor(value))
     generator = torch.Generator().manual_seed(0)
     rundir.save_resume_state(str(tmp_path), before.resume_state(), generator)
     after = loop()
     after.restore(rundir.load_resume_state(str(tmp_path), generator))
-    assert after.step.elle.count == 4 and float(after.step.elle.lam) == 4000.0
-    assert float(after.step.elle.update(torch.tensor(1.0))) == float(before.step.elle.update(torch.tensor(1.0)))
-    assert float(after.step.elle.mean) == float(before.step.elle.mean)
+    elle_before, elle_after = before.step.states["elle"], after.step.states["elle"]
+    assert elle_after.count == 4 and float(elle_after.lam) == 4000.0
+    assert float(elle_after.update(torch.tensor(1.0))) == float(elle_before.update(torch.tensor(1.0)))
+    assert float(elle_after.mean) == float(elle_before.mean)

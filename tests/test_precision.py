@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import methods
+import precision
 import train
 import utils
 from tests.fixtures import TINY, trained_digits_cnn
@@ -69,7 +71,7 @@ def test_zero_init_fgsm_step_follows_the_rule_under_a_changed_torch_clamp(clamp_
         model[1].bias.zero_()
     x, y = torch.tensor(Z).view(1, 1, 1, 5), torch.tensor([0])
     cfg, _ = train.parse_config(TINY + ["--attack", "fgsm", "--attack_init", "zero", "--clamp_grad", rule])
-    pert = train.perturb_fgsm(model, x, y, cfg, train.StepState())
+    pert = methods.perturb_fgsm(model, x, y, cfg, train.StepState())
     p1 = torch.softmax(model(x.clamp(0, 1)), 1)[0, 1]
     assert torch.allclose(pert.attack_grad.flatten() / p1, torch.tensor(RULE_GRADS[rule]), rtol=1e-6, atol=0)
     moved = (pert.delta.flatten() != 0).tolist()  # the step is +eps: at 0 it moves only under 'half'
@@ -220,28 +222,35 @@ def test_a_nonfinite_fp32_loss_still_stops_with_exit_4(tmp_path, monkeypatch, ca
     assert "NaN or inf at iteration 2" in capsys.readouterr().err
 
 
-def _loop(model: nn.Module, scaler: torch.amp.GradScaler) -> train.Loop:
-    """A training loop's state with only what its bookkeeping reads."""
-    return train.Loop(cfg=None, run_dir="", model=model, fwd_model=model, opt=None, scaler=scaler, loaders=None,
-                      log=None, device=CPU, first_bad_iter=torch.tensor(-1), best_state={})
-
-
 def test_a_hundred_skipped_steps_in_a_row_stop_the_run():
     model = nn.Linear(2, 2)
-    loop = _loop(model, torch.amp.GradScaler("cpu"))
-    for i in range(60 + train.MAX_SKIPPED_IN_A_ROW):
-        loop.iteration = i
-        loop.step.skipped = torch.tensor(0.0 if i in (3, 50) else 1.0)  # runs of 46 and 49, then 100+ from 51
-        loop.count_step(torch.tensor(float("nan")))
-        if i < 50 + train.MAX_SKIPPED_IN_A_ROW:
-            loop.check_finite()
-    assert int(loop.stalled_at) == 50 + train.MAX_SKIPPED_IN_A_ROW
-    with pytest.raises(train.NonFiniteLoss, match="in a row"):
-        loop.check_finite()
+    guard = precision.FiniteGuard(scaling=True, device=CPU)
+    for i in range(60 + precision.MAX_SKIPPED_IN_A_ROW):
+        skipped = torch.tensor(0.0 if i in (3, 50) else 1.0)  # runs of 46 and 49, then 100+ from 51
+        guard.count(torch.tensor(float("nan")), skipped, i)
+        if i < 50 + precision.MAX_SKIPPED_IN_A_ROW:
+            guard.check(model, i)
+    assert int(guard.stalled_at) == 50 + precision.MAX_SKIPPED_IN_A_ROW
+    with pytest.raises(precision.NonFiniteLoss, match="in a row"):
+        guard.check(model, 0)
     with torch.no_grad():
         model.weight[0, 0] = float("inf")
-    with pytest.raises(train.NonFiniteLoss, match="weights"):
-        _loop(model, torch.amp.GradScaler("cpu", enabled=False)).check_finite()
+    with pytest.raises(precision.NonFiniteLoss, match="weights"):
+        precision.FiniteGuard(scaling=False, device=CPU).check(model, 0)
+
+
+def test_the_guard_state_round_trips_and_an_older_state_without_float16_counters_loads():
+    guard = precision.FiniteGuard(scaling=True, device=CPU)
+    for i in range(5):
+        guard.count(torch.tensor(1.0), torch.tensor(float(i > 1)), i)
+    restored = precision.FiniteGuard(scaling=True, device=CPU)
+    restored.load_state_dict(guard.state_dict())
+    assert {k: int(v) for k, v in restored.state_dict().items()} == {
+        "first_bad_iter": -1, "skipped_steps": 3, "skipped_in_a_row": 3, "stalled_at": -1}
+    older = precision.FiniteGuard(scaling=True, device=CPU)
+    older.load_state_dict({"first_bad_iter": torch.tensor(7)})
+    assert (int(older.first_bad_iter), int(older.skipped_steps), int(older.stalled_at)) == (7, 0, -1)
+    assert guard.take_skipped() == 3 and guard.take_skipped() == 0
 
 
 # ------------------------------------------------------------------------- flags and GradScaler
@@ -249,7 +258,7 @@ def test_half_prec_dtype_picks_the_autocast_dtype_and_the_grad_scaler():
     for extra, dtype in [([], torch.bfloat16), (["--half_prec_dtype", "float16"], torch.float16),
                          (["--half_prec_dtype", "bfloat16"], torch.bfloat16)]:
         cfg, _ = train.parse_config(TINY + ["--half_prec", *extra])
-        assert train.half_prec_dtype(cfg, CPU) == dtype
+        assert precision.half_prec_dtype(cfg, CPU) == dtype
         fwd = train.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu"))
         assert fwd.dtype == dtype and fwd.scale_input_grads == (dtype == torch.float16)
     assert utils.autocast_dtype("cuda") == torch.float16

@@ -192,9 +192,12 @@ def test_importing_runs_nothing(tmp_path):
 
 def test_passes_per_step_agree_with_bench():
     import bench  # imports torch: only in this test
-    for label, _, passes in bench.METHODS.values():
-        assert report.passes_per_step(label) == passes, label
-    assert report.passes_per_step("PGD-7") == "7+f+1"
+    for label, flags, passes in bench.METHODS.values():
+        assert report.passes_per_step(config_of(flags)) == passes, label
+        assert report.method_name(config_of(flags)) == label
+    assert report.passes_per_step(config_of(["--attack=pgd", "--pgd_train_n_iters=7"])) == "7+f+1"
+    assert report.passes_per_step(config_of(["--attack=fgsm", "--attack_init=random",
+                                             "--grad_align_cos_lambda=0.2"])) == "3+dbl"
 
 
 def test_robustness_vs_cost_table(tmp_path):

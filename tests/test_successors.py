@@ -17,6 +17,13 @@ from tests.fixtures import TINY
 SHAPE = (3, 6, 6)  # d = 108: the quantile's interpolation and floor(q d) zero different counts (38 vs 37)
 
 
+
+def _perturb(model, x, y, cfg):
+    """The training perturbation that train_step would take for cfg (methods.py's registry)."""
+    st = train.StepState()
+    st.select(cfg)
+    return st.perturbation.perturb(model, x, y, cfg, st)
+
 def _saturated_batch(seed: int, b: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Images with about a third of the pixels at exactly 0, a third at exactly 1, the rest inside."""
     g = torch.Generator().manual_seed(seed)
@@ -55,7 +62,7 @@ def test_elle_fgsm_step_is_the_official_one_at_saturated_pixels(rule):
     eps = 0.1
     cfg = _cfg("--attack", "fgsm", "--attack_init", "zero", "--fgsm_alpha", "1", "--elle_lambda", "1000",
                "--clamp_grad", rule, "--eps", str(eps * 255))
-    pert = train.perturb_fgsm(model, x, y, cfg, train.StepState())
+    pert = _perturb(model, x, y, cfg)
     official = _elle_official(model, x, y, cfg.eps_frac)
     assert torch.equal(x + pert.delta, torch.clamp(official, 0.0, 1.0))
     # the saturated pixels the official step moves into the box do move here too
@@ -85,7 +92,7 @@ def test_zerograd_step_is_the_official_one_at_saturated_pixels(rule):
     cfg = _cfg("--attack", "fgsm", "--attack_init", "random", "--fgsm_alpha", "2", "--zerograd_q", str(q),
                "--clamp_grad", rule, "--eps", str(eps * 255))
     torch.manual_seed(5)
-    pert = train.perturb_fgsm(model, x, y, cfg, train.StepState())
+    pert = _perturb(model, x, y, cfg)
     torch.manual_seed(5)
     start = torch.empty_like(x).uniform_(-cfg.eps_frac, cfg.eps_frac)  # the same draw as the training step
     official = _zerograd_official(model, x, y, start, cfg.eps_frac, 2 * cfg.eps_frac, q)
