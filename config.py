@@ -54,6 +54,9 @@ def add_shared_flags(p: argparse.ArgumentParser, *, from_run: bool = False, batc
       help=half_prec_help or "mixed precision: autocast fp16 on CUDA, bf16 on CPU")
     a("--gpu", type=int, default=0, help="which GPU: same as --device cuda:N")
     a("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    a("--channels_last", default="auto", choices=utils.LAYOUT_CHOICES,
+      help="channels_last weights: auto = per pass (training, evaluation) as bench.py measured them "
+           "(utils.LAYOUTS); on/off: every pass. Speed only, but another layout rounds differently")
     a("--data_dir", default=os.environ.get("DATA_DIR", "./data"), help="dataset folder (env DATA_DIR)")
     a("--download", action="store_true", help="download missing datasets through torchvision")
 
@@ -161,6 +164,7 @@ class Config:
     data_on_device: bool | None
     half_prec_dtype: str
     tf32: bool
+    channels_last: str
     nfgsm_noise_mult: float
     zerograd_q: float
     elle_lambda: float

@@ -104,7 +104,8 @@ def evaluate(args) -> dict:
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
     models.load_state(model, state)
-    model = utils.to_device(model, device).eval()
+    eval_layout = utils.pass_layouts(args.channels_last, device.type, args.model)["eval"]
+    model = utils.to_device(model, device, channels_last=eval_layout).eval()
     split = data.load_split(args.dataset, args.data_dir, train=args.set == "train", download=args.download)
     n_eval = len(split) if args.n_eval < 0 else args.n_eval
     if n_eval > len(split):
@@ -125,7 +126,8 @@ def evaluate(args) -> dict:
     out = {"clean_acc": result.clean_acc, "pgd_acc": result.pgd_acc, "n_eval": result.n_eval, "eps": args.eps,
            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
-           "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1)}
+           "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1),
+           "eval_layout": utils.layout_names({"eval": eval_layout})["eval"]}
     if args.attack != "pgd":
         with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
             extra = autoattack_eval.attack_accuracy(forward, batches, eps, args.attack, args.seed, info.n_classes,

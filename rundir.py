@@ -61,6 +61,7 @@ NOT_NAMED = {
     # differently, which no name could tell apart; config.json records device_used. The name must also be
     # known before the device is: launch.py --status runs on a login node, a requeued job lands on any node.
     "device": "the hardware, recorded as device_used in config.json", "gpu": "which card of a machine",
+    "channels_last": "the memory layout: speed and rounding only, recorded as layouts in config.json",
 }
 
 

@@ -308,6 +308,9 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     running stats untouched): clean, FGSM and PGD-attack_iters accuracy on the test subset, PGD
     accuracy on the training subset (early stopping), cos_x_eta and cos_fgsm_pgd; CNN filter norms."""
     model.eval()
+    layouts = utils.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)
+    if layouts["eval"] != layouts["train"]:  # one converted copy per evaluation
+        fwd_model = utils.layout_copy(fwd_model, layouts["eval"])
     metrics = utils.periodic_metrics(fwd_model, loaders.test_subset, loaders.train_subset, cfg.eps_frac,
                                      cfg.pgd_alpha_eval, cfg.attack_iters, cfg.clamp_grad)
     model.train()
@@ -319,7 +322,8 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
 def final_evaluation(cfg: Config, model: nn.Module, state_dict: dict, loaders: Data, label: str) -> dict:
     """fp32, eval mode: clean and PGD-50-10 (eps/4 steps) accuracy on the first n_final_eval test
     points; an example is robust only if no restart fools it. Also cos_x_eta on those points."""
-    model = copy.deepcopy(model).float().eval()
+    layouts = utils.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)
+    model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
     model.load_state_dict(state_dict)
     n_iters, n_restarts = cfg.final_attack
     with tqdm(total=loaders.n_final, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
@@ -523,7 +527,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn)
-    model = utils.to_device(model, device, tf32=cfg.tf32).train()
+    layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
+    model = utils.to_device(model, device, tf32=cfg.tf32, channels_last=layouts["train"]).train()
     float16 = cfg.half_prec and half_prec_dtype(cfg, device) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=float16)
     loop = Loop(cfg=cfg, run_dir=run_dir, model=model, fwd_model=forward_model(cfg, model, device, scaler),
@@ -536,6 +541,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
         n_iters, n_restarts = cfg.final_attack
         rundir.write_config(run_dir, {
             **dataclasses.asdict(cfg), "run_name": name, "device_used": str(device),
+            "layouts": utils.layout_names(layouts),
             "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
                           "restart_rule": "robust only if no restart fools it"}})
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
@@ -556,6 +562,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     n_iters, n_restarts = cfg.final_attack
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
+                  "eval_layout": utils.layout_names(layouts)["eval"],
                   "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc})
     if cfg.final_autoattack:
         final["autoattack"] = autoattack_eval.describe("autoattack")
@@ -587,7 +594,8 @@ def add_autoattack(cfg: Config, run_dir: str, device: torch.device, loaders: Dat
         final = json.load(f)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn)
-    model = utils.to_device(model, device).float().eval()
+    eval_layout = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)["eval"]
+    model = utils.to_device(model, device, channels_last=eval_layout).float().eval()
     try:
         for key in ("last", "best"):
             if key in final and "aa_acc" not in final[key]:
