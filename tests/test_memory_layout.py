@@ -144,3 +144,26 @@ def test_in_place_projection_gives_the_out_of_place_values():
     x, delta = torch.rand(64, 3, 8, 8), torch.randn(64, 3, 8, 8) * 0.1
     expected = torch.clamp(torch.clamp(x + delta, 0.0, 1.0) - x, -0.03, 0.03)
     assert torch.equal(utils.project(x, delta, 0.03), expected)
+
+
+@pytest.mark.parametrize("half_prec", [False, True])
+def test_periodic_evaluation_in_another_layout_than_training(tmp_path, one_thread, monkeypatch, half_prec):
+    """Training contiguous, evaluation channels_last (ResNet-18's CPU default, here on a small CNN): the
+    periodic evaluation runs on a converted copy (through the Autocast wrapper under --half_prec) and
+    leaves the training model's layout alone; the run's metrics equal a run with both passes contiguous
+    up to the rounding of the evaluation layout."""
+    monkeypatch.setitem(utils.LAYOUTS, ("cpu", "cnn"), {"train": False, "eval": True})
+    args = TINY + ["--attack", "fgsm", "--n_layers", "2", "--n_filters_cnn", "4"] + (["--half_prec"] if half_prec else [])
+    runs = {}
+    for choice in ("auto", "off"):
+        out = str(tmp_path / choice)
+        assert train.main(args + ["--out_dir", out, "--channels_last", choice]) == 0
+        cfg, defaults = train.parse_config(args)
+        run_dir = os.path.join(out, train.run_name(cfg, defaults))
+        runs[choice] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        layouts = json.load(open(os.path.join(run_dir, "config.json")))["layouts"]
+        assert layouts == ({"train": "contiguous", "eval": "channels_last"} if choice == "auto"
+                           else {"train": "contiguous", "eval": "contiguous"})
+    for a, b in zip(runs["auto"], runs["off"]):
+        assert a["train_loss"] == b["train_loss"]  # training is the same: its layout did not change
+        assert abs(a["test_pgd_acc"] - b["test_pgd_acc"]) <= 1 / 64 + 1e-9
