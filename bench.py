@@ -20,6 +20,10 @@ the accuracy after each of its four attacks (--quick: a custom version, 5 iterat
 On CUDA also the peak memory of each (torch.cuda.max_memory_allocated after a reset). On the CPU a
 time budget (--budget_s, 150 s) caps the timing rounds, so a busy machine gives fewer rounds, not a
 longer run.
+Layouts (--parts layouts): each pass (evaluation attack at candidate batch sizes, training attack, GradAlign
+step) in contiguous and channels_last layout, interleaved; the choice per pass, beside utils.LAYOUTS.
+Reference (--parts reference): PGD-50-10 and the FGSM+GradAlign step beside the authors' versions
+(restated below as reference_pgd_accuracy and reference_gradalign_step) on the same model and points.
 Prints a table and writes --out (bench.json).
 """
 from __future__ import annotations
