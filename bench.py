@@ -22,12 +22,17 @@ the accuracy after each of its four attacks (--quick: a custom version, 5 iterat
 On CUDA also the peak memory of each (torch.cuda.max_memory_allocated after a reset). On the CPU a
 time budget (--budget_s, 150 s) caps the timing rounds, so a busy machine gives fewer rounds, not a
 longer run.
+Layouts (--parts layouts): each pass (evaluation attack at candidate batch sizes, training attack, GradAlign
+step) in contiguous and channels_last layout, interleaved; the choice per pass, beside utils.LAYOUTS.
+Reference (--parts reference): PGD-50-10 and the FGSM+GradAlign step beside the authors' versions
+(restated below as reference_pgd_accuracy and reference_gradalign_step) on the same model and points.
 Prints a table and writes --out (bench.json).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import math
 import os
@@ -73,9 +78,8 @@ N_CLASSES = 10
 EVAL_RESERVE_S = 25.0  # of the CPU time budget, kept for the evaluations (digits training included)
 BENCH_LR = 1e-4  # learning rate of the timed steps: small, so repeated updates keep the weights finite
 
-# Measured by the team with the authors' code on the same 2-core CPU (PreAct ResNet-18).
+# The cost of the authors' evaluation by construction; their speed is measured live (--parts reference).
 REFERENCE = {
-    "units_per_step": {"resnet18": {"fgsm": [1.3, 2.0], "gradalign": [3.2, 3.8]}},
     "eval_pgd_50_10": {"grad_passes_per_example": 500, "forwards_per_example": 10,
                        "note": "the authors' evaluation attacks every example in every restart: "
                                "10 restarts x 50 steps = 500 forward+backward passes, plus 10 forwards"},
@@ -86,6 +90,9 @@ DIGITS_EPS = 48  # 1/255 units
 DIGITS_TRAIN = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "16", "--attack", "pgd",
                 "--attack_init", "random", "--pgd_train_n_iters", "5", "--pgd_alpha_train", "20",
                 "--eps", str(DIGITS_EPS), "--clamp_grad", "half", "--lr_max", "0.01", "--debug"]
+
+
+PARTS = ("steps", "eval", "layouts", "reference")
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,8 @@ class Settings:
     autoattack: bool = False        # also AutoAttack on the digits cnn
     n_layers: int = 1               # conv layers of cnn and cnn_bn
     n_filters_cnn: int = 16         # their filters
+    parts: tuple[str, ...] = PARTS  # what to measure
+    eval_batch_candidates: dict[str, tuple[int, ...]] | None = None  # evaluation batch sizes tried per model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"also time standard AutoAttack on the digits cnn (needs `{autoattack_eval.INSTALL}`)")
     a("--n_layers", type=int, default=1, help="conv layers of cnn and cnn_bn in the timed training steps (as train.py's flag)")
     a("--n_filters_cnn", type=int, default=16, help="filters of cnn and cnn_bn in the timed training steps (as train.py's flag)")
+    a("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+      help="steps: training-step costs; eval: PGD-50-10 cost; layouts: each pass in both memory layouts and "
+           "the evaluation at several batch sizes; reference: PGD-50-10 and the GradAlign step beside the "
+           "authors' versions (default: all)")
     return p
 
 
@@ -161,7 +174,11 @@ def parse_settings(argv: list[str] | None) -> Settings:
         parser.error("--n_layers and --n_filters_cnn must be >= 1")
     cuda = device.type == "cuda"
     n_digits_test = len(data.load_split("digits", "", train=False))
+    candidates = {"cnn": (128, 256, 512), "resnet18": (32, 64, 128), "wrn28_10": (2, 4)}
+    if cuda:
+        candidates = {"cnn": (512, 1024, 2048), "resnet18": (256, 512, 1024), "wrn28_10": (256, 512)}
     if args.quick:
+        candidates = {"cnn": (16, 32), "resnet18": (2,), "wrn28_10": (2,)}
         batch_sizes = {"cnn": 16, "resnet18": 2, "wrn28_10": 2}
         evals = {"cnn": EvalSize(64, 64, 5, 2), "resnet18": EvalSize(2, 2, 2, 1), "wrn28_10": EvalSize(2, 2, 2, 1)}
         digits_epochs = 2
@@ -175,7 +192,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
         evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(32, 32, 5, 2),
                  "wrn28_10": EvalSize(4, 4, 2, 1)}
         digits_epochs = 15
-    batch_sizes["cnn_bn"], evals["cnn_bn"] = batch_sizes["cnn"], evals["cnn"]
+    batch_sizes["cnn_bn"], evals["cnn_bn"], candidates["cnn_bn"] = batch_sizes["cnn"], evals["cnn"], candidates["cnn"]
     if args.batch_size is not None:
         batch_sizes = dict.fromkeys(batch_sizes, args.batch_size)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -185,7 +202,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
                     min_sample_s=0.0 if args.quick else 0.05, budget_s=budget_s, half_prec=args.half_prec,
                     threads=args.threads, quick=args.quick, out=args.out,
                     autoattack=args.autoattack,
-                    n_layers=args.n_layers, n_filters_cnn=args.n_filters_cnn)
+                    n_layers=args.n_layers, n_filters_cnn=args.n_filters_cnn,
+                    parts=tuple(p for p in PARTS if p in args.parts), eval_batch_candidates=candidates)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -237,6 +255,11 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float | N
 
 
 # ---------------------------------------------------------------------------------- training steps
+def _cnn_flags(s: Settings) -> tuple[str, ...]:
+    """The CNN's size as bench.py was asked for it, as train.py flags."""
+    return ("--n_layers", str(s.n_layers), "--n_filters_cnn", str(s.n_filters_cnn))
+
+
 def method_config(model_name: str, method: str, batch_size: int, device: str, *, half_prec: bool = False,
                   half_prec_dtype: str = "auto", extra: tuple[str, ...] = ()) -> train.Config:
     """train.py's frozen config for one method at eps BENCH_EPS (digits for the 8x8-input CNNs, cifar10 for the
@@ -295,14 +318,14 @@ def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: fl
     torch.manual_seed(0)
     batch_size, shape = s.batch_sizes[model_name], INPUT_SHAPES[model_name]
     model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
-    model = utils.to_device(model, device).train()
+    model = utils.to_device(model, device, channels_last=utils.pass_layouts("auto", device.type, model_name)["train"])
+    model = model.train()
     fwd_model = utils.Autocast(model, device.type) if s.half_prec else model
     x = torch.rand(batch_size, *shape, device=device)
     y = torch.randint(0, N_CLASSES, (batch_size,), device=device)
     fns = {"unit": forward_backward(fwd_model, x, y)}
     for method in METHODS:
-        cfg = method_config(model_name, method, batch_size, s.device, half_prec=s.half_prec,
-                            extra=("--n_layers", str(s.n_layers), "--n_filters_cnn", str(s.n_filters_cnn)))
+        cfg = method_config(model_name, method, batch_size, s.device, half_prec=s.half_prec, extra=_cnn_flags(s))
         opt = train.make_optimizer(cfg, model)
         opt.param_groups[0]["lr"] = BENCH_LR
         scaler = make_scaler(cfg, device)
@@ -319,8 +342,7 @@ def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: fl
             "label": label, "flags": flags, "passes": passes,
             "units": statistics.median(t / u for t, u in zip(steps, unit)),
             "ms": 1e3 * statistics.median(steps), "samples_ms": [1e3 * t for t in steps],
-            "peak_mib": peak_memory_mib(fns[method], device),
-            "reference_units": REFERENCE["units_per_step"].get(model_name, {}).get(method)}
+            "peak_mib": peak_memory_mib(fns[method], device)}
     return result
 
 
@@ -387,12 +409,13 @@ def timed_autoattack(model: nn.Module, batches, eps: float, s: Settings, device:
             "grad_passes_per_example": result.grad_passes / n, "forward_passes_per_example": result.forward_passes / n}
 
 
-def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
+def bench_eval(model_name: str, s: Settings, device: torch.device, digits: tuple | None = None) -> dict:
     """cnn: the trained digits model on the first test points; resnet18, wrn28_10 and cnn_bn: untrained, on random
     images whose labels are its own clean predictions (clean accuracy 1, so every example is attacked)."""
     size = s.evals[model_name]
     if model_name == "cnn":
-        model, eps, train_s = train_digits_cnn(s, device)
+        model, eps, train_s = digits or train_digits_cnn(s, device)
+        model = utils.set_layout(model, utils.pass_layouts("auto", device.type, model_name)["eval"])
         split = data.load_split("digits", "", train=False)
         batches = data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval, device=device)
         result = {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
@@ -403,7 +426,8 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
     torch.manual_seed(0)
     shape = INPUT_SHAPES[model_name]
     model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
-    model = utils.to_device(model, device).eval()
+    model = utils.to_device(model, device, channels_last=utils.pass_layouts("auto", device.type, model_name)["eval"])
+    model = model.eval()
     x = torch.rand(size.n_eval, *shape, device=device)
     with torch.no_grad():
         y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
@@ -412,18 +436,238 @@ def bench_eval(model_name: str, s: Settings, device: torch.device) -> dict:
             **timed_robust_accuracy(model, batches, 8 / 255, size, device)}
 
 
+# ------------------------------------------------------------------------------------- memory layouts
+def synthetic_batch(shape, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform images of this shape with random labels."""
+    return (torch.rand(batch_size, *shape, device=device),
+            torch.randint(0, N_CLASSES, (batch_size,), device=device))
+
+
+def layout_pair(model_name: str, s: Settings, device: torch.device) -> dict[bool, nn.Module]:
+    """The same weights twice: contiguous (False) and channels_last (True)."""
+    torch.manual_seed(0)
+    shape = INPUT_SHAPES[model_name]
+    base = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
+    pair = {}
+    for cl in (False, True):
+        model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
+        model.load_state_dict(base.state_dict())
+        pair[cl] = utils.to_device(model, device, channels_last=cl)
+    return pair
+
+
+def eval_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """One pass of an evaluation attack: eval mode, the input gradient (inputs in the weights' layout)."""
+    x = x.contiguous(memory_format=utils.input_layout(model))
+    delta = torch.zeros_like(x)
+
+    def call():
+        model.eval()
+        return utils.input_grad(model, x, y, delta)
+    return call
+
+
+def train_attack_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
+    """One pass of a training attack: train mode, the input gradient at the clamped point (FGSM's)."""
+    delta = torch.zeros_like(x)
+
+    def call():
+        model.train()
+        return utils.input_grad(model, x, y, delta, clamp_rule="zero")
+    return call
+
+
+def bench_layouts(model_name: str, s: Settings, device: torch.device, deadline: float = math.inf) -> dict:
+    """Each pass in both layouts, timed side by side: the evaluation attack's pass at every candidate
+    evaluation batch size, the training attack's pass and the GradAlign training step at the training
+    batch size (training inputs stay contiguous: converting them would cost a copy per step). The choice
+    per pass is channels_last where it was at least utils.LAYOUT_MIN_GAIN faster (median over rounds of
+    the per-round ratio); the evaluation batch is the candidate with the least time per example."""
+    pair = layout_pair(model_name, s, device)
+    shape, batch = INPUT_SHAPES[model_name], s.batch_sizes[model_name]
+    sizes = s.eval_batch_candidates[model_name]
+    x, y = synthetic_batch(shape, max(*sizes, batch), device)
+    fns = {}
+    for cl, model in pair.items():
+        name = "channels_last" if cl else "contiguous"
+        for b in sizes:
+            fns[(name, "eval", b)] = eval_pass(model, x[:b], y[:b])
+        fns[(name, "train_attack", batch)] = train_attack_pass(model, x[:batch], y[:batch])
+        cfg = method_config(model_name, "gradalign", batch, s.device, half_prec=s.half_prec, extra=_cnn_flags(s))
+        opt = train.make_optimizer(cfg, model)
+        opt.param_groups[0]["lr"] = BENCH_LR
+        scaler = make_scaler(cfg, device)
+        fns[(name, "train_step", batch)] = training_step(model.train(), opt, scaler, x[:batch], y[:batch], cfg, device)
+    samples = time_interleaved(fns, device, s, deadline)
+    rows = [{"layout": k[0], "pass": k[1], "batch_size": k[2], "ms": 1e3 * statistics.median(v),
+             "us_per_example": 1e6 * statistics.median(v) / k[2], "samples_ms": [1e3 * t for t in v]}
+            for k, v in samples.items()]
+    gains = {}
+    for key in fns:
+        if key[0] == "contiguous":
+            other = ("channels_last", *key[1:])
+            gains[f"{key[1]}@{key[2]}"] = statistics.median(c / cl for c, cl in zip(samples[key], samples[other]))
+    chosen = {"train": gains[f"train_step@{batch}"] >= utils.LAYOUT_MIN_GAIN,
+              "eval": statistics.median(gains[f"eval@{b}"] for b in sizes) >= utils.LAYOUT_MIN_GAIN}
+    eval_name = "channels_last" if chosen["eval"] else "contiguous"
+    per_example = {b: statistics.median(samples[(eval_name, "eval", b)]) / b for b in sizes}
+    table = utils.pass_layouts("auto", device.type, model_name)
+    return {"model": model_name, "rounds": len(samples[("contiguous", "eval", sizes[0])]), "rows": rows,
+            "channels_last_speedup": gains, "chosen": utils.layout_names(chosen),
+            "chosen_eval_batch_size": min(per_example, key=per_example.get),
+            "table": utils.layout_names(table), "table_agrees": table == chosen,
+            "train_attack_choice": utils.layout_names({"x": gains[f"train_attack@{batch}"]
+                                                       >= utils.LAYOUT_MIN_GAIN})["x"]}
+
+
+def format_layouts(r: dict) -> str:
+    gains = ", ".join(f"{k} {v:.2f}x" for k, v in r["channels_last_speedup"].items())
+    return (f"{r['model']}: channels_last vs contiguous ({r['rounds']} rounds): {gains}; chosen {r['chosen']} "
+            f"(utils.LAYOUTS has {r['table']}{'' if r['table_agrees'] else ': DIFFERS'}), evaluation batch "
+            f"{r['chosen_eval_batch_size']} (least time per example of {', '.join(str(x['batch_size']) for x in r['rows'] if x['layout'] == 'contiguous' and x['pass'] == 'eval')})")
+
+
+# ---------------------------------------------------------------------------- the authors' versions
+def reference_pgd_accuracy(model: nn.Module, batches, eps: float, n_iters: int, n_restarts: int) -> float:
+    """The authors' final evaluation, restated: each restart attacks every example of the batch, from a
+    U[-eps, eps] start, with n_iters signed steps of eps/4 on the batch-mean cross-entropy, each step
+    followed by the box and then the eps-ball projection; per example, the restart whose final
+    cross-entropy is highest is kept (a later restart wins a tie), and accuracy is taken there. No
+    early exit: steps x restarts forward+backward passes per example. The model in fp32, eval mode."""
+    alpha, correct, total = utils.eval_alpha(eps), 0, 0
+    for x, y in batches:
+        kept, kept_loss = torch.zeros_like(x), torch.zeros(len(y), device=x.device)
+        for _ in range(n_restarts):
+            delta = torch.empty_like(x).uniform_(-eps, eps)
+            for _ in range(n_iters):
+                delta.requires_grad_(True)
+                (grad,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)
+                delta = torch.clamp(torch.clamp(x + delta.detach() + alpha * torch.sign(grad), 0, 1) - x, -eps, eps)
+            with torch.no_grad():
+                loss = F.cross_entropy(model(x + delta), y, reduction="none")
+            higher = loss >= kept_loss
+            kept[higher] = delta[higher]
+            kept_loss = torch.maximum(kept_loss, loss)
+        with torch.no_grad():
+            correct += int((model(x + kept).argmax(1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def reference_gradalign_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float,
+                             fgsm_alpha: float) -> Callable[[], torch.Tensor]:
+    """The authors' FGSM + GradAlign training step (zero start), restated: the FGSM gradient at the clamped
+    start is computed with create_graph (as their code does whenever GradAlign is on) and only then
+    detached; the step fgsm_alpha * eps * sign, clipped to the eps-ball and the box; the training loss at
+    x + delta; grad2, the input gradient of the batch-mean cross-entropy at x + eta (eta ~ U[-eps, eps]),
+    with its graph; the cosine over the examples whose two gradients are both nonzero (a boolean
+    selection, which waits for the device); loss + lam * (1 - mean cos), backward, optimiser step.
+    Train mode, fp32."""
+    def call() -> torch.Tensor:
+        model.train()
+        delta = torch.zeros_like(x, requires_grad=True)
+        attack_loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
+        grad1 = torch.autograd.grad(attack_loss, delta, create_graph=True)[0].detach()
+        delta = torch.clamp(delta.detach() + fgsm_alpha * eps * torch.sign(grad1), -eps, eps)
+        delta = torch.clamp(x + delta, 0, 1) - x
+        loss = F.cross_entropy(model(x + delta), y)
+        eta = torch.empty_like(x).uniform_(-eps, eps).requires_grad_(True)
+        grad2 = torch.autograd.grad(F.cross_entropy(model(x + eta), y), eta, create_graph=True)[0]
+        both = (grad1.flatten(1).norm(dim=1) != 0) & (grad2.flatten(1).norm(dim=1) != 0)
+        g1, g2 = grad1.flatten(1)[both], grad2.flatten(1)[both]
+        cos = ((g1 / g1.norm(dim=1, keepdim=True)) * (g2 / g2.norm(dim=1, keepdim=True))).sum(1)
+        total = loss + lam * (1.0 - cos.mean())
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        return total.detach()
+    return call
+
+
+def bench_reference(model_name: str, s: Settings, device: torch.device, digits: tuple | None,
+                    deadline: float = math.inf) -> dict:
+    """Ours beside the authors' (restated above), timed in interleaved rounds on the same model and points:
+    the final evaluation's PGD (utils.seeded_robust_accuracy in the evaluation layout, against
+    reference_pgd_accuracy with contiguous weights) and the FGSM+GradAlign training step (train.train_step
+    in the training layout, against reference_gradalign_step with contiguous weights; each on its own copy
+    of the same weights). Speedups are medians of the per-round ratio (authors' time / ours)."""
+    size = s.evals[model_name]
+    eps = BENCH_EPS / 255
+    if model_name == "cnn" and digits is not None:
+        model, eps = digits
+        split = data.load_split("digits", "", train=False)
+        batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
+                                    device=device))
+        points = f"digits test, the cnn of the eval part (eps {DIGITS_EPS}/255)"
+    else:
+        torch.manual_seed(0)
+        shape = INPUT_SHAPES[model_name]
+        model = utils.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
+                                device).eval()
+        x = torch.rand(size.n_eval, *shape, device=device)
+        with torch.no_grad():
+            y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
+        batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
+        points = "random images labelled by the untrained model"
+    layouts = utils.pass_layouts("auto", device.type, model_name)
+    ours_model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
+    theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False)
+    accs = {}
+
+    def ours():
+        accs["ours"] = utils.seeded_robust_accuracy(ours_model, batches, eps, size.n_iters, size.n_restarts, 0).pgd_acc
+
+    def theirs():
+        torch.manual_seed(0)
+        accs["theirs"] = reference_pgd_accuracy(theirs_model, batches, eps, size.n_iters, size.n_restarts)
+
+    # the training step, on the bench's training batch
+    shape, batch = INPUT_SHAPES[model_name], s.batch_sizes[model_name]
+    xb, yb = synthetic_batch(shape, batch, device)
+    cfg = method_config(model_name, "gradalign", batch, s.device, half_prec=s.half_prec, extra=_cnn_flags(s))
+    pair = layout_pair(model_name, s, device)
+    ours_train = pair[layouts["train"]]
+    theirs_train = copy.deepcopy(pair[False])
+    opts = []
+    for m in (ours_train, theirs_train):
+        opts.append(train.make_optimizer(cfg, m))
+        opts[-1].param_groups[0]["lr"] = BENCH_LR
+    fns = {"pgd_ours": ours, "pgd_theirs": theirs,
+           "gradalign_ours": training_step(ours_train.train(), opts[0], make_scaler(cfg, device), xb, yb, cfg, device),
+           "gradalign_theirs": reference_gradalign_step(theirs_train, opts[1], xb, yb, cfg.eps_frac,
+                                                         cfg.grad_align_cos_lambda, cfg.fgsm_alpha)}
+    samples = time_interleaved(fns, device, s, deadline)
+    ratio = {k: statistics.median(t / o for t, o in zip(samples[f"{k}_theirs"], samples[f"{k}_ours"]))
+             for k in ("pgd", "gradalign")}
+    return {"model": model_name, "points": points, **asdict(size), "eps": eps, "layouts": utils.layout_names(layouts),
+            "rounds": len(samples["pgd_ours"]), "robust_acc_ours": accs["ours"], "robust_acc_theirs": accs["theirs"],
+            "pgd_s_ours": statistics.median(samples["pgd_ours"]), "pgd_s_theirs": statistics.median(samples["pgd_theirs"]),
+            "pgd_speedup": ratio["pgd"], "gradalign_batch_size": batch,
+            "gradalign_ms_ours": 1e3 * statistics.median(samples["gradalign_ours"]),
+            "gradalign_ms_theirs": 1e3 * statistics.median(samples["gradalign_theirs"]),
+            "gradalign_speedup": ratio["gradalign"],
+            "samples_s": {k: v for k, v in samples.items()}}
+
+
+def format_reference(r: dict) -> str:
+    return (f"{r['model']}: PGD-{r['n_iters']}-{r['n_restarts']} on {r['n_eval']} points ({r['points']}, batch "
+            f"{r['batch_size']}): ours {r['pgd_s_ours']:.2f} s, the authors' {r['pgd_s_theirs']:.2f} s: "
+            f"{r['pgd_speedup']:.2f}x faster at robust acc {r['robust_acc_ours']:.3f} (theirs "
+            f"{r['robust_acc_theirs']:.3f}); FGSM+GradAlign step (batch {r['gradalign_batch_size']}): ours "
+            f"{r['gradalign_ms_ours']:.1f} ms, theirs {r['gradalign_ms_theirs']:.1f} ms: "
+            f"{r['gradalign_speedup']:.2f}x ({r['rounds']} rounds, layouts {r['layouts']})")
+
+
 # ------------------------------------------------------------------------------------------ output
 def format_steps(results: dict, cuda: bool) -> str:
-    header = f"{'model':9} {'method':22} {'units/step':>10} {'ms/step':>9} {'passes':>7} {'ref units':>9}"
+    header = f"{'model':9} {'method':22} {'units/step':>10} {'ms/step':>9} {'passes':>7}"
     header += f" {'peak MiB':>9}" if cuda else ""
     lines = [header, "-" * len(header)]
     for model_name, r in results.items():
-        line = f"{model_name:9} {'fwd+bwd unit':22} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7} {'':>9}"
+        line = f"{model_name:9} {'fwd+bwd unit':22} {1.0:10.2f} {r['unit_ms']:9.1f} {'1':>7}"
         lines.append(line + (f" {r['unit_peak_mib']:9.0f}" if cuda else ""))
         for m in r["methods"].values():
-            ref = m["reference_units"]
-            ref_text = f"{ref[0]:.1f}-{ref[1]:.1f}" if ref else "-"
-            line = f"{model_name:9} {m['label']:22} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7} {ref_text:>9}"
+            line = f"{model_name:9} {m['label']:22} {m['units']:10.2f} {m['ms']:9.1f} {m['passes']:>7}"
             lines.append(line + (f" {m['peak_mib']:9.0f}" if cuda else ""))
     return "\n".join(lines)
 
@@ -488,27 +732,50 @@ def run(s: Settings) -> None:
     if device.type == "cpu" and busy is not None and busy > 0.2:
         print(f"note: other processes used {busy:.0%} of the {env['cpu_count']} cores before the start: times are "
               "inflated and noisy (the functions are timed in turn, which limits the bias of the ratios)")
-    # The budget, less a reserve for the evaluations, is shared by the models still to time.
+    timed = [p for p in s.parts if p in ("steps", "layouts", "reference")]
+    # The budget, less a reserve for the evaluations, is shared by the timed parts and models still to time.
     steps_end = start + s.budget_s - EVAL_RESERVE_S if s.budget_s > 0 else math.inf
-    steps = {}
-    for i, model_name in enumerate(s.models):
-        deadline = time.perf_counter() + (steps_end - time.perf_counter()) / (len(s.models) - i)
-        steps[model_name] = bench_steps(model_name, s, device, deadline)
-    sizes = ", ".join(f"{m} {r['batch_size']}" for m, r in steps.items())
-    print(f"training step cost on {env['device_name']} (torch {env['torch']}, {torch.get_num_threads()} threads, "
-          f"{'mixed' if s.half_prec else 'fp32'} precision; batch sizes {sizes}; unit = one forward+backward of "
-          "the same batch; passes = the step's forward+backward passes: attack + monitoring pass at x (f: forward only) + training, "
-          "dbl = GradAlign's double backprop; Free-AT: per iteration)")
-    print(format_steps(steps, device.type == "cuda"))
-    for model_name, r in steps.items():
-        rounds = f"{r['rounds']} timed round(s)" + (f" of {s.repeats} (time budget)" if r["rounds"] < s.repeats else "")
-        print(f"{model_name}: {rounds}; settings {r['settings']}")
-    evals = {}
-    for model_name in s.models:
-        evals[model_name] = bench_eval(model_name, s, device)
-        print(format_eval(model_name, evals[model_name]))
-    report = {**env, "settings": asdict(s), "steps": steps, "eval": evals,
-              "reference": REFERENCE, "wall_seconds": time.perf_counter() - start}
+    jobs = [(part, m) for part in timed for m in s.models]
+
+    def deadline(done: int) -> float:
+        return time.perf_counter() + (steps_end - time.perf_counter()) / (len(jobs) - done)
+    report: dict = {**env, "settings": asdict(s), "reference": REFERENCE}
+    done = 0
+    if "steps" in s.parts:
+        steps = report["steps"] = {}
+        for model_name in s.models:
+            steps[model_name] = bench_steps(model_name, s, device, deadline(done))
+            done += 1
+        sizes = ", ".join(f"{m} {r['batch_size']}" for m, r in steps.items())
+        print(f"training step cost on {env['device_name']} (torch {env['torch']}, {torch.get_num_threads()} threads, "
+              f"{'mixed' if s.half_prec else 'fp32'} precision; batch sizes {sizes}; unit = one forward+backward of "
+              "the same batch; passes = the step's forward+backward passes: attack + monitoring pass at x (f: forward "
+              "only) + training, dbl = GradAlign's double backprop; Free-AT: per iteration)")
+        print(format_steps(steps, device.type == "cuda"))
+        for model_name, r in steps.items():
+            rounds = f"{r['rounds']} timed round(s)" + (f" of {s.repeats} (time budget)" if r["rounds"] < s.repeats else "")
+            print(f"{model_name}: {rounds}; settings {r['settings']}")
+    if "layouts" in s.parts:
+        report["layouts"] = {}
+        for model_name in s.models:
+            report["layouts"][model_name] = r = bench_layouts(model_name, s, device, deadline(done))
+            done += 1
+            print(format_layouts(r))
+    digits = train_digits_cnn(s, device) if "cnn" in s.models and {"eval", "reference"} & set(s.parts) else None
+    if "eval" in s.parts:
+        report["eval"] = {}
+        for model_name in s.models:
+            report["eval"][model_name] = bench_eval(model_name, s, device, digits if model_name == "cnn" else None)
+            print(format_eval(model_name, report["eval"][model_name]))
+    if "reference" in s.parts:
+        report["versus_reference"] = {}
+        for model_name in s.models:
+            r = bench_reference(model_name, s, device, digits[:2] if model_name == "cnn" and digits else None,
+                                deadline(done))
+            done += 1
+            report["versus_reference"][model_name] = r
+            print(format_reference(r))
+    report["wall_seconds"] = time.perf_counter() - start
     rundir.atomic_write_json(s.out, report)
     print(f"wrote {s.out} ({report['wall_seconds']:.0f} s)")
 

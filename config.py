@@ -137,6 +137,10 @@ class Config:
     # cpu and cuda draw other random numbers and round differently, as two GPU models round differently,
     # which no name could tell apart; config.json records device_used. The name must also be known before
     # the device is: launch.py --status runs on a login node, a requeued job lands on any node.
+    channels_last: str = flag("auto", "channels_last weights: auto = per pass (training, evaluation) as bench.py "
+                              "measured them (utils.LAYOUTS); on/off: every pass. Speed only, but another layout "
+                              "rounds differently", compare=False, choices=_listed("utils", "LAYOUT_CHOICES"),
+                              unnamed="the memory layout: speed and rounding only, recorded as layouts in config.json")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", compare=False,
                        unnamed="the hardware, recorded as device_used in config.json")
     data_dir: str = flag(_data_dir, "dataset folder (env DATA_DIR)", unnamed="where the dataset is read from",

@@ -43,7 +43,8 @@ from config import EXIT_OK, EXIT_USAGE, OneLineParser
 # (FROM_RUN_VALID says what a value there must be).
 FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "eps")
 # train.py's settings that eval.py takes too, declared in config.py.
-SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "data_dir", "download")
+SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "data_dir",
+          "download")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,7 +147,8 @@ def evaluate(args) -> dict:
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
     models.load_state(model, state)
-    model = utils.to_device(model, device).eval()
+    eval_layout = utils.pass_layouts(args.channels_last, device.type, args.model)["eval"]
+    model = utils.to_device(model, device, channels_last=eval_layout).eval()
     split = data.load_split(args.dataset, args.data_dir, train=args.set == "train", download=args.download)
     n_eval = len(split) if args.n_eval < 0 else args.n_eval
     if n_eval > len(split):
@@ -169,7 +171,9 @@ def evaluate(args) -> dict:
            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
            "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1),
-           "fp32_redone_passes": utils.take_fp32_redos(forward)}
+           "fp32_redone_passes": utils.take_fp32_redos(forward),
+           "eval_layout": utils.layout_names({"eval": eval_layout})["eval"]}
+
     if args.attack != "pgd":
         with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
             # AutoAttack always gets the fp32 model (--half_prec is for the PGD part only): its APGD steps
@@ -186,7 +190,8 @@ def final_evaluation(cfg: config.Config, model, state_dict: dict, batches: data.
     clean and PGD-50-10 (eps/4 steps, --seed) accuracy on the first n_final_eval test points (an example
     is robust only if no restart fools it), cos_x_eta on those points, and AutoAttack with
     --final_autoattack."""
-    model = copy.deepcopy(model).float().eval()
+    layout = utils.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)["eval"]
+    model = utils.set_layout(copy.deepcopy(model).float().eval(), layout)
     model.load_state_dict(state_dict)
     n_iters, n_restarts = cfg.final_attack
     with tqdm(total=batches.n, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
@@ -230,7 +235,8 @@ def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.p
         n = len(split) if cfg.n_final_eval < 0 else cfg.n_final_eval
         batches = data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n, device=device)
         model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn)
-        model = utils.to_device(model, device).float().eval()
+        layout = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)["eval"]
+        model = utils.to_device(model, device, channels_last=layout).float().eval()
         for key in ("last", "best"):
             if key in final and "aa_acc" not in final[key]:
                 models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))

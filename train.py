@@ -212,6 +212,9 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     running stats untouched): clean, FGSM and PGD-attack_iters accuracy on the test subset, PGD
     accuracy on the training subset (early stopping), cos_x_eta and cos_fgsm_pgd; CNN filter norms."""
     model.eval()
+    layouts = utils.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)
+    if layouts["eval"] != layouts["train"]:  # one converted copy per evaluation
+        fwd_model = utils.layout_copy(fwd_model, layouts["eval"])
     metrics = utils.periodic_metrics(fwd_model, loaders.test_subset, loaders.train_subset, cfg.eps_frac,
                                      cfg.pgd_alpha_eval, cfg.attack_iters, cfg.clamp_grad)
     model.train()
@@ -360,7 +363,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn)
-    model = utils.to_device(model, device, tf32=cfg.tf32).train()
+    layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
+    model = utils.to_device(model, device, tf32=cfg.tf32, channels_last=layouts["train"]).train()
     scaler = precision.make_scaler(cfg, device)
     step = StepState(device=device)
     step.select(cfg)
@@ -374,6 +378,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
         rundir.write_config(run_dir, {
             **record(cfg), "run_name": name, "device_used": str(device),
             "half_prec_dtype_used": str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
+            "layouts": utils.layout_names(layouts),
             "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
                           "restart_rule": "robust only if no restart fools it"}})
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
@@ -394,6 +399,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     n_iters, n_restarts = cfg.final_attack
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
+                  "eval_layout": utils.layout_names(layouts)["eval"],
                   "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc})
     if cfg.final_autoattack:
         final["autoattack"] = evaluation.autoattack_eval.describe("autoattack")

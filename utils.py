@@ -13,6 +13,7 @@ eps-ball that is not box-clamped, as in the authors' code.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import re
 from collections.abc import Callable, Iterable
@@ -71,8 +72,7 @@ def box_clamp(z: torch.Tensor, rule: str) -> torch.Tensor:
 
 def project(x: torch.Tensor, delta: torch.Tensor, eps: float) -> torch.Tensor:
     """Projects delta onto the box (0 <= x + delta <= 1), then onto the L-inf ball of radius eps."""
-    delta = torch.clamp(x + delta, 0.0, 1.0) - x
-    return torch.clamp(delta, -eps, eps)
+    return (x + delta).clamp_(0.0, 1.0).sub_(x).clamp_(-eps, eps)  # the same values as out-of-place clamps
 
 
 def uniform_delta(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -396,7 +396,7 @@ def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, a
     delta = uniform_delta(x, eps) if random_start else torch.zeros_like(x)
     for _ in range(n_iters):
         grad, _ = input_grad(model, x, y, delta, clamp_rule=clamp_rule)
-        delta = project(x, delta.detach() + alpha * torch.sign(grad), eps)
+        delta = project(x, delta.detach() + alpha * grad.sign_(), eps)
     return delta
 
 
@@ -424,28 +424,37 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     the authors' (which keeps the max-loss restart), so it may stop early: an example already
     broken gets no more steps or restarts. Each restart draws its random start for the whole batch,
     so every example follows the same trajectory as in a plain full-batch PGD.
-    The caller puts the model in eval mode and fp32.
+    The caller puts the model in eval mode and fp32; inputs take the layout of its weights (input_layout).
+
+    Cost: the examples still attacked are kept as one packed batch, gathered again only at a step that
+    fooled some of them (no gather or scatter per step); one host sync per step (is any example fooled?).
     """
+    layout = input_layout(model)
     n_clean = n_robust = n_total = passes = 0
     for x, y in batches:
+        x = x.contiguous(memory_format=layout)
         robust = _predict(model, x) == y
         n_clean += int(robust.sum())
         for _ in range(n_restarts):
             start = uniform_delta(x, eps) if n_iters > 0 else torch.zeros_like(x)  # as pgd_attack
-            active = robust.nonzero().squeeze(1)
-            if active.numel() == 0:
+            idx = robust.nonzero().squeeze(1)  # the batch positions still attacked
+            if idx.numel() == 0:
                 continue
-            xa, ya, delta = x[active], y[active], start[active]
-            fooled = torch.zeros_like(ya, dtype=torch.bool)
+            xa, ya, delta = x[idx], y[idx], start[idx]
             for step in range(n_iters):
-                live = (~fooled).nonzero().squeeze(1)
-                passes += live.numel()
-                grad, logits = input_grad(model, xa[live], ya[live], delta[live])
+                passes += idx.numel()
+                grad, logits = input_grad(model, xa, ya, delta)
                 if step > 0:  # logits at a feasible point (the start is not box-projected)
-                    fooled[live] |= logits.argmax(1) != ya[live]
-                delta[live] = project(xa[live], delta[live] + alpha * torch.sign(grad), eps)
-            fooled |= _predict(model, xa + delta) != ya
-            robust[active[fooled]] = False
+                    correct = logits.argmax(1) == ya
+                    if not bool(correct.all()):
+                        robust[idx[~correct]] = False
+                        keep = correct.nonzero().squeeze(1)
+                        idx, xa, ya, delta, grad = idx[keep], xa[keep], ya[keep], delta[keep], grad[keep]
+                        if idx.numel() == 0:
+                            break
+                delta = project(xa, delta.add_(grad.sign_(), alpha=alpha), eps)
+            if idx.numel() > 0:
+                robust[idx[_predict(model, xa + delta) != ya]] = False
         n_robust += int(robust.sum())
         n_total += len(y)
         if progress is not None:
@@ -483,7 +492,9 @@ def attack_accuracy(model: nn.Module, batches, eps: float, alpha: float, n_iters
     """
     n_adv = n_clean = n_robust = n = 0
     deltas = []
+    layout = input_layout(model)
     for x, y in batches:
+        x = x.contiguous(memory_format=layout)
         ok = _predict(model, x) == y if clean else None
         delta = pgd_attack(model, x, y, eps, alpha, n_iters, random_start=random_start)
         adv = _predict(model, x + delta) == y
@@ -500,8 +511,9 @@ def attack_accuracy(model: nn.Module, batches, eps: float, alpha: float, n_iters
 
 
 def _grads(model, batches, eps, clamp_rule, at_random_point):
-    grads = []
+    grads, layout = [], input_layout(model)
     for x, y in batches:
+        x = x.contiguous(memory_format=layout)
         delta = uniform_delta(x, eps) if at_random_point else torch.zeros_like(x)
         grads.append(input_grad(model, x, y, delta, clamp_rule=clamp_rule)[0])
     return grads
@@ -709,12 +721,69 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cudnn.allow_tf32 = enabled
 
 
-def to_device(model: nn.Module, device: torch.device, *, tf32: bool = False) -> nn.Module:
-    """Moves the model and sets TF32 (off unless asked); on CUDA also channels_last weights and cuDNN
-    autotuning (speed only: the reference's cuDNN was not deterministic either)."""
+def to_device(model: nn.Module, device: torch.device, *, tf32: bool = False, channels_last: bool = False
+              ) -> nn.Module:
+    """Moves the model, sets TF32 (off unless asked) and the layout of its weights (set_layout); on CUDA
+    also cuDNN autotuning (speed only: the reference's cuDNN was not deterministic either)."""
     set_tf32(tf32)
-    model = model.to(device)
+    model = set_layout(model.to(device), channels_last)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        model = model.to(memory_format=torch.channels_last)
     return model
+
+
+# ------------------------------------------------------------------------------------ memory layout
+LAYOUT_CHOICES = ("auto", "on", "off")  # --channels_last: auto = LAYOUTS' choice per pass
+LAYOUT_PASSES = ("train", "eval")  # the training step; the evaluation attacks (periodic and final, eval mode)
+
+# channels_last (True) or contiguous (False) weights per device type, model and pass, chosen by
+#     python bench.py --device cpu --parts layouts
+# (bench.json's "layouts": every pass timed in both layouts, side by side). A pass switches to
+# channels_last only where that was at least LAYOUT_MIN_GAIN faster. Training on the CPU stays
+# contiguous: channels_last training would not repeat a contiguous run bit for bit. No GPU measurement
+# yet: on CUDA every pass uses channels_last, the layout cuDNN's fast convolution kernels expect.
+LAYOUT_MIN_GAIN = 1.1
+LAYOUTS: dict[tuple[str, str], dict[str, bool]] = {
+    ("cpu", "resnet18"): {"train": False, "eval": True},
+    ("cpu", "cnn"): {"train": False, "eval": False},
+    ("cpu", "cnn_bn"): {"train": False, "eval": False},
+}
+
+
+def pass_layouts(choice: str, device_type: str, model_name: str) -> dict[str, bool]:
+    """Whether each pass ("train", "eval") runs with channels_last weights: --channels_last on/off for
+    every pass; auto follows LAYOUTS (CUDA: channels_last; a pair not in the table: contiguous)."""
+    if choice not in LAYOUT_CHOICES:
+        raise ValueError(f"unknown layout choice '{choice}': choose one of {', '.join(LAYOUT_CHOICES)}")
+    if choice != "auto":
+        return dict.fromkeys(LAYOUT_PASSES, choice == "on")
+    if device_type == "cuda":
+        return dict.fromkeys(LAYOUT_PASSES, True)
+    return dict(LAYOUTS.get((device_type, model_name), dict.fromkeys(LAYOUT_PASSES, False)))
+
+
+def layout_names(layouts: dict[str, bool]) -> dict[str, str]:
+    """{"train": "contiguous" or "channels_last", "eval": ...}: what config.json and final.json record."""
+    return {p: "channels_last" if cl else "contiguous" for p, cl in layouts.items()}
+
+
+def set_layout(model: nn.Module, channels_last: bool) -> nn.Module:
+    """The model with its 4-d weights in channels_last or contiguous layout (in place, as Module.to)."""
+    return model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def input_layout(model: nn.Module) -> torch.memory_format:
+    """The layout to give inputs: channels_last where a convolution weight is channels_last only (a
+    weight with one input channel or a 1x1 kernel is both: it decides nothing, nor would its input)."""
+    for p in model.parameters():
+        if p.dim() == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+    return torch.contiguous_format
+
+
+def layout_copy(model: nn.Module, channels_last: bool) -> nn.Module:
+    """A copy of `model` (an Autocast wrapper included; its GradScaler is shared, not copied) in the
+    other layout: a periodic evaluation in another layout than training's converts once per evaluation."""
+    scaler = getattr(model, "scaler", None)
+    memo = {id(scaler): scaler} if scaler is not None else {}
+    return set_layout(copy.deepcopy(model, memo), channels_last)

@@ -39,6 +39,15 @@ def check_report(report: dict, device: str) -> None:
         assert e["passes_per_example"] >= e["floor_passes_per_example"] - 1e-9  # robust examples cost every pass
         assert e["images_per_s"] > 0 and math.isfinite(e["images_per_s"])
     assert report["reference"]["eval_pgd_50_10"]["grad_passes_per_example"] == 500
+    for model_name, lay in report["layouts"].items():  # every pass in both layouts, and a choice per pass
+        assert {(r["layout"], r["pass"]) for r in lay["rows"]} == {
+            (layout, p) for layout in ("contiguous", "channels_last") for p in ("eval", "train_attack", "train_step")}
+        assert all(r["ms"] > 0 for r in lay["rows"])
+        assert set(lay["chosen"]) == {"train", "eval"} and set(lay["chosen"].values()) <= {"contiguous", "channels_last"}
+        assert lay["chosen_eval_batch_size"] in report["settings"]["eval_batch_candidates"][model_name]
+    for ref in report["versus_reference"].values():  # ours beside the authors' on the same model and points
+        assert ref["pgd_speedup"] > 0 and ref["gradalign_speedup"] > 0
+        assert 0 <= ref["robust_acc_ours"] <= ref["robust_acc_theirs"] + 1e-9  # no-restart-fools rule: never weaker
 
 
 @pytest.mark.slow

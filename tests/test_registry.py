@@ -15,7 +15,7 @@ import report
 import rundir
 import train
 import utils
-from tests.test_train import TINY, read_metrics
+from tests.fixtures import TINY, read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
