@@ -608,7 +608,7 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
         with torch.no_grad():
             y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
         batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
-        points = "random images labelled by the untrained model"
+        points = "random images whose labels are the untrained model's predictions"
     layouts = utils.pass_layouts("auto", device.type, model_name)
     ours_model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
     theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False)

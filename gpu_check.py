@@ -394,7 +394,7 @@ def periodic_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict:
 
 def final_eval_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict:
     """The final evaluation's PGD-50-10 as train.py runs it (fp32, eval mode), on final_points
-    synthetic points labelled by the model at eps 0: no example is ever fooled, so every restart
+    synthetic points whose labels are the model's own predictions at eps 0: no example is ever fooled, so every restart
     attacks every point at the full batch (the most passes, and no new batch size to autotune). One
     restart is timed after an untimed one; a full evaluation is 10 of them plus cos_x_eta's passes."""
     shape = bench.INPUT_SHAPES[model_name]

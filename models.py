@@ -131,7 +131,8 @@ class WideBlock(nn.Module):
     """Pre-activation wide block: bn1 -> relu -> conv1 (3x3, stride) -> bn2 -> relu -> conv2 (3x3).
 
     Where the width or the stride changes, the shortcut is a 1x1 conv (convShortcut) of relu(bn1(x)),
-    otherwise x itself (Zagoruyko & Komodakis's design, as in the code of ELLE and ZeroGrad).
+    otherwise x itself (Zagoruyko & Komodakis's design, as in the later methods' official code:
+    docs/later_methods.md says which).
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int):
@@ -166,7 +167,7 @@ class WideResNet(nn.Module):
     """WideResNet-depth-width (pre-activation, no dropout): conv1 (3 -> 16), three groups of
     (depth - 4) / 6 blocks of widths 16, 32 and 64 times `width` (strides 1, 2, 2), then BatchNorm,
     ReLU, avg_pool2d(8) and a linear layer. Depth 28, width 10: 4 blocks per group, widths 160, 320,
-    640, 36.5M parameters. The state_dict keys are those of ELLE's and ZeroGrad's WideResNet (conv1,
+    640, 36.5M parameters. The state_dict keys are those of the later methods' official WideResNet (conv1,
     block{1,2,3}.layer.<i>.*, bn1, fc). Input (B, 3, S, S) with 29 <= S <= 60 (32 in practice).
     """
 
@@ -212,7 +213,7 @@ def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
                 n_layers: int = 1, n_filters_cnn: int = 16) -> nn.Module:
     """A freshly initialised model (the authors' init, including its second pass over the aliases).
 
-    wrn28_10 gets the same init: its convolutions and BatchNorms as in ELLE's and ZeroGrad's code, its
+    wrn28_10 gets the same init: its convolutions and BatchNorms as in the later methods' official code, its
     linear layer N(0, sqrt(2 / in_features)) where theirs keeps PyTorch's default (bias 0 in both).
     """
     if name == "resnet18":
