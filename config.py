@@ -132,6 +132,21 @@ class Config:
     method: str | None = flag(None, "a method of methods.py's registry by name (default: the one the flags select); "
                               "for a method registered without flags of its own", short="",
                               choices=lambda: list(methods.REGISTRY), record_default=False)
+    # the training protocol (methods.Protocol): this paper's by default; --protocol own fills in the unset
+    # ones below from the method's paper's official scripts (docs/later_methods.md)
+    lr_peak: float = flag(None, "cyclic schedule: the learning rate peaks after floor(lr_peak * epochs) epochs "
+                          "(default 0.4, this paper's 2/5; the later methods' own protocols 0.5 on CIFAR)", short="peak",
+                          type=float, record_default=False)
+    normalize: str = flag(None, "input normalisation inside the model, per channel (default none, this paper's; "
+                          "the CIFAR statistics for N-FGSM and ZeroGrad under their own protocols)", short="norm",
+                          choices=_listed("models", "NORMALIZATIONS"), record_default=False)
+    clean_forward: bool = flag(None, "end each training step with a clean forward in train mode (BatchNorm "
+                               "statistics only), as ELLE's code (default: off, or the protocol's)", short="cleanfwd",
+                               action=argparse.BooleanOptionalAction, record_default=False)
+    protocol: str = flag("paper", "paper: this paper's protocol (the settings above as given, default 0.4 / none / "
+                         "off); own: the method's own paper's (methods.py's Protocol: the peak, fp32, the "
+                         "normalisation, a last clean forward) for the settings not given; the same as paper for "
+                         "this paper's methods", short="proto", choices=methods.PROTOCOLS, record_default=False)
     # --- where files are, what to do with them, which machine: no number depends on these
     gpu: int = flag(0, "which GPU: same as --device cuda:N", unnamed="which card of a machine", compare=False)
     # cpu and cuda draw other random numbers and round differently, as two GPU models round differently,
@@ -177,8 +192,9 @@ class Config:
 
 
 FIELDS = {f.name: f.metadata for f in dataclasses.fields(Config)}
-# Fields that fill in a flag left unset (None), before the method's own defaults (methods.py).
-UNSET = {"fgsm_alpha": 1.25}
+# Fields that fill in a flag left unset (None), before the method's own defaults (methods.py) and the
+# protocol's settings (--protocol own).
+UNSET = {"fgsm_alpha": 1.25, **methods.PAPER.settings()}
 
 
 def _default(name: str):
@@ -282,8 +298,28 @@ def check_flags(cfg: Config) -> str | None:
                                            and cfg.grad_align_fd == 0),
          "--grad_align_grad1, --grad_align_every and --grad_align_fd need --grad_align_cos_lambda > 0"),
         (cfg.method is None or methods.method_problem(cfg) is None, methods.method_problem(cfg)),
+        (fd_half_problem(cfg) is None, fd_half_problem(cfg)),
+        (0 < cfg.lr_peak <= 1, f"--lr_peak must be in (0, 1] (got {cfg.lr_peak:g}); this paper's is 0.4"),
+        (cfg.lr_schedule == "cyclic" or cfg.lr_peak == UNSET["lr_peak"],
+         "--lr_peak needs --lr_schedule cyclic (a protocol that peaks elsewhere: give --lr_schedule cyclic)"),
+        (normalization_problem(cfg) is None, normalization_problem(cfg)),
+        (not (cfg.protocol == "own" and cfg.half_prec),
+         (f"--protocol own: {methods.label_of(cfg)}'s authors train in fp32; drop --half_prec "
+          "(or use --protocol paper)")),
     ]
     return next((message for ok, message in checks if not ok), None)
+
+
+def fd_half_problem(cfg: Config) -> str | None:
+    """The finite-difference GradAlign in half precision (utils.refuse_fd_in_half_precision)."""
+    import utils
+    return utils.refuse_fd_in_half_precision(cfg.grad_align_fd, cfg.half_prec)
+
+
+def normalization_problem(cfg: Config) -> str | None:
+    import data
+    import models
+    return models.normalization_problem(cfg.normalize, data.DATASETS[cfg.dataset].shape[0])
 
 
 # ---------------------------------------------------------------------------------------- defaults
@@ -296,11 +332,26 @@ def defaults(attack: str = "fgsm") -> dict:
     return values
 
 
+def resolved_defaults(values: dict) -> dict:
+    """The default of every field for these settings: defaults(attack), then, with --protocol own, the
+    settings of the method's own protocol (methods.own_protocol)."""
+    fallback = defaults(values.get("attack", "fgsm"))
+    if values.get("protocol", "paper") == "own":
+        own = methods.own_protocol(argparse.Namespace(**{**fallback, **values}), values.get("dataset", "cifar10"))
+        if own is not None:
+            fallback.update(own.settings())
+    return fallback
+
+
 def config_and_defaults(namespace: argparse.Namespace) -> tuple[Config, dict]:
-    """The Config of parsed flags (a flag left unset takes its --attack's default) and the default of
-    every field for that attack."""
+    """The Config of parsed flags (a flag left unset takes its --attack's default, or its protocol's)
+    and the default of every field for that attack and protocol. --protocol own for a method of this
+    paper is --protocol paper (its own protocol is this paper's), so its runs keep their names."""
     values = vars(namespace).copy()
-    fallback = defaults(values["attack"])
+    fallback = resolved_defaults(values)
+    if values["protocol"] == "own" and methods.own_protocol(argparse.Namespace(**{**fallback, **values}),
+                                                            values["dataset"]) is None:
+        values["protocol"] = "paper"
     for name in UNSET:
         if values[name] is None:
             values[name] = fallback[name]
@@ -319,13 +370,14 @@ def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
 
 
 def record(cfg: Config) -> dict:
-    """The settings as config.json records them (a field declared record_default=False only when set)."""
+    """The settings as config.json records them (a field declared record_default=False only when it
+    differs from its default, UNSET's for a flag left unset)."""
     return {name: value for name, value in dataclasses.asdict(cfg).items()
-            if FIELDS[name]["record_default"] or value != _default(name)}
+            if FIELDS[name]["record_default"] or value != UNSET.get(name, _default(name))}
 
 
 def from_record(settings: dict) -> Config:
     """A Config from config.json's settings; a field an older run did not record takes its default."""
-    values = defaults(settings.get("attack", "fgsm"))
+    values = resolved_defaults(settings)
     values.update({k: v for k, v in settings.items() if k in FIELDS})
     return Config(**values)

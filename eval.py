@@ -5,8 +5,8 @@
 
 Loads this repo's model.pth, the authors' released {'last', 'best'} files and bare state_dicts
 (--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as the
-authors' eval.py looked it up (models/<name>.pth). The dataset, architecture and eps (--dataset,
---model, --n_layers, --n_filters_cnn, --eps) come from the config.json that train.py wrote beside the
+authors' eval.py looked it up (models/<name>.pth). The dataset, architecture, input normalisation
+and eps (--dataset, --model, --n_layers, --n_filters_cnn, --normalize, --eps) come from the config.json that train.py wrote beside the
 checkpoint; flags given explicitly override it, and files without one (the authors') need the flags
 (else train.py's defaults, eps 8). eps is in 1/255 units; the PGD step is eps/4. An example counts as
 robust only if no restart fools it. Weights holding NaN or inf, or a missing 'best', are errors.
@@ -41,7 +41,7 @@ from config import EXIT_OK, EXIT_USAGE, OneLineParser
 
 # The settings eval.py takes from config.json beside the checkpoint when their flags are not given
 # (FROM_RUN_VALID says what a value there must be).
-FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "eps")
+FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "normalize", "eps")
 # train.py's settings that eval.py takes too, declared in config.py.
 SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "data_dir",
           "download")
@@ -74,13 +74,14 @@ FROM_RUN_VALID = {
     "model": (lambda v: v in models.MODELS, f"not one of {', '.join(models.MODELS)}"),
     "n_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
     "n_filters_cnn": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
+    "normalize": (lambda v: v in models.NORMALIZATIONS, f"not one of {', '.join(models.NORMALIZATIONS)}"),
     "eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255,
             "not a number in [0, 255]"),
 }
 
 
 def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
-    """The flags with the dataset, architecture and eps the run's config.json records (explicit flags
+    """The flags with the dataset, architecture, normalisation and eps the run's config.json records (explicit flags
     win); without a config.json (the authors' files) the flags or train.py's defaults. Sets
     args.eps_from ('--eps', 'config.json' or 'default'). Raises ValueError (one line) for a config.json
     that is damaged or not train.py's, when a value is taken from it."""
@@ -145,7 +146,8 @@ def evaluate(args) -> dict:
         raise ValueError(problem)
     data.check_model_input(args.model, info.shape)
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
-    model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn)
+    model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn,
+                               args.normalize)
     models.load_state(model, state)
     eval_layout = utils.pass_layouts(args.channels_last, device.type, args.model)["eval"]
     model = utils.to_device(model, device, channels_last=eval_layout).eval()
@@ -234,7 +236,8 @@ def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.p
         split = data.load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
         n = len(split) if cfg.n_final_eval < 0 else cfg.n_final_eval
         batches = data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n, device=device)
-        model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn)
+        model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn,
+                                   cfg.normalize)
         layout = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)["eval"]
         model = utils.to_device(model, device, channels_last=layout).float().eval()
         for key in ("last", "best"):

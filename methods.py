@@ -4,6 +4,7 @@ ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all
 
     python methods.py list [--paper | --all]                                   # the sweeps' method names
     python methods.py flags gradalign --eps 8 --dataset cifar10
+    python methods.py flags nfgsm --eps 16 --dataset cifar10 --model wrn28_10 --protocol own
     python methods.py grid --dataset svhn --methods "fgsm pgd10" --eps "1 2"   # "method eps flags..." lines
     python methods.py lambda --dataset cifar10 --eps 10                        # GradAlign's lambda
 
@@ -12,12 +13,15 @@ that select it, its report label, its cost per step, its sweep recipes and the f
 step calls. A perturbation (the attack a step trains on) and a regulariser (a term added to the loss)
 combine: FGSM-RS + GradAlign is two entries. Flags come as --flag=value words; eps is in 1/255 units.
 Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
---lr_max); the digits demos set their own. torch is imported only by the functions that train, so
+--lr_max); the digits demos set their own. A method of a later paper also carries that paper's
+protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward), which
+train.py applies with --protocol own. torch is imported only by the functions that train, so
 report.py and the shell scripts (which call this once per sweep) start fast.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Callable
@@ -36,9 +40,40 @@ class Schedule:
     free_at_lr_max: str
 
 
-# The authors' sweep settings (Free-AT replays each batch 8 times, so it runs more epochs).
+# The authors' sweep settings (Free-AT replays each batch 8 times, so it runs more epochs). The paper
+# has no CIFAR-100 runs: cifar100 is the later methods' schedule (30 epochs at 0.2, as N-FGSM's and
+# ZeroGrad's scripts), with CIFAR-10's GradAlign and Free-AT columns.
 SCHEDULES = {"cifar10": Schedule(30, "0.2", "0.30", 96, "0.04"),
-             "svhn": Schedule(15, "0.05", "0.05", 45, "0.01")}
+             "svhn": Schedule(15, "0.05", "0.05", 45, "0.01"),
+             "cifar100": Schedule(30, "0.2", "0.30", 96, "0.04")}
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How a paper trains, beyond its method's flags: where the cyclic learning rate peaks (a fraction
+    of training: --lr_peak), whether it trains in half precision (this paper's sweeps do: --half_prec),
+    the input normalisation inside the model (--normalize: models.NORMALIZATIONS) and whether each step
+    ends with a clean forward in train mode, which only updates BatchNorm's statistics (--clean_forward)."""
+    lr_peak: float = 0.4
+    half_prec: bool = True
+    normalize: str = "none"
+    clean_forward: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        """The train.py settings it fills in when they are not given (precision is checked, not set)."""
+        return {"lr_peak": self.lr_peak, "normalize": self.normalize, "clean_forward": self.clean_forward}
+
+
+PAPER = Protocol()  # this paper's: the peak at 2/5, fp16 (the sweeps' --half_prec), no normalisation
+# The later methods' own protocols, from their official scripts: fp32 everywhere; on CIFAR the cyclic
+# schedule peaks at mid-training, on SVHN at 2/5. A dataset its authors did not train on gets the
+# CIFAR-10 protocol without normalisation (own_protocol).
+NFGSM_OWN = {"cifar10": Protocol(0.5, False, "cifar10"), "cifar100": Protocol(0.5, False, "cifar100"),
+             "svhn": Protocol(0.4, False, "svhn")}
+ZEROGRAD_OWN = {"cifar10": Protocol(0.5, False, "cifar10"), "cifar100": Protocol(0.5, False, "cifar100"),
+                "svhn": Protocol(0.4, False, "half")}
+ELLE_OWN = {"cifar10": Protocol(0.5, False, clean_forward=True), "cifar100": Protocol(0.5, False, clean_forward=True),
+            "svhn": Protocol(0.4, False, clean_forward=True)}
 
 
 def gradalign_lambda(dataset: str, eps: float) -> str:
@@ -55,6 +90,9 @@ def gradalign_lambda(dataset: str, eps: float) -> str:
         return "1.124" if eps == 14 else f"{0.02 * 10 ** (eps / 8):.3f}"
     if dataset == "svhn":
         return f"{math.exp(eps * math.log(1.6) / 8 + math.log(2.5 ** 2 / 4)):.3f}"
+    if dataset == "cifar100":
+        raise ValueError(f"GradAlign has no published lambda for cifar100: give --grad_align_cos_lambda yourself "
+                         f"(CIFAR-10's at eps {eps:g} is {gradalign_lambda('cifar10', eps)})")
     raise ValueError(f"no GradAlign lambda for dataset '{dataset}': choose cifar10, svhn or digits")
 
 
@@ -64,7 +102,21 @@ def elle_lambda(eps: float) -> str:
     return "1000" if eps <= 8 else "5000" if eps <= 20 else "10000"
 
 
-def _no_words(eps: float, dataset: str) -> list[str]:
+def nfgsm_noise_mult(eps: float, dataset: str, model: str) -> str:
+    """N-FGSM's k in its authors' scripts: 2, except 3 on SVHN at eps 12 and 4 for WideResNet-28-10 on
+    CIFAR-10 at eps 16."""
+    if dataset == "svhn" and eps == 12:
+        return "3"
+    if dataset == "cifar10" and model == "wrn28_10" and eps == 16:
+        return "4"
+    return "2"
+
+
+# ZeroGrad's q in its authors' commands per dataset (0.35 elsewhere, their CIFAR-10 value)
+ZEROGRAD_Q = {"cifar100": "0.45", "svhn": "0.7"}
+
+
+def _no_words(eps: float, dataset: str, model: str) -> list[str]:
     return []
 
 
@@ -74,19 +126,24 @@ def _default_schedule(s: Schedule) -> tuple[int, str]:
 
 @dataclass(frozen=True)
 class Recipe:
-    """A sweep's train.py flags for a method: fixed words, the words that depend on eps and the
-    dataset, then the dataset's schedule (which of its columns: `schedule`)."""
+    """A sweep's train.py flags for a method: fixed words, the words that depend on eps, the dataset
+    and the model, then the dataset's schedule (which of its columns: `schedule`; `schedules`: a
+    dataset's (epochs, lr_max) of the method's own scripts instead)."""
     words: tuple[str, ...]
-    per_eps: Callable[[float, str], list[str]] = _no_words
+    per_eps: Callable[[float, str, str], list[str]] = _no_words
     schedule: Callable[[Schedule], tuple[int, str]] = _default_schedule
+    schedules: dict[str, tuple[int, str]] = field(default_factory=dict)
     paper: bool = False   # one of the paper's six methods (the SVHN sweep, CIFAR-10's default)
     listed: bool = True   # False: bench.py measures it, the sweeps do not offer it
     bench: bool = True    # False: bench.py leaves it out (its step costs what another recipe's does)
 
-    def flags(self, eps: float, dataset: str) -> list[str]:
-        words = [*self.words, *self.per_eps(eps, dataset)]
+    def flags(self, eps: float, dataset: str, model: str = "resnet18") -> list[str]:
+        words = [*self.words, *self.per_eps(eps, dataset, model)]
         schedule = SCHEDULES.get(dataset)
-        if schedule is not None:
+        if dataset in self.schedules:
+            epochs, lr = self.schedules[dataset]
+            words += [f"--epochs={epochs}", f"--lr_max={lr}"]
+        elif schedule is not None:
             epochs, lr = self.schedule(schedule)
             words += [f"--epochs={epochs}", f"--lr_max={lr}"]
         return words
@@ -133,6 +190,7 @@ class Method:
     state_key: str | None = None               # ... and its key in resume.pt
     defaults: dict[str, Any] = field(default_factory=dict)  # defaults of flags for this --attack
     recipes: dict[str, Recipe] = field(default_factory=dict)
+    own: dict[str, Protocol] | None = None  # its paper's protocol per dataset; None: this paper's (PAPER)
 
     def selects(self, cfg) -> bool:
         if self.attack is None and self.when is None:
@@ -273,7 +331,9 @@ def regularise_elle_adaptive(model, x, y, cfg, st, grad1, pert):
     """ELLE-A: the error times a lambda that jumps to --elle_lambda when the error spikes (utils.ElleAdaptive)."""
     import utils
     error = utils.elle_error(model, x, y, st.warm * cfg.eps_frac)
-    return st.states["elle"].update(error) * error
+    rule = st.states["elle"]
+    # the statistics start at the first training step: epoch 0's iteration (no update) does not feed them
+    return (rule.update(error) if st.update else rule.current(error)) * error
 
 
 def _new_elle_adaptive(cfg):
@@ -310,7 +370,7 @@ def _gradalign_every(cfg, iteration: int) -> bool:
     return iteration % cfg.grad_align_every == 0
 
 
-def _gradalign_lambda_words(eps: float, dataset: str) -> list[str]:
+def _gradalign_lambda_words(eps: float, dataset: str, model: str) -> list[str]:
     return [f"--grad_align_cos_lambda={gradalign_lambda(dataset, eps)}"]
 
 
@@ -322,8 +382,9 @@ FGSM_ZERO = ("--attack=fgsm", "--attack_init=zero")
 
 # --------------------------------------------------------------------------------------- registry
 # In the order of the sweeps' method lists (`methods.py list`); selection takes the first match.
-# Later methods carry their paper's CIFAR-10 settings on this protocol's schedule (both N-FGSM's and
-# ELLE's papers also train 30 epochs at lr_max 0.2); README, "Other fast adversarial training methods".
+# Later methods carry their papers' settings per dataset (and model) and their papers' protocols
+# (own=); their recipes keep this paper's schedule (their papers also train 30 epochs at lr_max 0.2 on
+# CIFAR), except where their scripts set another (ZeroGrad on SVHN). docs/later_methods.md.
 _ENTRIES = [
     Method("fgsm", "FGSM", "2", attack="fgsm", when=lambda c: c.attack_init == "zero" and _one_fgsm_step(c),
            perturb=perturb_fgsm, recipes={"fgsm": Recipe(FGSM_ZERO, paper=True)}),
@@ -336,7 +397,7 @@ _ENTRIES = [
            recipes={"gradalign": Recipe(FGSM_ZERO, _gradalign_lambda_words, _gradalign_schedule, paper=True)}),
     Method("pgd", _pgd_label(""), _pgd_passes, attack="pgd", perturb=perturb_pgd, recipes={
         f"pgd{k}": Recipe(("--attack=pgd", "--attack_init=zero", f"--pgd_train_n_iters={k}"),
-                          lambda eps, dataset, k=k: [f"--pgd_alpha_train={eps / (2 if k == 2 else 5):g}"],
+                          lambda eps, dataset, model, k=k: [f"--pgd_alpha_train={eps / (2 if k == 2 else 5):g}"],
                           paper=True)  # alpha = eps/2 for PGD-2, eps/5 for PGD-10
         for k in (2, 10)}),
     Method("free_at", lambda c: f"Free-AT (m={c.minibatch_replay})", "2", attack="fgsm",
@@ -345,28 +406,32 @@ _ENTRIES = [
            recipes={"free_at": Recipe(("--attack=fgsm", "--attack_init=zero", "--fgsm_alpha=1.0",
                                        "--minibatch_replay=8"),
                                       schedule=lambda s: (s.free_at_epochs, s.free_at_lr_max), paper=True)}),
-    # N-FGSM: noise 2 eps, step eps, at every eps
+    # N-FGSM: noise k eps (nfgsm_noise_mult), step eps, at every eps
     Method("nfgsm", lambda c: "N-FGSM" if (c.nfgsm_noise_mult, c.fgsm_alpha) == (2.0, 1.0)
            else f"N-FGSM (k={c.nfgsm_noise_mult:g}, alpha={c.fgsm_alpha:g})", "2", attack="nfgsm",
-           perturb=perturb_nfgsm, defaults={"fgsm_alpha": 1.0},
-           recipes={"nfgsm": Recipe(("--attack=nfgsm", "--fgsm_alpha=1.0", "--nfgsm_noise_mult=2"))}),
+           perturb=perturb_nfgsm, defaults={"fgsm_alpha": 1.0}, own=NFGSM_OWN,
+           recipes={"nfgsm": Recipe(("--attack=nfgsm", "--fgsm_alpha=1.0"), lambda eps, dataset, model: [
+               f"--nfgsm_noise_mult={nfgsm_noise_mult(eps, dataset, model)}"])}),
     Method("zerograd", "ZeroGrad", "2", attack="fgsm", when=lambda c: c.zerograd_q > 0, perturb=perturb_zerograd,
-           recipes={"zerograd": Recipe(("--attack=fgsm", "--attack_init=random", "--fgsm_alpha=2.0",
-                                        "--zerograd_q=0.35"))}),
+           own=ZEROGRAD_OWN,
+           recipes={"zerograd": Recipe(("--attack=fgsm", "--attack_init=random", "--fgsm_alpha=2.0"),
+                                       lambda eps, dataset, model: [f"--zerograd_q={ZEROGRAD_Q.get(dataset, '0.35')}"],
+                                       schedules={"svhn": (15, "0.01")})}),
     Method("elle", lambda c, base: "ELLE" if base == "FGSM" else f"{base} + ELLE", {"2": "2+3"},
-           when=lambda c: c.elle_lambda > 0 and not c.elle_adaptive, regularise=regularise_elle,
-           recipes={"elle": Recipe((*FGSM_ZERO, "--fgsm_alpha=1.0"), lambda eps, dataset: [f"--elle_lambda={elle_lambda(eps)}"],
+           when=lambda c: c.elle_lambda > 0 and not c.elle_adaptive, regularise=regularise_elle, own=ELLE_OWN,
+           recipes={"elle": Recipe((*FGSM_ZERO, "--fgsm_alpha=1.0"),
+                                   lambda eps, dataset, model: [f"--elle_lambda={elle_lambda(eps)}"],
                                    bench=False)}),  # its step costs what ELLE-A's does
     Method("elle_a", lambda c, base: "ELLE-A" if base == "FGSM" else f"{base} + ELLE-A", {"2": "2+3"},
            when=lambda c: c.elle_lambda > 0 and c.elle_adaptive, regularise=regularise_elle_adaptive,
-           state=_new_elle_adaptive, state_key="elle",
+           state=_new_elle_adaptive, state_key="elle", own=ELLE_OWN,
            recipes={"elle_a": Recipe((*FGSM_ZERO, "--fgsm_alpha=1.0", "--elle_lambda=4000", "--elle_adaptive"))}),
     # GradAlign with a finite-difference gradient instead of double backprop (h = 0.001), for bench.py
     Method("gradalign_fd", _gradalign_label, {"2": "3+2"},
            when=lambda c: c.grad_align_cos_lambda > 0 and c.grad_align_fd > 0,
            regularise=regularise_gradalign_fd, start_grad=lambda c: False, active=_gradalign_every,
-           recipes={"gradalign_fd": Recipe(FGSM_ZERO, lambda eps, dataset: [*_gradalign_lambda_words(eps, dataset),
-                                                                              "--grad_align_fd=0.001"],
+           recipes={"gradalign_fd": Recipe(FGSM_ZERO, lambda eps, dataset, model: [
+               *_gradalign_lambda_words(eps, dataset, model), "--grad_align_fd=0.001"],
                                            _gradalign_schedule, listed=False)}),
     Method("pgd_corner", _pgd_label(" corner"), _pgd_passes, attack="pgd_corner", perturb=perturb_pgd_corner),
     Method("random_corner", "Random corner", "f+1", attack="random_corner", perturb=perturb_random_corner),
@@ -433,6 +498,17 @@ def label_of(cfg) -> str:
     return base if regulariser is None else regulariser.label(cfg, base)
 
 
+def own_protocol(cfg, dataset: str) -> Protocol | None:
+    """The protocol of the paper of cfg's method on dataset, or None for this paper's methods (whose own
+    protocol is this paper's). With a regulariser of a later paper, the regulariser's paper's (its
+    authors' code runs the combination, e.g. N-FGSM + ELLE-A). On a dataset its authors did not train
+    on, their CIFAR-10 protocol without normalisation."""
+    for m in reversed(select(cfg)):
+        if m is not None and m.own:
+            return m.own.get(dataset) or dataclasses.replace(m.own["cifar10"], normalize="none")
+    return None
+
+
 def passes_of(cfg) -> str:
     """Forward+backward passes of one training step of cfg's method ('?' when unknown)."""
     perturbation, regulariser = select(cfg)
@@ -477,12 +553,25 @@ def recipes() -> dict[str, Recipe]:
     return {name: r for m in REGISTRY.values() for name, r in m.recipes.items()}
 
 
-def flags(method: str, eps: float, dataset: str) -> list[str]:
-    """The train.py flags of a recipe at eps on dataset (schedule included where the dataset has one)."""
+PROTOCOLS = ("paper", "own")
+
+
+def flags(method: str, eps: float, dataset: str, model: str = "resnet18", protocol: str = "paper") -> list[str]:
+    """The train.py flags of a recipe at eps on dataset for model (schedule included where the dataset
+    has one). protocol own: then the words of the method's own protocol, precision included
+    (--protocol=own for a later method, which trains in fp32; --half_prec for this paper's methods),
+    for a sweep whose common flags leave the precision out."""
     table = recipes()
     if method not in table:
         raise ValueError(f"unknown method '{method}': choose from {', '.join(table)}")
-    return table[method].flags(eps, dataset)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol '{protocol}': choose from {', '.join(PROTOCOLS)}")
+    words = table[method].flags(eps, dataset, model)
+    if protocol == "own":
+        owner = next(m for m in REGISTRY.values() if method in m.recipes)
+        own = owner.own.get(dataset, owner.own["cifar10"]) if owner.own else PAPER
+        words += (["--protocol=own"] if owner.own else []) + (["--half_prec"] if own.half_prec else [])
+    return words
 
 
 def number(text: str) -> float:
@@ -506,19 +595,24 @@ def main(argv: list[str] | None = None) -> int:
     for q, eps_help in ((one, "eps in 1/255 units"), (grid, "space-separated eps values"), (lam, "eps")):
         q.add_argument("--dataset", required=True)
         q.add_argument("--eps", required=True, help=eps_help)
+    for q in (one, grid):
+        q.add_argument("--model", default="resnet18", help="the model (N-FGSM's k depends on it)")
+        q.add_argument("--protocol", default="paper", choices=PROTOCOLS,
+                       help="own: add the words of each method's own protocol, precision included")
     args = p.parse_args(argv)
     try:
         if args.command == "list":
             print(" ".join(name for name, r in recipes().items()
                            if args.all or (r.paper if args.paper else r.listed)))
         elif args.command == "flags":
-            print(" ".join(flags(args.method, number(args.eps), args.dataset)))
+            print(" ".join(flags(args.method, number(args.eps), args.dataset, args.model, args.protocol)))
         elif args.command == "lambda":
             print(gradalign_lambda(args.dataset, number(args.eps)))
         else:
             for method in args.methods.split():
                 for eps in args.eps.split():
-                    print(method, eps, " ".join(flags(method, number(eps), args.dataset)))
+                    print(method, eps, " ".join(flags(method, number(eps), args.dataset, args.model,
+                                                      args.protocol)))
     except ValueError as exc:
         print(f"methods.py: error: {exc}", file=sys.stderr)
         return 2

@@ -17,9 +17,23 @@ from torch import nn
 
 MODELS = ("resnet18", "cnn", "cnn_bn", "wrn28_10")
 
+# Input normalisations (--normalize): per-channel (mean, std) of inputs in [0, 1]. none is the paper's.
+# cifar10: the CIFAR-10 training set's, as N-FGSM's and ZeroGrad's code; cifar100: N-FGSM's CIFAR-100
+# values (ZeroGrad's agree to these 4 decimals); svhn: N-FGSM's SVHN values; half: 0.5 and 0.5, ZeroGrad's
+# SVHN code.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn": ((0.4380, 0.4440, 0.4730), (0.1751, 0.1771, 0.1744)),
+    "half": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
 
 class Normalize(nn.Module):
-    """(x - mean) / std per channel; mean 0 and std 1 in the paper. Not part of the state_dict."""
+    """(x - mean) / std per channel; mean 0 and std 1 in the paper. Not part of the state_dict, so a
+    model keeps the authors' keys whatever its normalisation. At mean 0 and std 1 it is the identity
+    (x - 0) / 1 = x, exactly."""
 
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
         super().__init__()
@@ -28,6 +42,10 @@ class Normalize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
+
+
+def identity_normalize(channels: int) -> Normalize:
+    return Normalize((0.0,) * channels, (1.0,) * channels)
 
 
 class PreActBlock(nn.Module):
@@ -92,9 +110,10 @@ class CNN(nn.Module):
         layers += [nn.Flatten(), nn.Linear(n_filters * height * width, n_classes)]
         self._model = nn.Sequential(*layers)
         self.model_preact_hl1 = nn.Sequential(self._model[0])
+        self.normalize = identity_normalize(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._model(x)
+        return self._model(self.normalize(x))
 
     def first_layer_filters(self) -> torch.Tensor:
         """Weights of the first conv, (n_filters, C, 3, 3)."""
@@ -118,9 +137,10 @@ class CNNBN(nn.Module):
                        nn.BatchNorm2d(n_filters), nn.ReLU()]
         layers += [nn.Flatten(), nn.Linear(n_filters * height * width, n_classes)]
         self._model = nn.Sequential(*layers)
+        self.normalize = identity_normalize(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._model(x)
+        return self._model(self.normalize(x))
 
     def first_layer_filters(self) -> torch.Tensor:
         """Weights of the first conv, (n_filters, C, 3, 3)."""
@@ -183,9 +203,10 @@ class WideResNet(nn.Module):
         self.block3 = WideGroup(n_blocks, widths[1], widths[2], 2)
         self.bn1 = nn.BatchNorm2d(widths[2])
         self.fc = nn.Linear(widths[2], n_classes)
+        self.normalize = identity_normalize(3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
         out = F.avg_pool2d(F.relu(self.bn1(out)), 8)
         return self.fc(out.flatten(1))
 
@@ -210,8 +231,9 @@ def init_weights(module: nn.Module) -> None:
 
 
 def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
-                n_layers: int = 1, n_filters_cnn: int = 16) -> nn.Module:
-    """A freshly initialised model (the authors' init, including its second pass over the aliases).
+                n_layers: int = 1, n_filters_cnn: int = 16, normalize: str = "none") -> nn.Module:
+    """A freshly initialised model (the authors' init, including its second pass over the aliases),
+    whose first module normalises its input by NORMALIZATIONS[normalize].
 
     wrn28_10 gets the same init: its convolutions and BatchNorms as in the later methods' official code, its
     linear layer N(0, sqrt(2 / in_features)) where theirs keeps PyTorch's default (bias 0 in both).
@@ -227,7 +249,29 @@ def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
     else:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     model.apply(init_weights)
+    set_normalization(model, normalize)
     return model
+
+
+def normalization_problem(normalize: str, channels: int) -> str | None:
+    """Why --normalize cannot apply to inputs of this many channels, or None."""
+    if normalize not in NORMALIZATIONS:
+        return f"unknown --normalize '{normalize}': choose one of {', '.join(NORMALIZATIONS)}"
+    if normalize != "none" and len(NORMALIZATIONS[normalize][0]) != channels:
+        return (f"--normalize {normalize} has {len(NORMALIZATIONS[normalize][0])} channels, the inputs have "
+                f"{channels}: use --normalize none")
+    return None
+
+
+def set_normalization(model: nn.Module, normalize: str) -> None:
+    """Sets the model's Normalize (model.normalize) to NORMALIZATIONS[normalize]; none keeps it the identity."""
+    problem = normalization_problem(normalize, model.normalize.mean.shape[1])
+    if problem:
+        raise ValueError(problem)
+    if normalize != "none":
+        mean, std = NORMALIZATIONS[normalize]
+        model.normalize.mean.copy_(torch.tensor(mean).view(1, -1, 1, 1))
+        model.normalize.std.copy_(torch.tensor(std).view(1, -1, 1, 1))
 
 
 class CheckpointError(Exception):

@@ -91,7 +91,7 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[int]]:
 def expected_run_name(settings: dict) -> str:
     """The run name train.py gives these settings (config.json's), by rundir.run_name."""
     import config as train_flags  # imports torch: only once some run is checked
-    defaults = train_flags.defaults(str(settings.get("attack", "fgsm")))
+    defaults = train_flags.resolved_defaults(settings)
     return rundir.run_name(types.SimpleNamespace(**{**defaults, **settings}), defaults)
 
 
@@ -152,9 +152,14 @@ def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
 
 
 # -------------------------------------------------------------------------------------- aggregating
+OWN = " (own protocol)"  # after the method's name, for runs under its own paper's protocol (--protocol own)
+
+
 def method_name(settings: dict) -> str:
-    """The name of a run's training method, from its config.json (methods.py's registry)."""
-    return methods.label_of(config.from_record(settings))
+    """The name of a run's training method, from its config.json (methods.py's registry), followed by
+    OWN for a run under its paper's protocol, so that both protocols get rows side by side."""
+    cfg = config.from_record(settings)
+    return methods.label_of(cfg) + (OWN if cfg.protocol == "own" else "")
 
 
 def passes_per_step(settings: dict) -> str:
@@ -175,7 +180,9 @@ def group_key(run: Run) -> tuple[str, str, str, float]:
 
 
 def method_rank(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """METHOD_ORDER's position (a method under its own protocol right after it), then the name."""
+    base = method.removesuffix(OWN)
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

@@ -118,6 +118,7 @@ class StepState:
     across steps, by resume.pt key (Free-AT's delta, an adaptive lambda)."""
     warm: float = 1.0
     iteration: int = 0
+    update: bool = True  # False: epoch 0's iteration, which takes no optimiser step
     grad1_graph: bool = False
     skipped: torch.Tensor | None = None  # written by the step: 1.0 if the GradScaler skipped it, else 0.0
     perturbation: methods.Method | None = None
@@ -171,10 +172,12 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
 
     Train-mode forwards, in the order of the authors' code (they all update BatchNorm's running stats):
     the attack's, the monitoring pass at x (attacks that take no gradient at their start), the training
-    forward, then the regulariser's (GradAlign's grad2 on every --grad_align_every-th iteration).
+    forward, then the regulariser's (GradAlign's grad2 on every --grad_align_every-th iteration), then
+    with --clean_forward one at x (ELLE's code).
     """
     if st.perturbation is None:
         st.select(cfg)
+    st.update = update
     # does the regulariser apply now, and does it need the input gradient at the attack's start (grad1)?
     reg = st.regulariser
     reg_on = reg is not None and (reg.active is None or reg.active(cfg, st.iteration))
@@ -196,6 +199,9 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
     loss = F.cross_entropy(logits, y)
     reg_value = reg.regularise(model, x, y, cfg, st, grad1, pert) if reg_on else torch.zeros((), device=x.device)
     total = loss + reg_value
+    if cfg.clean_forward:  # its output is unused: only BatchNorm's running statistics move
+        with torch.no_grad():
+            model(x)
     st.skipped = torch.zeros((), device=x.device)
     if update:
         opt.zero_grad(set_to_none=True)
@@ -315,7 +321,7 @@ def train(loop: Loop) -> None:
                 if i % cfg.minibatch_replay != 0:
                     x, y = x_prev, y_prev
                 # learning rate and warm-up at this iteration
-                lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs)
+                lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs, cfg.lr_peak)
                 loop.opt.param_groups[0]["lr"] = lr
                 loop.step.warm = warmup_factor(cfg, loop.iteration)
                 loop.step.iteration = loop.iteration
@@ -362,7 +368,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
         rundir.clear_outputs(run_dir)
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
-                               cfg.n_filters_cnn)
+                               cfg.n_filters_cnn, cfg.normalize)
     layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
     model = utils.to_device(model, device, tf32=cfg.tf32, channels_last=layouts["train"]).train()
     scaler = precision.make_scaler(cfg, device)

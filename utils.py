@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -284,6 +286,11 @@ class ElleAdaptive:
         self.mean = self.mean + diff / self.count
         self.m2 = self.m2 + diff * (error - self.mean)
         return current
+
+    def current(self, error: torch.Tensor) -> torch.Tensor:
+        """The lambda update() would return now, leaving the statistics as they are (0 before the first
+        update: the authors' statistics start at the first training step)."""
+        return torch.zeros_like(error.detach().float()) if self.lam is None else self.lam
 
     def state_dict(self) -> dict:
         return {"count": self.count, "lam": self.lam, "mean": self.mean, "m2": self.m2}
@@ -552,14 +559,17 @@ def cos_x_eta(model: nn.Module, batches, eps: float, clamp_rule: str) -> float:
 
 
 # --------------------------------------------------------------------------------- learning rate
-def lr_at(t: float, schedule: str, lr_max: float, epochs: int) -> float:
+def lr_at(t: float, schedule: str, lr_max: float, epochs: int, peak: float = 0.4) -> float:
     """Learning rate at fractional epoch t (t = epoch - 1 + (i + 1) / len(loader), as in the authors' loop).
 
-    cyclic: linear 0 -> lr_max at floor(2E/5) epochs -> 0 at E (0 for t <= 0).
+    cyclic: linear 0 -> lr_max at floor(peak * E) epochs -> 0 at E (0 for t <= 0); peak 0.4 is the
+    paper's floor(2E/5), 0.5 the later methods' mid-training. The product is exact (peak is read as
+    the decimal fraction it is written as), so 0.4 gives floor(2E/5) for every E.
     piecewise: lr_max, then /10 from t/E >= 0.5 and /100 from t/E >= 0.75.
     """
     if schedule == "cyclic":
-        return float(np.interp([t], [0, epochs * 2 // 5, epochs], [0, lr_max, 0])[0])
+        top = math.floor(Fraction(repr(float(peak))) * epochs)
+        return float(np.interp([t], [0, top, epochs], [0, lr_max, 0])[0])
     if schedule == "piecewise":
         frac = t / epochs
         return lr_max if frac < 0.5 else lr_max / 10 if frac < 0.75 else lr_max / 100

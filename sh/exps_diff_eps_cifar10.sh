@@ -9,6 +9,11 @@
 # lr_max 0.2; GradAlign 0.30; Free-AT 96 epochs at 0.04) and each method's lambda per eps are in
 # methods.py, e.g.
 #   METHODS="nfgsm elle_a zerograd" EPS="8 16" sh/exps_diff_eps_cifar10.sh --data_dir=/data
+# PROTOCOL=own runs each method under its own paper's protocol instead of this paper's (methods.py's
+# Protocol; docs/later_methods.md): the later methods with --protocol=own in fp32 (their schedule's
+# peak, input normalisation, ELLE's last clean forward), the paper's methods as above, --half_prec
+# included (their runs are the same runs, so they are skipped once done), e.g.
+#   PROTOCOL=own METHODS="nfgsm zerograd elle elle_a" DRY_RUN=1 sh/exps_diff_eps_cifar10.sh
 # The other variables are in sh/commands.sh.
 # Commands run from the repository root (relative paths in the flags are relative to it). Relaunching
 # skips finished runs: train.py exits at once when the run's final.json exists.
@@ -23,6 +28,29 @@ EPS=${EPS:-$(seq -s " " 1 16)}
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"
 
 commands() { eps_grid cifar10; }
+
+# own_grid: eps_grid's commands, in its loop order, each method with the words of its own protocol
+# (methods.py grid --protocol own), which carry the precision that COMMON then leaves out.
+own_grid() {
+  local seed method eps rest grid
+  local -A method_flags=()
+  grid=$(python methods.py grid --dataset cifar10 --methods "$METHODS" --eps "$EPS" --protocol own) || exit 2
+  while read -r method eps rest; do
+    method_flags["$method $eps"]=$rest
+  done <<< "$grid"
+  for seed in $SEEDS; do
+    for method in $METHODS; do
+      for eps in $EPS; do
+        emit "--dataset=cifar10 ${method_flags["$method $eps"]} --eps=$eps $COMMON --seed=$seed"
+      done
+    done
+  done
+}
+case ${PROTOCOL:-paper} in
+  paper) ;;
+  own) COMMON=${COMMON/ --half_prec/}; commands() { own_grid; } ;;
+  *) echo "$0: unknown PROTOCOL '$PROTOCOL' (choose paper or own)" >&2; exit 2 ;;
+esac
 
 collect_extra "$@"
 check_methods
