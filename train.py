@@ -19,9 +19,11 @@ Reading order: data -> the training step (its perturbation and regulariser: meth
 -> evaluation -> the epoch loop -> run and main. Flags: config.py; the run directory: rundir.py;
 precision bookkeeping: precision.py; the attacks and the regularisers' maths: utils.py.
 
-Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
-training loss became NaN or inf (config.EXIT_MEANINGS). SIGTERM or SIGUSR2 (preemption, a near time
-limit) stops the run: it releases the run's lock and ends by that signal; relaunching resumes it.
+Exit codes: 0 done or already done, 1 a file could not be written (a full disk, a file-size limit;
+relaunching resumes), 2 bad input (nothing written), 3 the run is in progress elsewhere or this
+process lost its lock, 4 the training loss became NaN or inf (config.EXIT_MEANINGS), 130 Ctrl-C.
+SIGTERM or SIGUSR2 (preemption, a near time limit) stops the run: it releases the run's lock and ends
+by that signal; relaunching resumes it. docs/reliability.md lists the cases behind each.
 """
 from __future__ import annotations
 
