@@ -23,7 +23,7 @@ import methods
 ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none", "nfgsm")
 
 # Exit codes of train.py and eval.py (launch.py reports them in these words).
-EXIT_OK, EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 0, 2, 3, 4
+EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 0, 1, 2, 3, 4
 EXIT_MEANINGS = {1: "error (see the log)", EXIT_USAGE: "bad input", EXIT_LOCKED: "in progress elsewhere (locked)",
                  EXIT_NONFINITE: "the training loss became NaN or inf"}
 
@@ -254,9 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
 # ------------------------------------------------------------------------------------- the checks
 def check_flags(cfg: Config) -> str | None:
     """The first problem with the flags, as a one-line message naming the fix, or None."""
+    import math
+
     import autoattack_eval
     import data
+    for name, value in dataclasses.asdict(cfg).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"--{name} must be a finite number (got {value})"
     checks = [
+        (0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (got {cfg.seed}): numpy's seeds are 32-bit"),
         (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
         (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
         (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),

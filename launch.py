@@ -435,15 +435,20 @@ STATES = ("finished", "in progress", "interrupted", "failed", "damaged", "not st
 def run_state(task: Task) -> tuple[str, str]:
     """(one of STATES, a detail) for a command, from its run directory and its log; reads only.
 
-    finished: a whole final.json. in progress: a live lock (refreshed within the lease). damaged: a
-    torn or foreign final.json, or a .lock that is a folder (the detail says the fix). failed: the
+    finished: a whole final.json of this run. in progress: a live lock (refreshed within the lease).
+    damaged: a torn or foreign final.json (not train.py's, or another run's name), or a .lock that is
+    a folder (the detail says the fix). failed: the
     last attempt in the log exited with a code > 0. interrupted: started (config.json or resume.pt)
     and none of these; relaunching resumes it. not started: nothing of it on disk.
     """
     run_dir = task.run_dir
     final, damage = rundir.read_final(run_dir) if run_dir else (None, None)
     if final is not None:
-        return "finished", ""
+        foreign = rundir.identity_problem(os.path.join(run_dir, "final.json"), final,
+                                          {"run_name": os.path.basename(run_dir)})
+        if not foreign:
+            return "finished", ""
+        final, damage = None, foreign
     owner = rundir.live_lock_owner(run_dir) if run_dir else None
     if owner is not None:
         return "in progress", owner.describe()

@@ -88,16 +88,21 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[int]]:
     return kept, sorted(damaged)
 
 
-def expected_run_name(settings: dict) -> str:
-    """The run name train.py gives these settings (config.json's), by rundir.run_name."""
+def settings_namespace(settings: dict) -> tuple[types.SimpleNamespace, dict]:
+    """config.json's settings as train.py's flags (unrecorded ones at their default), and those defaults."""
     import config as train_flags  # imports torch: only once some run is checked
     defaults = train_flags.resolved_defaults(settings)
-    return rundir.run_name(types.SimpleNamespace(**{**defaults, **settings}), defaults)
+    return types.SimpleNamespace(**{**defaults, **settings}), defaults
+
+
+def expected_run_name(settings: dict) -> str:
+    """The run name train.py gives these settings (config.json's), by rundir.run_name."""
+    return rundir.run_name(*settings_namespace(settings))
 
 
 def settings_mismatch(folder: str, settings: dict, final: dict) -> str:
-    """How a finished run's config.json disagrees with its final.json's eps or with its folder's name
-    (derived from the settings), with the fix; '' when they agree."""
+    """How a finished run's config.json disagrees with its final.json (eps, run_name, settings_hash)
+    or with its folder's name (derived from the settings), with the fix; '' when they agree."""
     problems = []
     eps = settings.get("eps")
     if not isinstance(eps, (int, float)) or float(eps) != float(final["eps"]):
@@ -106,11 +111,17 @@ def settings_mismatch(folder: str, settings: dict, final: dict) -> str:
     name = os.path.basename(os.path.normpath(folder))
     try:
         expected = expected_run_name(settings)
+        digest = rundir.settings_hash(settings_namespace(settings)[0])
     except (TypeError, ValueError) as exc:
         problems.append(f"its settings name no run ({exc})")
     else:
         if expected != name:
             problems.append(f"its settings name the run {expected}")
+        # final.json (since it carries them) names the run and the settings it was trained with
+        if final.get("run_name", name) != name:
+            problems.append(f"final.json belongs to run {final['run_name']}")
+        elif final.get("settings_hash", digest) != digest:
+            problems.append("final.json's settings_hash is not that of config.json's settings")
     if not problems:
         return ""
     return ("; ".join(problems) + ": config.json was edited or the folder renamed; restore them (config.json's argv "

@@ -9,6 +9,8 @@ torch is imported only by the functions that need it, so report.py and launch.py
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
@@ -42,18 +44,129 @@ NAME_FIELDS = {name: meta["short"] for name, meta in config.FIELDS.items() if me
 NOT_NAMED = {name: meta["unnamed"] for name, meta in config.FIELDS.items() if meta["unnamed"] is not None}
 
 
+def name_number(value: float) -> str:
+    """A number as run names write it: the short form (%g) when it reads back as the same number, else
+    every digit (repr), so two different values never share a name (0.01234561 and 0.01234564)."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
+
+
 def run_name(cfg, defaults: dict) -> str:
     """dataset_model_attack_init_eps_lambda[_non-default settings]_seed: no spaces, no timestamps.
     cfg: any object with train.py's settings as attributes; defaults: the parser's default of each."""
-    parts = [cfg.dataset, cfg.model, cfg.attack, cfg.attack_init, f"eps{cfg.eps:g}",
-             f"lam{cfg.grad_align_cos_lambda:g}"]
+    parts = [cfg.dataset, cfg.model, cfg.attack, cfg.attack_init, f"eps{name_number(cfg.eps)}",
+             f"lam{name_number(cfg.grad_align_cos_lambda)}"]
     for field, short in NAME_FIELDS.items():
         value = getattr(cfg, field)
         if value != defaults[field]:
-            parts.append(short if value is True else f"{short}{value:g}" if isinstance(value, (int, float))
+            parts.append(short if value is True else f"{short}{name_number(value)}" if isinstance(value, (int, float))
                          else f"{short}{value}")
     parts.append(f"seed{cfg.seed}")
     return "_".join(parts)
+
+
+def settings_hash(cfg) -> str:
+    """sha256 of the settings a run name encodes (the fixed parts, and the named settings that differ
+    from their --attack's default), numbers exact: stored in resume.pt and final.json, so state is
+    never used by another run's settings. cfg: any object with train.py's settings as attributes."""
+    defaults = config.defaults(str(cfg.attack))
+    named = [n for n, meta in config.FIELDS.items() if meta["unnamed"] == config.LEAD]
+    named += [n for n in NAME_FIELDS if getattr(cfg, n) != defaults[n]]
+
+    def exact(value) -> str:
+        return repr(float(value)) if _is_number(value) else repr(value)
+    text = "\n".join(f"{n}={exact(getattr(cfg, n))}" for n in named)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def identity(cfg, name: str) -> dict:
+    """What resume.pt and final.json carry to tie them to their run: its name and settings_hash."""
+    return {"run_name": name, "settings_hash": settings_hash(cfg)}
+
+
+def identity_problem(path: str, saved: dict, expected: dict) -> str | None:
+    """How a resume.pt or final.json (saved) belongs to another run than `expected` (identity()'s), as
+    one line with the fix; None when it is this run's or predates these keys."""
+    name = saved.get("run_name")
+    if name is not None and name != expected["run_name"]:
+        return f"{path} belongs to run {name}; remove it or relaunch with --overwrite"
+    digest = saved.get("settings_hash")
+    if digest is not None and expected.get("settings_hash") is not None and digest != expected["settings_hash"]:
+        return (f"{path} belongs to other settings of run {name} (settings_hash differs); remove it or "
+                "relaunch with --overwrite")
+    return None
+
+
+# ------------------------------------------------------------------------------------------ errors
+class RunDirError(Exception):
+    """The run directory cannot be used as it is (not writable, a damaged or foreign resume.pt, a .lock
+    that is a folder): one line naming the path and the fix; train.py exits with code 2, nothing written."""
+
+
+class LockLost(Exception):
+    """This process no longer holds its run's lock (deleted, or taken over after a stall): it stops
+    before writing anything more; train.py exits with code 3."""
+
+
+# Every write of this module to a run directory first confirms that this process still holds the
+# directory's lock when it took one (exclusive_run registers it here): two processes never write one
+# run. A write outside exclusive_run (tests, tools that hold no lock) is not checked.
+_HELD: dict[str, RunLock] = {}
+
+
+def _confirm_owner(path: str) -> None:
+    lock = _HELD.get(os.path.dirname(os.path.abspath(path)))
+    if lock is not None:
+        lock.confirm()
+
+
+def owner_and_mode(path: str) -> str:
+    """'owner NAME, mode 755' of path (what a permission error should show), or '' if it cannot be read."""
+    import pwd
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    return f"owner {owner}, mode {st.st_mode & 0o777:o}"
+
+
+def access_fix(path: str, verb: str = "write") -> str:
+    """The line for a file or folder of a run this user cannot read or write."""
+    return (f"cannot {verb} {path} ({owner_and_mode(path) or 'permission denied'}); run as its owner or chmod "
+            f"g+{verb[0]}, or pick another --out_dir")
+
+
+def access_problem(run_dir: str) -> str | None:
+    """Whether this user can resume or write run_dir (the folder, the files a run appends to or
+    replaces, and resume.pt readable), before any write; a one-line fix or None."""
+    checks = [(run_dir, os.W_OK | os.X_OK, "write")]
+    for name in ("config.json", *OUTPUT_FILES):
+        path = os.path.join(run_dir, name)
+        if os.path.lexists(path):
+            checks.append((path, os.W_OK, "write"))
+    resume = os.path.join(run_dir, RESUME_FILE)
+    if os.path.lexists(resume):
+        checks.append((resume, os.R_OK, "read"))
+    for path, mode, verb in checks:
+        if not os.access(path, mode):
+            return access_fix(path, verb)
+    return None
+
+
+def io_problem(exc: OSError, where: str) -> str:
+    """One line for an I/O error while a run writes (full disk, file-size limit, permissions): the
+    path and the fix; where: the run directory (when the error names no file)."""
+    path = exc.filename or where
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return access_fix(path) + "; then relaunch to resume"
+    why = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return f"cannot write {path} ({why}); free space or raise the limit, then relaunch to resume"
+    return f"cannot write {path} ({why}); fix the file system, then relaunch to resume"
 
 
 # ----------------------------------------------------------------------------------- atomic writes
@@ -62,6 +175,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
     The temporary file is created with mode 0o666 and the process umask applied by the kernel, so the
     result has the mode a plain open(path, "w") would give (group-readable under umask 022)."""
+    _confirm_owner(path)
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".tmp-{os.getpid()}-{secrets.token_hex(6)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -179,6 +293,7 @@ def read_jsonl_records(path: str) -> tuple[list[dict], list[int]]:
 
 def append_jsonl(path: str, obj: dict) -> None:
     """Appends one whole line in a single write call."""
+    _confirm_owner(path)
     with open(path, "a") as f:
         f.write(json.dumps(obj, sort_keys=True) + "\n")
         f.flush()
@@ -188,9 +303,9 @@ def truncate_jsonl(path: str, n_lines: int) -> None:
     """Keeps the first n_lines whole lines (drops lines written after a checkpoint and torn ones)."""
     if not os.path.exists(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.endswith("\n")][:n_lines]
-    atomic_write_bytes(path, "".join(lines).encode())
+    with open(path, "rb") as f:
+        lines = [line for line in f if line.endswith(b"\n")][:n_lines]
+    atomic_write_bytes(path, b"".join(lines))
 
 
 # ------------------------------------------------------------------------------------------ Ctrl-C
@@ -229,6 +344,7 @@ def read_config(run_dir: str) -> dict | None:
 
 def clear_outputs(run_dir: str) -> None:
     """--overwrite: removes the previous run's files (only once this process holds the lock)."""
+    _confirm_owner(os.path.join(run_dir, "config.json"))
     for name in OUTPUT_FILES:
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
@@ -244,6 +360,7 @@ class RunLog:
     def __call__(self, message: str) -> None:
         tqdm.write(message)
         if self.path:
+            _confirm_owner(self.path)
             with open(self.path, "a") as f:
                 f.write(message + "\n")
 
@@ -331,8 +448,9 @@ class RunLock:
     """An exclusive, cross-host lock on a run directory: the file run_dir/.lock, one line of JSON
     naming its holder (host, pid, since when), kept fresh by a daemon thread (see LEASE_SECONDS).
 
-    on_lost: called from that thread if the lock was taken over (this process had stalled for longer
-    than the lease); the caller should stop writing to the run directory.
+    on_lost: called from that thread if the lock was deleted or taken over (this process had stalled
+    for longer than the lease), unless confirm() noticed it first; the caller should stop writing to
+    the run directory. confirm() raises LockLost then: the run directory's writes call it first.
     """
 
     def __init__(self, run_dir: str, on_lost: Callable[[], None] | None = None):
@@ -341,6 +459,8 @@ class RunLock:
         self.held = False
         self.inode: int | None = None
         self.text = ""
+        self.lost = False
+        self._lost_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -356,9 +476,14 @@ class RunLock:
         since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         mine = f"{self.path}.{host}.{pid}"
         self.text = json.dumps({"host": host, "pid": pid, "since": since, "pid_ns": _pid_namespace()}) + "\n"
-        with open(mine, "w") as f:
-            f.write(self.text)
+        if os.path.isdir(self.path):
+            raise RunDirError(f"{self.path} is a folder, not a lock file; remove it (rmdir {self.path}) and relaunch")
         try:
+            try:
+                with open(mine, "w") as f:
+                    f.write(self.text)
+            except PermissionError:
+                raise RunDirError(access_fix(os.path.dirname(self.path))) from None
             for _ in range(3):
                 try:
                     os.link(mine, self.path)
@@ -378,7 +503,8 @@ class RunLock:
                 return
             raise RunLocked("other processes were taking the lock at the same moment")
         finally:
-            os.remove(mine)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(mine)  # also when writing it failed (a full disk): no empty lock file is left
 
     def _set_aside(self, stale_inode: int, aside: str) -> None:
         try:
@@ -407,12 +533,34 @@ class RunLock:
             except FileNotFoundError:
                 if self._stop.is_set():
                     return
-                self.held = False
-                if self.on_lost is not None:
+                if self._mark_lost() and self.on_lost is not None:
                     self.on_lost()
                 return
             except OSError:
                 continue  # a passing file-system error: the next beat tries again
+
+    def _mark_lost(self) -> bool:
+        """Records that the lock is no longer this process's; True for the first caller only."""
+        with self._lost_lock:
+            first = not self.lost
+            self.lost, self.held = True, False
+            return first
+
+    def lost_message(self) -> str:
+        return (f"the lock {self.path} is no longer this process's (deleted or taken over); stopping without "
+                "writing; relaunch to resume")
+
+    def confirm(self) -> None:
+        """Raises LockLost unless the lock file is still the one this process linked (one open and read
+        of the lock file: cheap enough before every write)."""
+        if not self.lost:
+            try:
+                if self.held and self._is_mine():
+                    return
+            except OSError:
+                pass
+            self._mark_lost()
+        raise LockLost(self.lost_message())
 
     def release(self) -> None:
         """Stops the refreshing and removes the lock if it is still this process's."""
@@ -483,27 +631,61 @@ def set_rng_state(state: dict, data_generator: torch.Generator) -> None:
     data_generator.set_state(state["data"])
 
 
+def count_jsonl_lines(path: str) -> int:
+    """How many whole lines (ending with a newline) a JSON-lines file has, parsed or not: the count
+    truncate_jsonl keeps; 0 if there is no file."""
+    if not os.path.exists(path):
+        return 0
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.endswith(b"\n"))
+
+
 def save_resume_state(run_dir: str, state: dict, data_generator: torch.Generator) -> None:
-    """resume.pt: the loop's state plus every RNG and how many lines metrics.jsonl has so far."""
-    metrics_lines = len(read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
+    """resume.pt: the loop's state (with identity()'s run_name and settings_hash: the run it belongs
+    to) plus every RNG and how many lines metrics.jsonl has so far."""
+    metrics_lines = count_jsonl_lines(os.path.join(run_dir, "metrics.jsonl"))
     atomic_torch_save({**state, "metrics_lines": metrics_lines, "rng": rng_state(data_generator)},
                       os.path.join(run_dir, RESUME_FILE))
 
 
-def load_resume_state(run_dir: str, data_generator: torch.Generator) -> dict | None:
+# Keys every resume.pt has (besides the loop's own fields).
+RESUME_KEYS = ("rng", "metrics_lines", "next_epoch", "iteration")
+
+
+def load_resume_state(run_dir: str, data_generator: torch.Generator, run: dict | None = None) -> dict | None:
     """The state saved at the last completed epoch (None if there is none). Restores the RNGs and
-    rewinds metrics.jsonl to the lines it had then."""
+    rewinds metrics.jsonl to the lines it had then. Raises RunDirError, before changing anything, if
+    resume.pt is damaged or belongs to another run than `run` (identity()'s; a resume.pt written
+    without these keys is taken as this run's)."""
+    import pickle
+
     import torch
     path = os.path.join(run_dir, RESUME_FILE)
     if not os.path.exists(path):
         return None
-    saved = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+    except PermissionError:
+        raise RunDirError(access_fix(path, "read")) from None
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError, AttributeError, ImportError) as exc:
+        why = "empty" if os.path.getsize(path) == 0 else f"{type(exc).__name__}: truncated?"
+        raise RunDirError(f"{path} is damaged ({why}); relaunch with --overwrite to start over") from None
+    missing = [k for k in RESUME_KEYS if k not in saved] if isinstance(saved, dict) else ["a dict"]
+    if missing:
+        raise RunDirError(f"{path} is damaged (no {', '.join(missing)}: not train.py's resume state); relaunch "
+                          "with --overwrite to start over")
+    problem = identity_problem(path, saved, run) if run else None
+    if problem:
+        raise RunDirError(problem)
+    for key in ("run_name", "settings_hash"):
+        saved.pop(key, None)
     set_rng_state(saved.pop("rng"), data_generator)
     truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), saved.pop("metrics_lines"))
     return saved
 
 
 def remove_resume_state(run_dir: str) -> None:
+    _confirm_owner(os.path.join(run_dir, RESUME_FILE))
     os.remove(os.path.join(run_dir, RESUME_FILE))
 
 
@@ -513,28 +695,37 @@ def exclusive_run(run_dir: str, prog: str):
     """Holds run_dir's lock for the block (RunLocked if another live process holds it).
 
     A stop signal (STOP_SIGNALS) inside the block releases the lock at once (a requeued job, on any
-    node, can take the run over), says how to resume, and ends this process by that signal (its exit
-    status: killed by it). A lock taken over by another process (this one stalled longer than the
-    lease) stops the run the same way, through SIGTERM.
+    node, can take the run over), says what is on disk, and ends this process by that signal (its exit
+    status: killed by it). While the lock is held, every write of this module to run_dir confirms it
+    first; a lock deleted or taken over (this process stalled longer than the lease) raises LockLost,
+    at the next write or, from the refreshing thread, through SIGTERM.
     """
-    lock = RunLock(run_dir, on_lost=lambda: _lock_lost(run_dir, prog))
+    lock = RunLock(run_dir, on_lost=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    key = os.path.abspath(run_dir)
     with stop_on_signals():
         try:
             lock.acquire()
+            _HELD[key] = lock
             yield lock
         except Stopped as exc:
+            _HELD.pop(key, None)
+            if lock.lost:  # the refreshing thread found the lock gone
+                raise LockLost(lock.lost_message()) from None
             lock.release()
-            print(f"{prog}: stopped by {signal.Signals(exc.signum).name}; {run_dir}/{RESUME_FILE} holds the "
-                  "last finished epoch: relaunch the same command to resume", file=sys.stderr)
+            print(f"{prog}: stopped by {signal.Signals(exc.signum).name}; {resume_hint(run_dir)}", file=sys.stderr)
             signal.signal(exc.signum, signal.SIG_DFL)
             os.kill(os.getpid(), exc.signum)  # end as the signal would have ended us
             raise
         finally:
+            _HELD.pop(key, None)
             lock.release()
 
 
-def _lock_lost(run_dir: str, prog: str) -> None:
-    """Called by the lock's refreshing thread when another process took the run over."""
-    print(f"{prog}: the lock of {run_dir} was taken over by another process (this one stalled longer than "
-          "the lease); stopping", file=sys.stderr)
-    os.kill(os.getpid(), signal.SIGTERM)
+def resume_hint(run_dir: str) -> str:
+    """What an interrupted run left on disk, and how to go on (for the line that says it stopped)."""
+    if os.path.exists(os.path.join(run_dir, "final.json")):
+        return (f"{run_dir}/final.json keeps the finished run's results (an AutoAttack addition in progress is "
+                "lost): relaunch the same command to add it")
+    if os.path.exists(os.path.join(run_dir, RESUME_FILE)):
+        return f"{run_dir}/{RESUME_FILE} holds the last finished epoch: relaunch the same command to resume"
+    return f"no epoch of {run_dir} had finished: relaunching the same command starts it over"

@@ -19,9 +19,11 @@ Reading order: data -> the training step (its perturbation and regulariser: meth
 -> evaluation -> the epoch loop -> run and main. Flags: config.py; the run directory: rundir.py;
 precision bookkeeping: precision.py; the attacks and the regularisers' maths: utils.py.
 
-Exit codes: 0 done or already done, 2 bad input, 3 the run is in progress elsewhere, 4 the
-training loss became NaN or inf (config.EXIT_MEANINGS). SIGTERM or SIGUSR2 (preemption, a near time
-limit) stops the run: it releases the run's lock and ends by that signal; relaunching resumes it.
+Exit codes: 0 done or already done, 1 a file could not be written (a full disk, a file-size limit;
+relaunching resumes), 2 bad input (nothing written), 3 the run is in progress elsewhere or this
+process lost its lock, 4 the training loss became NaN or inf (config.EXIT_MEANINGS), 130 Ctrl-C.
+SIGTERM or SIGUSR2 (preemption, a near time limit) stops the run: it releases the run's lock and ends
+by that signal; relaunching resumes it. docs/reliability.md lists the cases behind each.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ import dataclasses
 import json
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,7 +51,7 @@ import models
 import precision
 import rundir
 import utils
-from config import EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
+from config import EXIT_IO, EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
 from precision import NonFiniteLoss, forward_model
 from rundir import RESUME_FILE, run_name
 
@@ -350,7 +353,9 @@ def train(loop: Loop) -> None:
             loop.guard.check(loop.model, loop.iteration)
             loop.stop_clock()
             loop.next_epoch = epoch + 1
-            rundir.save_resume_state(loop.run_dir, loop.resume_state(), loaders.train.generator)
+            rundir.save_resume_state(loop.run_dir, {**loop.resume_state(),
+                                                    **rundir.identity(cfg, os.path.basename(loop.run_dir))},
+                                     loaders.train.generator)
             loop.start_clock()
 
 
@@ -359,6 +364,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
+    """config.json: the settings, the run name and what this machine resolved (device, dtype, layouts,
+    the final attack). Written at the first start, and again on resume if it went missing."""
+    n_iters, n_restarts = cfg.final_attack
+    rundir.write_config(os.path.join(cfg.out_dir, name), {
+        **record(cfg), "run_name": name, "device_used": str(device),
+        "half_prec_dtype_used": str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
+        "layouts": utils.layout_names(utils.pass_layouts(cfg.channels_last, device.type, cfg.model)),
+        "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
+                      "restart_rule": "robust only if no restart fools it"}})
 
 
 def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
@@ -378,20 +395,20 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
                 opt=make_optimizer(cfg, model), scaler=scaler, guard=precision.FiniteGuard(scaler.is_enabled(), device),
                 step=step, loaders=loaders, log=rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt")),
                 best_state=copy.deepcopy(model.state_dict()))
-    saved = rundir.load_resume_state(run_dir, loaders.train.generator)
+    saved = rundir.load_resume_state(run_dir, loaders.train.generator, rundir.identity(cfg, name))
     if saved is None:
-        n_iters, n_restarts = cfg.final_attack
-        rundir.write_config(run_dir, {
-            **record(cfg), "run_name": name, "device_used": str(device),
-            "half_prec_dtype_used": str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
-            "layouts": utils.layout_names(layouts),
-            "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
-                          "restart_rule": "robust only if no restart fools it"}})
+        write_run_config(cfg, name, device)
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
         loop.log(f"run {name} on {device}")
     else:
+        if rundir.read_config(run_dir) is None:
+            write_run_config(cfg, name, device)
         loop.restore(saved)
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
+        _, damaged = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))
+        if damaged:
+            loop.log(f"warning: {run_dir}/metrics.jsonl has {len(damaged)} damaged line(s) (line "
+                     f"{', '.join(map(str, damaged))}); kept as they are: report.py --curves and analysis.py skip them")
     try:
         train(loop)
     except NonFiniteLoss as exc:
@@ -406,7 +423,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
                   "eval_layout": utils.layout_names(layouts)["eval"],
-                  "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc})
+                  "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc,
+                  **rundir.identity(cfg, name)})
     if cfg.final_autoattack:
         final["autoattack"] = evaluation.autoattack_eval.describe("autoattack")
     rundir.atomic_write_json(os.path.join(run_dir, "final.json"), final)
@@ -425,12 +443,34 @@ def main(argv: list[str] | None = None) -> int:
     cfg, defaults = parse_config(argv)
     name = run_name(cfg, defaults)
     run_dir = os.path.join(cfg.out_dir, name)
+    # an oversize write (ulimit -f) then fails with EFBIG and is reported, instead of killing the process
+    previous_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    try:
+        return _main(cfg, name, run_dir)
+    finally:
+        signal.signal(signal.SIGXFSZ, previous_xfsz)
+
+
+def _main(cfg: Config, name: str, run_dir: str) -> int:
     final_path = os.path.join(run_dir, "final.json")
 
-    def finished() -> bool:  # and nothing to add: AutoAttack is added by eval.py's add_autoattack
-        return (os.path.exists(final_path) and not cfg.overwrite
-                and not (cfg.final_autoattack and evaluation.lacks_autoattack(final_path)))
-    if finished():  # before loading any data: relaunched sweeps are cheap
+    def done() -> tuple[bool, str | None]:
+        """(whether the run is finished with nothing to add, what makes its final.json unusable)."""
+        if cfg.overwrite:
+            return False, None
+        final, damage = rundir.read_final(run_dir)
+        if final is None:
+            return False, damage
+        foreign = rundir.identity_problem(final_path, final, rundir.identity(cfg, name))
+        if foreign:
+            return False, foreign
+        # AutoAttack is added by eval.py's add_autoattack
+        return not (cfg.final_autoattack and evaluation.lacks_autoattack(final_path)), None
+    finished, damage = done()
+    if damage:
+        print(f"train.py: error: {damage}", file=sys.stderr)
+        return EXIT_USAGE
+    if finished:  # before loading any data: relaunched sweeps are cheap
         print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
         return EXIT_OK
     try:
@@ -441,14 +481,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, data.DataMissingError) as exc:  # data.DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        return rundir.interrupted("train.py", "nothing was written")
     try:
         os.makedirs(run_dir, exist_ok=True)
     except OSError as exc:
         print(f"train.py: error: cannot create {run_dir} ({exc.strerror}); pick another --out_dir", file=sys.stderr)
         return EXIT_USAGE
+    problem = rundir.access_problem(run_dir)
+    if problem:
+        print(f"train.py: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with rundir.exclusive_run(run_dir, "train.py"):
-            if finished():  # finished while we waited for the lock
+            finished, damage = done()
+            if damage:  # damaged while we waited for the lock
+                print(f"train.py: error: {damage}", file=sys.stderr)
+                return EXIT_USAGE
+            if finished:  # finished while we waited for the lock
                 print(f"{run_dir} is finished: nothing to do")
                 return EXIT_OK
             if os.path.exists(final_path) and not cfg.overwrite:
@@ -457,6 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     except rundir.RunLocked as exc:
         print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
         return EXIT_LOCKED
+    except rundir.RunDirError as exc:
+        print(f"train.py: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except rundir.LockLost as exc:
+        print(f"train.py: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    except OSError as exc:  # a full disk, a file-size limit, a permission changed mid-run
+        print(f"train.py: error: {rundir.io_problem(exc, run_dir)}", file=sys.stderr)
+        return EXIT_IO
+    except KeyboardInterrupt:
+        return rundir.interrupted("train.py", rundir.resume_hint(run_dir))
 
 
 if __name__ == "__main__":

@@ -690,7 +690,10 @@ def cuda_problem() -> str | None:
 
 def resolve_device(spec: str, gpu: int | None = None) -> torch.device:
     """'auto' -> cuda if available else cpu; --gpu N picks cuda:N. Raises ValueError (one line naming
-    the cause, utils.cuda_problem) when CUDA is asked for and cannot be used: no silent CPU fallback."""
+    the cause, utils.cuda_problem) for any other device (mps, meta, ...: the code runs on CPUs and CUDA
+    GPUs only) and when CUDA is asked for and cannot be used: no silent CPU fallback."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", spec):
+        raise ValueError(f"--device {spec} is not supported: use auto, cpu, cuda or cuda:N")
     if spec == "auto":
         spec = f"cuda:{gpu or 0}" if torch.cuda.is_available() else "cpu"
     elif spec == "cuda" and gpu:
