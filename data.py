@@ -327,3 +327,45 @@ def batch_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Te
 def batch_flip_lr(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Flips left-right the images of x (B, C, H, W) where the bool mask flips (B,) is True."""
     return torch.where(flips[:, None, None, None], x.flip(3), x)
+
+
+# ------------------------------------------------------------------------------ one run's loaders
+@dataclass
+class RunData:
+    """The loaders of one run (images in [0, 1] on the device)."""
+    info: DatasetInfo
+    train: Batches        # shuffled, augmented, drop_last
+    train_subset: Batches  # first n_eval_every_k_iter, whole batch_size batches (early stopping)
+    test_subset: Batches  # first n_eval_every_k_iter test points (periodic evaluation)
+    test_final: Batches   # first n_final_eval test points (final evaluation)
+    n_final: int               # how many points that is
+
+
+def load_run_data(cfg, device: torch.device) -> RunData:
+    """The loaders of train.py's run with settings cfg (a config.Config): loads both splits
+    (DataMissingError if absent) and checks the sizes the flags ask for."""
+    info = DATASETS[cfg.dataset]
+    check_model_input(cfg.model, info.shape)
+    train_split = load_split(cfg.dataset, cfg.data_dir, train=True, download=cfg.download)
+    test_split = load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
+    if cfg.n_final_eval > len(test_split):
+        raise ValueError(f"--n_final_eval {cfg.n_final_eval} exceeds the {len(test_split)} test points of "
+                         f"{cfg.dataset}; use -1 for all")
+    if len(train_split) < cfg.batch_size:
+        raise ValueError(f"--batch_size {cfg.batch_size} exceeds the {len(train_split)} training points")
+    on_device = cfg.data_on_device if cfg.data_on_device is not None else device.type == "cuda"
+    gen_device = device if on_device else torch.device("cpu")
+    generator = torch.Generator(device=gen_device).manual_seed(cfg.seed)
+
+    def batches(split, batch_size, **kw):
+        return Batches(split, batch_size, device=device, store_on_device=on_device, **kw)
+    n_final = None if cfg.n_final_eval < 0 else cfg.n_final_eval
+    return RunData(
+        info=info,
+        train=batches(train_split, cfg.batch_size, shuffle=True, drop_last=True, crop_padding=info.crop_padding,
+                      hflip=info.hflip, generator=generator),
+        train_subset=batches(train_split, cfg.batch_size, shuffle=False, drop_last=True, n=cfg.n_eval_every_k_iter),
+        test_subset=batches(test_split, cfg.batch_size_eval, shuffle=False, drop_last=False,
+                            n=cfg.n_eval_every_k_iter),
+        test_final=batches(test_split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n_final),
+        n_final=len(test_split) if n_final is None else n_final)

@@ -140,6 +140,18 @@ def access_fix(path: str, verb: str = "write") -> str:
             f"g+{verb[0]}, or pick another --out_dir")
 
 
+def make_run_dir(run_dir: str) -> None:
+    """Creates the run directory if needed; RunDirError (one line with the fix) if it cannot be created
+    or this process cannot write it."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as exc:
+        raise RunDirError(f"cannot create {run_dir} ({exc.strerror}); pick another --out_dir") from exc
+    problem = access_problem(run_dir)
+    if problem:
+        raise RunDirError(problem)
+
+
 def access_problem(run_dir: str) -> str | None:
     """Whether this user can resume or write run_dir (the folder, the files a run appends to or
     replaces, and resume.pt readable), before any write; a one-line fix or None."""
@@ -235,6 +247,17 @@ def final_problem(final) -> str | None:
     return None
 
 
+def finished_run(run_dir: str, expected: dict) -> tuple[dict | None, str | None]:
+    """(final.json, None) when the run is finished and final.json is this run's (identity() expected);
+    (None, the problem with the fix) when final.json is damaged or another run's; (None, None) when
+    the run has not finished."""
+    final, damage = read_final(run_dir)
+    if final is None:
+        return None, damage
+    foreign = identity_problem(os.path.join(run_dir, "final.json"), final, expected)
+    return (None, foreign) if foreign else (final, None)
+
+
 def read_final(run_dir: str) -> tuple[dict | None, str | None]:
     """A run's final.json: (its content, None) when the run finished; (None, None) when there is no
     final.json; (None, one line naming the damage and the fix) when it is torn or not train.py's."""
@@ -319,7 +342,44 @@ def interrupted(prog: str, detail: str) -> int:
     return EXIT_INTERRUPTED
 
 
+def stopped_with(exc: BaseException, prog: str, run_dir: str) -> int:
+    """The one line and the exit code of a run stopped by exc: another process holds the run (3), the
+    run directory cannot be used as it is (2), this process lost its lock (3), a write failed (a full
+    disk, a file-size limit, a permission changed mid-run: 1), or Ctrl-C (130)."""
+    if isinstance(exc, KeyboardInterrupt):
+        return interrupted(prog, resume_hint(run_dir))
+    if isinstance(exc, RunLocked):
+        line, code = f"{run_dir} is in progress ({exc}); not starting it twice", config.EXIT_LOCKED
+    elif isinstance(exc, LockLost):
+        line, code = str(exc), config.EXIT_LOCKED
+    elif isinstance(exc, RunDirError):
+        line, code = f"error: {exc}", config.EXIT_USAGE
+    else:
+        line, code = f"error: {io_problem(exc, run_dir)}", config.EXIT_IO
+    print(f"{prog}: {line}", file=sys.stderr)
+    return code
+
+
 # ------------------------------------------------------------------------------- config.json, log
+def damaged_metrics_warning(run_dir: str) -> list[str]:
+    """A warning naming the damaged middle lines of a resumed run's metrics.jsonl (kept as they are), if any."""
+    _, damaged = read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))
+    if not damaged:
+        return []
+    lines = ", ".join(map(str, damaged))
+    return [(f"warning: {run_dir}/metrics.jsonl has {len(damaged)} damaged line(s) (line {lines}); kept as they "
+            "are: report.py --curves and analysis.py skip them")]
+
+
+def format_record(r: dict) -> str:
+    """A metrics.jsonl record as the log line train.py prints."""
+    return (f"{r['epoch']}-{r['iteration']}: [train] loss {r['train_loss']:.3f}, reg {r['train_reg']:.3f}, "
+            f"acc {r['train_acc']:.2%}, acc_pgd {r['train_pgd_acc']:.2%}  [test] acc_clean "
+            f"{r['test_clean_acc']:.2%}, acc_fgsm {r['test_fgsm_acc']:.2%}, acc_pgd {r['test_pgd_acc']:.2%}, "
+            f"cos_x_eta {r['cos_x_eta']:.3f}, cos_fgsm_pgd {r['cos_fgsm_pgd']:.3f} "
+            f"({r['train_minutes']:.2f}m, {r['elapsed_s'] / 60:.2f}m)")
+
+
 def git_commit() -> str | None:
     here = os.path.dirname(os.path.abspath(__file__))
     try:

@@ -51,50 +51,9 @@ import models
 import precision
 import rundir
 import utils
-from config import EXIT_IO, EXIT_LOCKED, EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
+from config import EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
 from precision import NonFiniteLoss, forward_model
 from rundir import RESUME_FILE, run_name
-
-
-# ============================================================================================== data
-@dataclass
-class Data:
-    """The loaders of one run (images in [0, 1] on the device)."""
-    info: data.DatasetInfo
-    train: data.Batches        # shuffled, augmented, drop_last
-    train_subset: data.Batches  # first n_eval_every_k_iter, whole batch_size batches (early stopping)
-    test_subset: data.Batches  # first n_eval_every_k_iter test points (periodic evaluation)
-    test_final: data.Batches   # first n_final_eval test points (final evaluation)
-    n_final: int               # how many points that is
-
-
-def load_data(cfg: Config, device: torch.device) -> Data:
-    """Loads both splits (DataMissingError if absent) and checks the sizes the flags ask for."""
-    info = data.DATASETS[cfg.dataset]
-    data.check_model_input(cfg.model, info.shape)
-    train_split = data.load_split(cfg.dataset, cfg.data_dir, train=True, download=cfg.download)
-    test_split = data.load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
-    if cfg.n_final_eval > len(test_split):
-        raise ValueError(f"--n_final_eval {cfg.n_final_eval} exceeds the {len(test_split)} test points of "
-                         f"{cfg.dataset}; use -1 for all")
-    if len(train_split) < cfg.batch_size:
-        raise ValueError(f"--batch_size {cfg.batch_size} exceeds the {len(train_split)} training points")
-    on_device = cfg.data_on_device if cfg.data_on_device is not None else device.type == "cuda"
-    gen_device = device if on_device else torch.device("cpu")
-    generator = torch.Generator(device=gen_device).manual_seed(cfg.seed)
-
-    def batches(split, batch_size, **kw):
-        return data.Batches(split, batch_size, device=device, store_on_device=on_device, **kw)
-    n_final = None if cfg.n_final_eval < 0 else cfg.n_final_eval
-    return Data(
-        info=info,
-        train=batches(train_split, cfg.batch_size, shuffle=True, drop_last=True, crop_padding=info.crop_padding,
-                      hflip=info.hflip, generator=generator),
-        train_subset=batches(train_split, cfg.batch_size, shuffle=False, drop_last=True, n=cfg.n_eval_every_k_iter),
-        test_subset=batches(test_split, cfg.batch_size_eval, shuffle=False, drop_last=False,
-                            n=cfg.n_eval_every_k_iter),
-        test_final=batches(test_split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n_final),
-        n_final=len(test_split) if n_final is None else n_final)
 
 
 # ================================================================================ model, optimiser
@@ -216,7 +175,7 @@ def train_step(model: nn.Module, opt, scaler, x, y, cfg: Config, st: StepState, 
 
 
 # ===================================================================================== evaluation
-def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
+def periodic_evaluation(model, fwd_model, loaders: data.RunData, cfg: Config) -> dict:
     """Every eval_iter_freq iterations, in eval mode under the training precision (BatchNorm's
     running stats untouched): clean, FGSM and PGD-attack_iters accuracy on the test subset, PGD
     accuracy on the training subset (early stopping), cos_x_eta and cos_fgsm_pgd; CNN filter norms."""
@@ -230,14 +189,6 @@ def periodic_evaluation(model, fwd_model, loaders: Data, cfg: Config) -> dict:
     if isinstance(model, (models.CNN, models.CNNBN)):
         metrics["filter_norms"] = model.first_layer_filters().detach().flatten(1).norm(dim=1).tolist()
     return metrics
-
-
-def format_record(r: dict) -> str:
-    return (f"{r['epoch']}-{r['iteration']}: [train] loss {r['train_loss']:.3f}, reg {r['train_reg']:.3f}, "
-            f"acc {r['train_acc']:.2%}, acc_pgd {r['train_pgd_acc']:.2%}  [test] acc_clean "
-            f"{r['test_clean_acc']:.2%}, acc_fgsm {r['test_fgsm_acc']:.2%}, acc_pgd {r['test_pgd_acc']:.2%}, "
-            f"cos_x_eta {r['cos_x_eta']:.3f}, cos_fgsm_pgd {r['cos_fgsm_pgd']:.3f} "
-            f"({r['train_minutes']:.2f}m, {r['elapsed_s'] / 60:.2f}m)")
 
 
 # ===================================================================================== epoch loop
@@ -258,7 +209,7 @@ class Loop:
     guard: precision.FiniteGuard = field(metadata=FLAT)  # non-finite losses, float16's skipped steps
     fwd_model: nn.Module | None = None  # the model, under autocast with --half_prec
     step: StepState = field(default_factory=StepState, metadata=FLAT)  # the methods' states
-    loaders: Data | None = None
+    loaders: data.RunData | None = None
     log: rundir.RunLog | None = None
     best_state: dict | None = field(default=None, metadata=AS_VALUE)  # early stopping's 'best' weights
     best_acc: float = field(default=0.0, metadata=AS_VALUE)  # ... and their training-subset PGD accuracy
@@ -342,7 +293,7 @@ def train(loop: Loop) -> None:
                               "fp32_redone_passes": utils.take_fp32_redos(loop.fwd_model),
                               "train_minutes": loop.train_seconds / 60, "elapsed_s": time.time() - loop.start}
                     rundir.append_jsonl(metrics_path, record)
-                    loop.log(format_record(record))
+                    loop.log(rundir.format_record(record))
                     loop.keep_if_best(record["train_pgd_acc"])
                     stats = Stats(device)
                     loop.start_clock()
@@ -378,7 +329,7 @@ def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
                       "restart_rule": "robust only if no restart fools it"}})
 
 
-def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
+def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> int:
     """Trains, saves model.pth, evaluates and writes final.json; resumes where a run left off."""
     run_dir = os.path.join(cfg.out_dir, name)
     if cfg.overwrite:
@@ -405,10 +356,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: Data) -> int:
             write_run_config(cfg, name, device)
         loop.restore(saved)
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
-        _, damaged = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))
-        if damaged:
-            loop.log(f"warning: {run_dir}/metrics.jsonl has {len(damaged)} damaged line(s) (line "
-                     f"{', '.join(map(str, damaged))}); kept as they are: report.py --curves and analysis.py skip them")
+        for warning in rundir.damaged_metrics_warning(run_dir):
+            loop.log(warning)
     try:
         train(loop)
     except NonFiniteLoss as exc:
@@ -458,14 +407,9 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
         """(whether the run is finished with nothing to add, what makes its final.json unusable)."""
         if cfg.overwrite:
             return False, None
-        final, damage = rundir.read_final(run_dir)
-        if final is None:
-            return False, damage
-        foreign = rundir.identity_problem(final_path, final, rundir.identity(cfg, name))
-        if foreign:
-            return False, foreign
+        final, problem = rundir.finished_run(run_dir, rundir.identity(cfg, name))
         # AutoAttack is added by eval.py's add_autoattack
-        return not (cfg.final_autoattack and evaluation.lacks_autoattack(final_path)), None
+        return final is not None and not (cfg.final_autoattack and evaluation.lacks_autoattack(final_path)), problem
     finished, damage = done()
     if damage:
         print(f"train.py: error: {damage}", file=sys.stderr)
@@ -477,22 +421,14 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
         device = utils.resolve_device(cfg.device, cfg.gpu)
         if cfg.device == "auto":
             print(utils.device_choice("train.py", device, cfg.half_prec, precision.half_prec_dtype(cfg, device)))
-        loaders = None if os.path.exists(final_path) and not cfg.overwrite else load_data(cfg, device)
+        loaders = None if os.path.exists(final_path) and not cfg.overwrite else data.load_run_data(cfg, device)
     except (ValueError, data.DataMissingError) as exc:  # data.DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return rundir.interrupted("train.py", "nothing was written")
     try:
-        os.makedirs(run_dir, exist_ok=True)
-    except OSError as exc:
-        print(f"train.py: error: cannot create {run_dir} ({exc.strerror}); pick another --out_dir", file=sys.stderr)
-        return EXIT_USAGE
-    problem = rundir.access_problem(run_dir)
-    if problem:
-        print(f"train.py: error: {problem}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+        rundir.make_run_dir(run_dir)
         with rundir.exclusive_run(run_dir, "train.py"):
             finished, damage = done()
             if damage:  # damaged while we waited for the lock
@@ -503,21 +439,9 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
                 return EXIT_OK
             if os.path.exists(final_path) and not cfg.overwrite:
                 return evaluation.add_autoattack(cfg, run_dir, device, prog="train.py")
-            return run(cfg, name, device, loaders or load_data(cfg, device))
-    except rundir.RunLocked as exc:
-        print(f"train.py: {run_dir} is in progress ({exc}); not starting it twice", file=sys.stderr)
-        return EXIT_LOCKED
-    except rundir.RunDirError as exc:
-        print(f"train.py: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except rundir.LockLost as exc:
-        print(f"train.py: {exc}", file=sys.stderr)
-        return EXIT_LOCKED
-    except OSError as exc:  # a full disk, a file-size limit, a permission changed mid-run
-        print(f"train.py: error: {rundir.io_problem(exc, run_dir)}", file=sys.stderr)
-        return EXIT_IO
-    except KeyboardInterrupt:
-        return rundir.interrupted("train.py", rundir.resume_hint(run_dir))
+            return run(cfg, name, device, loaders or data.load_run_data(cfg, device))
+    except (rundir.RunLocked, rundir.RunDirError, rundir.LockLost, OSError, KeyboardInterrupt) as exc:
+        return rundir.stopped_with(exc, "train.py", run_dir)
 
 
 if __name__ == "__main__":
