@@ -17,7 +17,7 @@ import copy
 import os
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -407,6 +407,7 @@ class RobustEval:
     pgd_acc: float
     n_eval: int
     grad_passes: int  # forward+backward passes, counted per example
+    robust: torch.Tensor | None = field(default=None, repr=False)  # per example, in input order (bool, on the device)
 
 
 @torch.no_grad()
@@ -431,6 +432,7 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     """
     layout = input_layout(model)
     n_clean = n_robust = n_total = passes = 0
+    verdicts = []
     for x, y in batches:
         x = x.contiguous(memory_format=layout)
         robust = _predict(model, x) == y
@@ -457,9 +459,10 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
                 robust[idx[_predict(model, xa + delta) != ya]] = False
         n_robust += int(robust.sum())
         n_total += len(y)
+        verdicts.append(robust)
         if progress is not None:
             progress(len(y))
-    return RobustEval(n_clean / n_total, n_robust / n_total, n_total, passes)
+    return RobustEval(n_clean / n_total, n_robust / n_total, n_total, passes, torch.cat(verdicts))
 
 
 def seeded_robust_accuracy(model: nn.Module, batches, eps: float, n_iters: int, n_restarts: int, seed: int,
