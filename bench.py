@@ -26,6 +26,8 @@ Layouts (--parts layouts): each pass (evaluation attack at candidate batch sizes
 step) in contiguous and channels_last layout, interleaved; the choice per pass, beside utils.LAYOUTS.
 Reference (--parts reference): PGD-50-10 and the FGSM+GradAlign step beside the authors' versions
 (restated below as reference_pgd_accuracy and reference_gradalign_step) on the same model and points.
+Layout agreement (--parts layout_agreement, not in the default parts): the final PGD-50-10 on 1000 points
+(cnn: the digits test split) in both layouts, the examples whose verdict differs counted.
 Prints a table and writes --out (bench.json).
 """
 from __future__ import annotations
@@ -92,7 +94,8 @@ DIGITS_TRAIN = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "16"
                 "--eps", str(DIGITS_EPS), "--clamp_grad", "half", "--lr_max", "0.01", "--debug"]
 
 
-PARTS = ("steps", "eval", "layouts", "reference")
+PARTS = ("steps", "eval", "layouts", "reference", "layout_agreement")
+DEFAULT_PARTS = PARTS[:4]  # layout_agreement (minutes of CPU time for resnet18) runs only when asked for
 
 
 @dataclass(frozen=True)
@@ -125,6 +128,7 @@ class Settings:
     n_filters_cnn: int = 16         # their filters
     parts: tuple[str, ...] = PARTS  # what to measure
     eval_batch_candidates: dict[str, tuple[int, ...]] | None = None  # evaluation batch sizes tried per model
+    agreement: dict[str, EvalSize] | None = None  # the final evaluation run in both layouts (layout_agreement)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,10 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"also time standard AutoAttack on the digits cnn (needs `{autoattack_eval.INSTALL}`)")
     a("--n_layers", type=int, default=1, help="conv layers of cnn and cnn_bn in the timed training steps (as train.py's flag)")
     a("--n_filters_cnn", type=int, default=16, help="filters of cnn and cnn_bn in the timed training steps (as train.py's flag)")
-    a("--parts", nargs="+", default=list(PARTS), choices=PARTS,
+    a("--parts", nargs="+", default=list(DEFAULT_PARTS), choices=PARTS,
       help="steps: training-step costs; eval: PGD-50-10 cost; layouts: each pass in both memory layouts and "
            "the evaluation at several batch sizes; reference: PGD-50-10 and the GradAlign step beside the "
-           "authors' versions (default: all)")
+           "authors' versions; layout_agreement: the final PGD-50-10 in both layouts, example by example "
+           f"(default: {' '.join(DEFAULT_PARTS)})")
     return p
 
 
@@ -193,6 +198,11 @@ def parse_settings(argv: list[str] | None) -> Settings:
                  "wrn28_10": EvalSize(4, 4, 2, 1)}
         digits_epochs = 15
     batch_sizes["cnn_bn"], evals["cnn_bn"], candidates["cnn_bn"] = batch_sizes["cnn"], evals["cnn"], candidates["cnn"]
+    # the final evaluation's PGD-50-10 at train.py's evaluation batch, on 1000 points (cnn: the digits test split)
+    final = config.defaults()["batch_size_eval"]
+    agreement = {m: EvalSize(n_digits_test if m == "cnn" else 1000, final, 50, 10) for m in models.MODELS}
+    if args.quick:
+        agreement = {m: EvalSize(64, 32, 5, 2) if m == "cnn" else EvalSize(4, 2, 2, 1) for m in models.MODELS}
     if args.batch_size is not None:
         batch_sizes = dict.fromkeys(batch_sizes, args.batch_size)
     repeats = args.repeats or (1 if args.quick else 5)
@@ -203,7 +213,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
                     threads=args.threads, quick=args.quick, out=args.out,
                     autoattack=args.autoattack,
                     n_layers=args.n_layers, n_filters_cnn=args.n_filters_cnn,
-                    parts=tuple(p for p in PARTS if p in args.parts), eval_batch_candidates=candidates)
+                    parts=tuple(p for p in PARTS if p in args.parts), eval_batch_candidates=candidates,
+                    agreement=agreement)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -482,7 +493,8 @@ def bench_layouts(model_name: str, s: Settings, device: torch.device, deadline: 
     evaluation batch size, the training attack's pass and the GradAlign training step at the training
     batch size (training inputs stay contiguous: converting them would cost a copy per step). The choice
     per pass is channels_last where it was at least utils.LAYOUT_MIN_GAIN faster (median over rounds of
-    the per-round ratio); the evaluation batch is the candidate with the least time per example."""
+    the per-round ratio; utils.LAYOUTS also asks the layout_agreement part's bound); the evaluation
+    batch is the candidate with the least time per example."""
     pair = layout_pair(model_name, s, device)
     shape, batch = INPUT_SHAPES[model_name], s.batch_sizes[model_name]
     sizes = s.eval_batch_candidates[model_name]
@@ -523,8 +535,59 @@ def bench_layouts(model_name: str, s: Settings, device: torch.device, deadline: 
 def format_layouts(r: dict) -> str:
     gains = ", ".join(f"{k} {v:.2f}x" for k, v in r["channels_last_speedup"].items())
     return (f"{r['model']}: channels_last vs contiguous ({r['rounds']} rounds): {gains}; chosen {r['chosen']} "
-            f"(utils.LAYOUTS has {r['table']}{'' if r['table_agrees'] else ': DIFFERS'}), evaluation batch "
+            f"(utils.LAYOUTS has {r['table']}{'' if r['table_agrees'] else ': DIFFERS (a faster layout is taken only if --parts layout_agreement holds its bound)'}), evaluation batch "
             f"{r['chosen_eval_batch_size']} (least time per example of {', '.join(str(x['batch_size']) for x in r['rows'] if x['layout'] == 'contiguous' and x['pass'] == 'eval')})")
+
+
+def bench_layout_agreement(model_name: str, s: Settings, device: torch.device, digits: tuple | None) -> dict:
+    """The final evaluation (utils.seeded_robust_accuracy, eval mode, fp32, seed 0) of the same weights on the
+    same points in both layouts, compared example by example: a different layout may change a verdict only
+    through float rounding. cnn: the digits cnn of the eval part on the digits test points; other models:
+    random weights (seed 0), random images labelled by the model's own predictions (every example attacked)."""
+    size = s.agreement[model_name]
+    if model_name == "cnn":
+        model, eps = digits
+        split = data.load_split("digits", "", train=False)
+        batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
+                                    device=device))
+        points = f"digits test, the cnn of the eval part (eps {DIGITS_EPS}/255)"
+    else:
+        torch.manual_seed(0)
+        shape = INPUT_SHAPES[model_name]
+        model = utils.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
+                                device).eval()
+        eps = BENCH_EPS / 255
+        x = torch.rand(size.n_eval, *shape, device=device)
+        with torch.no_grad():
+            y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
+        batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
+        points = "random images labelled by the untrained model (seed 0)"
+    results, seconds = {}, {}
+    for cl in (False, True):
+        twin = utils.set_layout(copy.deepcopy(model).float().eval(), cl)
+        synchronize(device)
+        start = time.perf_counter()
+        results[cl] = utils.seeded_robust_accuracy(twin, batches, eps, size.n_iters, size.n_restarts, seed=0)
+        synchronize(device)
+        seconds[cl] = time.perf_counter() - start
+    n = results[False].n_eval
+    differ = int((results[False].robust != results[True].robust).sum())
+    names = {False: "contiguous", True: "channels_last"}
+    return {"model": model_name, "points": points, **asdict(size), "eps": eps,
+            "attack": f"PGD-{size.n_iters}-{size.n_restarts}", "verdicts_differ": differ,
+            "allowed": max(1, n // 1000), "within_rounding": differ <= max(1, n // 1000),
+            **{f"{k}_{names[cl]}": v for cl, r in results.items()
+               for k, v in (("clean_acc", r.clean_acc), ("robust_acc", r.pgd_acc),
+                            ("passes_per_example", r.grad_passes / n), ("seconds", seconds[cl]))}}
+
+
+def format_layout_agreement(r: dict) -> str:
+    return (f"{r['model']}: {r['attack']} on {r['n_eval']} points ({r['points']}, batch {r['batch_size']}), "
+            f"contiguous vs channels_last: {r['verdicts_differ']} verdicts differ (allowed {r['allowed']}); robust "
+            f"acc {r['robust_acc_contiguous']:.4f} vs {r['robust_acc_channels_last']:.4f}, clean acc "
+            f"{r['clean_acc_contiguous']:.4f} vs {r['clean_acc_channels_last']:.4f}, passes per example "
+            f"{r['passes_per_example_contiguous']:.2f} vs {r['passes_per_example_channels_last']:.2f}, "
+            f"{r['seconds_contiguous']:.1f} s vs {r['seconds_channels_last']:.1f} s")
 
 
 # ---------------------------------------------------------------------------- the authors' versions
@@ -761,7 +824,8 @@ def run(s: Settings) -> None:
             report["layouts"][model_name] = r = bench_layouts(model_name, s, device, deadline(done))
             done += 1
             print(format_layouts(r))
-    digits = train_digits_cnn(s, device) if "cnn" in s.models and {"eval", "reference"} & set(s.parts) else None
+    digits = (train_digits_cnn(s, device) if "cnn" in s.models and {"eval", "reference", "layout_agreement"} & set(s.parts)
+              else None)
     if "eval" in s.parts:
         report["eval"] = {}
         for model_name in s.models:
@@ -775,6 +839,12 @@ def run(s: Settings) -> None:
             done += 1
             report["versus_reference"][model_name] = r
             print(format_reference(r))
+    if "layout_agreement" in s.parts:
+        report["layout_agreement"] = {}
+        for model_name in s.models:
+            r = report["layout_agreement"][model_name] = bench_layout_agreement(
+                model_name, s, device, digits[:2] if model_name == "cnn" else None)
+            print(format_layout_agreement(r))
     report["wall_seconds"] = time.perf_counter() - start
     rundir.atomic_write_json(s.out, report)
     print(f"wrote {s.out} ({report['wall_seconds']:.0f} s)")
