@@ -14,8 +14,9 @@ method costs `units` of them, measured on the machine bench.py ran on); the eval
 counted as units of batch_size points. --seconds_per_unit converts units to GPU time; its default,
 0.061 s, is one forward+backward of PreAct ResNet-18 on a batch of 128 CIFAR-10 images in mixed
 precision on one GeForce RTX 2080 Ti, from Wong, Rice and Kolter (ICLR 2020, arXiv 2001.03994):
-their FGSM training (2 passes per step, 15 epochs of 391 batches) took 12 minutes on that GPU,
-720 s / (15 x 391 x 2) = 0.061 s. A projection, not a measurement.
+their FGSM training took 12 minutes on that GPU (their repository's results table) with their
+script's defaults, 15 epochs of 391 batches of 128 at 2 passes per step: 720 s / (15 x 391 x 2)
+= 0.061 s. A projection, not a measurement.
 """
 from __future__ import annotations
 
@@ -86,17 +87,21 @@ def sweep_cost(commands: list[str], bench: dict | None, seconds_per_unit: float)
     return {"methods": out, "seconds_per_unit": seconds_per_unit}
 
 
+def hours(h: float) -> str:
+    return "–" if math.isnan(h) else f"{h:.0f}"
+
+
 def format_table(result: dict) -> str:
     head = ("| method | runs | steps | fwd+bwd passes, training (M) | evaluation (M) | GPU-hours (projected) |\n"
             "|---|---|---|---|---|---|")
     lines, total = [head], defaultdict(float)
     for r in result["methods"]:
         lines.append(f"| {r['method']} | {r['runs']} | {r['steps']:,} | {r['train_passes'] / 1e6:.2f} | "
-                     f"{r['eval_passes'] / 1e6:.2f} | {r['gpu_hours']:.0f} |")
+                     f"{r['eval_passes'] / 1e6:.2f} | {hours(r['gpu_hours'])} |")
         for k in ("runs", "steps", "train_passes", "eval_passes", "gpu_hours"):
             total[k] += r[k]
     lines.append(f"| all | {total['runs']:.0f} | {total['steps']:,.0f} | {total['train_passes'] / 1e6:.2f} | "
-                 f"{total['eval_passes'] / 1e6:.2f} | {total['gpu_hours']:.0f} |")
+                 f"{total['eval_passes'] / 1e6:.2f} | {hours(total['gpu_hours'])} |")
     return "\n".join(lines)
 
 
