@@ -1,4 +1,4 @@
-"""AutoAttack and APGD accuracy, run through torchattacks (an optional extra; see the README).
+"""AutoAttack and APGD accuracy, run through torchattacks (an optional extra; docs/autoattack.md).
 
     pip install --no-deps -r requirements-aa.txt
 

@@ -80,11 +80,22 @@ AGREEMENT_LIMITS = {
 }
 AGREEMENT_METHOD = "gradalign"
 
-# The README's quick start (digits, GradAlign), the real run's recipe (tests/test_gpu_check.py keeps
-# the two equal).
-QUICK_START = ["--dataset", "digits", "--model", "cnn", "--n_layers", "1", "--n_filters_cnn", "8", "--attack", "fgsm",
-               "--attack_init", "zero", "--eps", "76.5", "--grad_align_cos_lambda", "1", "--lr_max", "0.01",
-               "--epochs", "100", "--eval_iter_freq", "50", "--clamp_grad", "half"]
+# The README's quick start (digits, GradAlign), the real run's recipe: `python train.py @<this file>`.
+QUICK_START = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes", "digits_gradalign.args")
+
+
+def recipe_words(path: str) -> list[str]:
+    """The flags of an argument file as train.py reads them (several per line, `#` comments), the
+    files it includes (@recipes/...) expanded from the repository root, so any working directory works."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    words = []
+    with open(path) as f:
+        for line in f:
+            for word in OneLineParser().convert_arg_line_to_args(line):
+                words += recipe_words(os.path.join(root, word[1:])) if word.startswith("@") else [word]
+    return words
+
+
 # How far the float16 run may land from the fp32 one (accuracies in fractions). Measured on the CPU
 # (float16 emulated, seed 0): clean 84.38% in both, PGD-50-10 5.8% against 9.8%, cos_x_eta 0.684
 # against 0.694. A different seed moves this recipe's PGD-50-10 between 0 and 26% (docs/gpu.md), so
@@ -114,7 +125,7 @@ class Sizes:
     final_points: int
     final_batch: int
     final_steps: int          # PGD steps of the timed final-evaluation restart (50; fewer on the CPU)
-    real_run_extra: tuple[str, ...]  # flags appended to QUICK_START
+    real_run_extra: tuple[str, ...]  # flags appended to the QUICK_START recipe's
 
 
 GPU_SIZES = Sizes(agreement_models=("resnet18", "cnn", "cnn_bn"), agreement_batch=128, underflow_models=("resnet18",),
@@ -475,7 +486,7 @@ def fmt_mib(r: dict) -> str:
 def run_quick_start(extra: list[str], out_dir: str) -> dict:
     """train.main on the quick-start recipe plus `extra`, quietly; its final.json and the sums of
     its metrics.jsonl's fp16 counters."""
-    argv = [*QUICK_START, *extra, "--out_dir", out_dir]
+    argv = [*recipe_words(QUICK_START), *extra, "--out_dir", out_dir]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
         code = train.main(argv)
     if code != 0:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Catastrophic overfitting in a single-layer CNN with 4 filters (the paper's Sec. 3 and Fig. 3,
-# the README's "What the paper shows"): CIFAR-10, FGSM at eps 10/255 from a zero start, Adam lr 0.003, 30 epochs,
+# docs/methods.md, "What the paper shows"): CIFAR-10, FGSM at eps 10/255 from a zero start, Adam lr 0.003, 30 epochs,
 # evaluated every 50 iterations; with and without GradAlign (lambda 0.356 = 0.02 * 10^(10/8), the
 # CIFAR-10 formula at eps 10). No --half_prec, as in the authors' README command.
 #   DRY_RUN=1 sh/cnn_single_layer.sh                           # print the 10 commands

@@ -4,15 +4,15 @@
 #   STAGE=1: the grid: each candidate with FGSM, PGD-10 and FGSM + GradAlign at each of its lambdas,
 #            on seeds 0-4. The recipe is chosen from this stage only.
 #   STAGE=2: the chosen candidate and lambda on seeds 5-9, which the choice never saw (with FGSM-RS too:
-#            the same runs as sh/demo_digits.sh with OUT=<this OUT>/stage2).
+#            the FGSM, FGSM-RS, PGD-10 and GradAlign runs of sh/demo_digits.sh, under OUT/stage2).
 # Then it writes docs/search_digits.md from every finished stage: per candidate and method the median
 # PGD-50-10 accuracy (all 397 test points) over seeds, each seed's value, the median clean accuracy,
 # and the runs that stopped on a NaN loss or ended as a constant classifier (clean accuracy < 15%).
 #
-# A candidate is "model n_layers n_filters eps(1/255 units) lr_max epochs lambda...". The targets:
+# A candidate is "model n_layers n_filters eps(1/255 units) lr_max epochs lambda...". The criteria:
 # FGSM median <= 2%; GradAlign median >= half of PGD-10's and >= FGSM's + 10 points; no GradAlign
 # run stops on a NaN loss or ends constant. The choice: among the (candidate, lambda) pairs of stage 1
-# that reach every target, the highest GradAlign median; if none does, the largest GradAlign-minus-
+# that meet every criterion, the highest GradAlign median; if none does, the largest GradAlign-minus-
 # FGSM median among those without a failed GradAlign run.
 #
 # Two searches ran through this script. The first tried cnn_bn 2x16 at lr 0.005 (the first three pilot
@@ -153,7 +153,7 @@ def median_pgd(values):
 
 
 def verdict(methods, lam):
-    """(meets every target, GradAlign median - FGSM median, failed GradAlign runs) for one lambda."""
+    """(meets every criterion, GradAlign median - FGSM median, failed GradAlign runs) for one lambda."""
     failed = sum(not isinstance(v, tuple) for v in methods[lam].values())
     if "FGSM" not in methods or "PGD-10" not in methods:
         return False, float("nan"), failed
@@ -172,7 +172,7 @@ def method_label(method):
 
 def rows(found):
     lines = ["| candidate (model, layers x filters, eps, lr, epochs) | method | seeds | PGD-50-10 median (per seed) "
-             "| clean median | cos_x_eta median | NaN stops / constant | targets |",
+             "| clean median | cos_x_eta median | NaN stops / constant | criteria |",
              "|---|---|---|---|---|---|---|---|"]
     for cand in sorted(found):
         for method in sorted(found[cand], key=lambda m: (1, m, "") if isinstance(m, float) else (0, 0, m)):
@@ -187,7 +187,7 @@ def rows(found):
             target = ""
             if isinstance(method, float):
                 ok, gap, _ = verdict(found[cand], method)
-                target = f"{'**all met**' if ok else 'not met'} (GradAlign - FGSM {gap:.1f})"
+                target = f"{'**all hold**' if ok else 'fail'} (GradAlign - FGSM {gap:.1f})"
             lines.append(f"| {label(cand)} | {method_label(method)} | {' '.join(map(str, seeds))} "
                          f"| {median_pgd(values):.1f} ({per_seed}) | {clean} | {cos} | {n_nan} / {n_const} | {target} |")
     return lines
@@ -200,19 +200,19 @@ def choice(found):
     met = [p for p in pairs if p[2]]
     if met:
         cand, lam = max(met, key=lambda p: median_pgd(found[p[0]][p[1]]))[:2]
-        return f"Chosen: {label(cand)}, GradAlign lambda {lam:g} (reaches every target on these seeds)."
+        return f"Chosen: {label(cand)}, GradAlign lambda {lam:g} (meets every criterion on these seeds)."
     sound = [p for p in pairs if p[4] == 0]
     if not sound:
         return "No lambda ran without a failed GradAlign run: nothing to choose."
     cand, lam, _, gap, _ = max(sound, key=lambda p: p[3])
-    return (f"No candidate reaches every target on these seeds. Chosen by the fallback rule (largest GradAlign - "
+    return (f"No candidate meets every criterion on these seeds. Chosen by the fallback rule (largest GradAlign - "
             f"FGSM median without a failed GradAlign run): {label(cand)}, GradAlign lambda {lam:g} ({gap:.1f} points).")
 
 
 text = ["# The search for the digits demo's recipe", "",
         "Written by `sh/search_digits.sh` from the runs under its OUT folder (rerun it to rebuild this page).",
         "PGD-50-10 accuracy in percent on all 397 digits test points, last weights; medians over seeds, a",
-        "NaN stop or a constant classifier counting as 0. Targets: FGSM median <= 2%; GradAlign median >= half",
+        "NaN stop or a constant classifier counting as 0. Criteria: FGSM median <= 2%; GradAlign median >= half",
         "of PGD-10's and >= FGSM's + 10 points; no GradAlign run stops on a NaN loss or ends constant.",
         "Two searches: the first tried cnn_bn 2x16 at lr 0.005; the second, single-layer CNNs at eps 0.3 and",
         "lr 0.01, and chose again from the whole grid. Stage 2 holds both choices.", ""]

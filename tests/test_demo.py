@@ -1,4 +1,4 @@
-"""sh/demo_digits.sh: its commands, and a short real run through launch.py and report.py."""
+"""sh/demo_digits.sh and its recipe files: its commands, and a short real run through launch.py and report.py."""
 from __future__ import annotations
 
 import csv
@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+import methods
 import train
 
 pytestmark = pytest.mark.slow  # runs the shell script
@@ -23,26 +24,40 @@ def demo(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-def test_dry_run_holds_the_recipe_and_selects_seeds():
+DEMO_METHODS = ("fgsm", "fgsm_rs", "gradalign", "pgd10", "nfgsm", "zerograd", "elle", "elle_a")
+
+
+def test_dry_run_is_the_recipe_plus_each_methods_flags_on_seeds_5_to_9(monkeypatch):
+    monkeypatch.chdir(ROOT)  # the commands name the recipe file from the repository root
     out = demo({"DRY_RUN": "1"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 5 * 4  # seeds 5-9 (the confirmation seeds) x 4 methods
+    assert len(lines) == 5 * len(DEMO_METHODS)  # seeds 5-9 (the confirmation seeds) x 8 methods
     configs = [train.parse_config(shlex.split(line)[2:])[0] for line in lines]
-    assert {c.seed for c in configs} == {5, 6, 7, 8, 9}
-    assert {(c.dataset, c.model, c.clamp_grad) for c in configs} == {("digits", "cnn", "half")}
-    assert sorted(c.grad_align_cos_lambda for c in configs).count(0) == 15  # GradAlign only in its runs
-    assert len({train.run_name(c, train.parse_config([])[1]) for c in configs}) == 20
+    expected = [train.parse_config(["@recipes/digits_demo.args", "--out_dir=runs/demo_digits",
+                                    *methods.flags(m, 76.5, "digits"), f"--seed={seed}"])[0]
+                for seed in range(5, 10) for m in DEMO_METHODS]
+    assert configs == expected
+    assert {(c.dataset, c.model, c.n_layers, c.n_filters_cnn, c.clamp_grad, c.eps) for c in configs} == {
+        ("digits", "cnn", 1, 8, "half", 76.5)}
+    assert len({train.run_name(c, train.parse_config([])[1]) for c in configs}) == 40
     out = demo({"DRY_RUN": "1", "SEEDS": "11 12", "METHODS": "fgsm"})
     assert [train.parse_config(shlex.split(line)[2:])[0].seed for line in out.stdout.splitlines()] == [11, 12]
     bad = demo({"DRY_RUN": "1", "METHODS": "fgsm nope"})
     assert bad.returncode == 2 and "unknown method 'nope'" in bad.stderr
 
 
+def test_the_quick_start_recipe_is_the_demos_gradalign_run(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    quick = train.parse_config(["@recipes/digits_gradalign.args"])[0]
+    demo_run = train.parse_config(["@recipes/digits_demo.args", *methods.flags("gradalign", 76.5, "digits")])[0]
+    assert quick == demo_run and quick.grad_align_cos_lambda == 1
+
+
 def test_short_demo_writes_the_report_tables(tmp_path):
-    env = {"EPOCHS": "1", "SEEDS": "0", "METHODS": "gradalign", "JOBS": "1", "OUT": str(tmp_path / "runs"),
+    env = {"SEEDS": "0", "METHODS": "gradalign", "JOBS": "1", "OUT": str(tmp_path / "runs"),
            "REPORT": str(tmp_path / "report"), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
-    out = demo(env, "--n_final_eval=64", "--eval_iter_freq=5", "--n_eval_every_k_iter=128")
+    out = demo(env, "--epochs=1", "--n_final_eval=64", "--eval_iter_freq=5", "--n_eval_every_k_iter=128")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     with open(tmp_path / "report" / "report.csv") as f:
         rows = list(csv.DictReader(f))

@@ -1,4 +1,4 @@
-"""The details of the authors' training loop that move results (README: "Fidelity notes")."""
+"""The details of the authors' training loop that move results (docs/fidelity.md)."""
 from __future__ import annotations
 
 import copy

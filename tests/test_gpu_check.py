@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 
 import pytest
 import torch
@@ -103,13 +102,16 @@ def test_bad_flags_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_the_real_run_is_the_readme_quick_start():
+def test_the_real_run_is_the_readme_quick_start(tmp_path, monkeypatch):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    command = re.search(r"python train\.py (--dataset digits[^\n`]*)", readme).group(1)
-    words = shlex.split(command)
-    assert words[-2:] == ["--device", "cpu"]
-    assert words[:-2] == gpu_check.QUICK_START
+    assert re.search(r"^python train\.py @recipes/digits_gradalign\.args$", readme, re.MULTILINE)
+    assert gpu_check.QUICK_START == os.path.join(ROOT, "recipes", "digits_gradalign.args")
+    monkeypatch.chdir(tmp_path)  # the included recipe is found from any working directory
+    words = gpu_check.recipe_words(gpu_check.QUICK_START)
+    monkeypatch.chdir(ROOT)
+    assert config.parse_config(words)[0] == config.parse_config(["@recipes/digits_gradalign.args"])[0]
+    assert words[-2:] == ["--grad_align_cos_lambda", "1"] and "--dataset" in words
 
 
 def test_the_projection_uses_the_cifar10_sweep_settings():

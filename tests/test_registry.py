@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -147,19 +148,27 @@ def test_an_argument_file_gives_several_flags_per_line_with_comments_and_later_f
     assert (cfg.dataset, cfg.model, cfg.grad_align_cos_lambda, cfg.eps) == ("digits", "cnn", 0.5, 12)
 
 
-def test_each_recipe_file_is_the_sweep_command_it_names():
-    folder = os.path.join(ROOT, "recipes")
-    files = sorted(f for f in os.listdir(folder) if f.endswith(".args"))
+def test_each_recipe_file_says_what_it_trains_and_parses(monkeypatch):
+    monkeypatch.chdir(ROOT)  # a recipe names the files it includes from the repository root
+    files = sorted(f for f in os.listdir("recipes") if f.endswith(".args"))
     assert files
     for name in files:
-        first = open(os.path.join(folder, name)).readline()
-        assert first.startswith("# trains "), name  # the first line says what it trains
-        from_file, _ = config.parse_config([f"@{os.path.join(folder, name)}"])
+        with open(os.path.join("recipes", name)) as f:
+            assert f.readline().startswith("# trains "), name  # the first line says what it trains
+        config.parse_config([f"@recipes/{name}"])
+
+
+def test_each_method_recipe_is_the_protocol_plus_the_method_flags_of_the_table(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    method_files = sorted(f for f in os.listdir("recipes") if re.fullmatch(r"\w+_cifar10_eps[\d.]+\.args", f))
+    paper = {key for key, recipe in methods.recipes().items() if recipe.paper}
+    assert {f.split("_cifar10")[0] for f in method_files} == paper  # the paper's six methods at eps 8
+    for name in method_files:
         method, dataset, eps = name[:-len(".args")].rsplit("_", 2)
         eps = methods.number(eps.removeprefix("eps"))
-        sweep = [*methods.flags(method, eps, dataset), f"--dataset={dataset}", f"--eps={eps}", "--half_prec",
-                 "--eval_early_stopped_model", "--n_final_eval=1000", "--batch_size_eval=1024"]
-        assert from_file == config.parse_config(sweep)[0], name
+        from_file, _ = config.parse_config([f"@recipes/{name}"])
+        table = ["@recipes/cifar10_protocol.args", f"--eps={eps}", *methods.flags(method, eps, dataset)]
+        assert from_file == config.parse_config(table)[0], name
 
 
 # ------------------------------------------------------------------------------------ resume.pt

@@ -196,21 +196,8 @@ def test_successor_methods_with_their_papers_settings():
     assert len(dry_run(CIFAR, SEEDS="0", EPS="8")) == 6
 
 
-def test_compare_digits_keeps_its_recipe_and_takes_method_flags_from_the_table():
-    compare = [flags(a) for a in dry_run("sh/compare_digits.sh")]
-    assert len(compare) == 6 * 3 * 3
-    recipe = {"--dataset": "digits", "--model": "cnn", "--n_filters_cnn": "8", "--epochs": "100", "--lr_max": "0.005",
-              "--eval_iter_freq": "50", "--clamp_grad": "half"}
-    for f in compare:
-        assert {k: f[k] for k in recipe} == recipe
-    assert {(f["--eps"], f["--seed"]) for f in compare} == {(e, s) for e in ("25.5", "51", "76.5") for s in "012"}
-    # every method's flags are methods.py's (GradAlign's lambda: this recipe's 1.0), in the same words
-    for f in compare:
-        words = [w for w in (f"{k}={v}" if v is not True else k for k, v in f.items())
-                 if w.split("=")[0] not in {*recipe, "--eps", "--seed", "--device", "--out_dir"}]
-        table = {key: methods.flags(key, float(f["--eps"]), "digits") for key in
-                 ("fgsm", "gradalign", "pgd10", "nfgsm", "elle_a", "zerograd")}
-        table["gradalign"] = [w if not w.startswith("--grad_align_cos_lambda") else "--grad_align_cos_lambda=1.0"
-                              for w in table["gradalign"]]
-        assert sorted(words) in [sorted(t) for t in table.values()], words
-    assert {f["--attack"] for f in compare} == {"fgsm", "pgd", "nfgsm"}
+def test_the_cifar10_recipe_files_are_the_sweep_commands_at_eps_8(monkeypatch):
+    monkeypatch.chdir(ROOT)  # a recipe names the files it includes from the repository root
+    for key in (k for k, recipe in methods.recipes().items() if recipe.paper):
+        (argv,) = dry_run(CIFAR, SEEDS="0", EPS="8", METHODS=key)
+        assert config.parse_config([f"@recipes/{key}_cifar10_eps8.args"])[0] == config.parse_config(argv[2:])[0], key
