@@ -105,15 +105,15 @@ class Config:
     eval_early_stopped_model: bool = flag(False, "also evaluate the early-stopped ('best') weights", short="es",
                                           compare=False)
     clamp_grad: str = flag("zero", "gradient of the box clamp in training attacks at pixels exactly 0 or 1: zero = "
-                           "the paper's runs (PyTorch 1.4), half = the authors' code on PyTorch >= 1.10 (README: "
-                           "Fidelity notes)", short="clamp-", choices=_listed("utils", "CLAMP_RULES"))
+                           "the paper's runs (PyTorch 1.4), half = the authors' code on PyTorch >= 1.10 "
+                           "(docs/fidelity.md)", short="clamp-", choices=_listed("utils", "CLAMP_RULES"))
     # the final evaluation draws each PGD restart's random start batch by batch, so the batching decides
     # which start each example gets
     batch_size_eval: int = flag(256, "batch size of the evaluations", short="bse")
     # on CUDA it moves the data generator (shuffling, crops, flips) to the GPU, whose random streams differ
     data_on_device: bool | None = flag(None, "keep the dataset on the GPU and augment there (default: on for CUDA)",
                                        short="dod", action=argparse.BooleanOptionalAction)
-    # successor methods and GradAlign variants (README, "Other fast adversarial training methods")
+    # successor methods and GradAlign variants (docs/methods.md, docs/later_methods.md)
     nfgsm_noise_mult: float = flag(2.0, "N-FGSM: the start noise is U[-k eps, k eps], k = this (the paper's k = 2)",
                                    short="nk")
     zerograd_q: float = flag(0.0, "ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM "
