@@ -150,8 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--quick", action="store_true", help="tiny sizes and one round (for the tests)")
     a("--autoattack", action="store_true",
       help=f"also time standard AutoAttack on the digits cnn (needs `{autoattack_eval.INSTALL}`)")
-    a("--n_layers", type=int, default=1, help="conv layers of cnn and cnn_bn in the timed training steps (as train.py's flag)")
-    a("--n_filters_cnn", type=int, default=16, help="filters of cnn and cnn_bn in the timed training steps (as train.py's flag)")
+    a("--n_layers", type=int, default=1,
+      help="conv layers of cnn and cnn_bn in the timed training steps (as train.py's flag)")
+    a("--n_filters_cnn", type=int, default=16,
+      help="filters of cnn and cnn_bn in the timed training steps (as train.py's flag)")
     a("--parts", nargs="+", default=list(DEFAULT_PARTS), choices=PARTS,
       help="steps: training-step costs; eval: PGD-50-10 cost; layouts: each pass in both memory layouts and "
            "the evaluation at several batch sizes; reference: PGD-50-10 and the GradAlign step beside the "
@@ -534,9 +536,13 @@ def bench_layouts(model_name: str, s: Settings, device: torch.device, deadline: 
 
 def format_layouts(r: dict) -> str:
     gains = ", ".join(f"{k} {v:.2f}x" for k, v in r["channels_last_speedup"].items())
+    differs = ("" if r["table_agrees"]
+               else ": DIFFERS (a faster layout is taken only if --parts layout_agreement holds its bound)")
+    eval_batches = ", ".join(str(x["batch_size"]) for x in r["rows"]
+                             if x["layout"] == "contiguous" and x["pass"] == "eval")
     return (f"{r['model']}: channels_last vs contiguous ({r['rounds']} rounds): {gains}; chosen {r['chosen']} "
-            f"(utils.LAYOUTS has {r['table']}{'' if r['table_agrees'] else ': DIFFERS (a faster layout is taken only if --parts layout_agreement holds its bound)'}), evaluation batch "
-            f"{r['chosen_eval_batch_size']} (least time per example of {', '.join(str(x['batch_size']) for x in r['rows'] if x['layout'] == 'contiguous' and x['pass'] == 'eval')})")
+            f"(utils.LAYOUTS has {r['table']}{differs}), evaluation batch "
+            f"{r['chosen_eval_batch_size']} (least time per example of {eval_batches})")
 
 
 def bench_layout_agreement(model_name: str, s: Settings, device: torch.device, digits: tuple | None) -> dict:
@@ -704,7 +710,8 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
              for k in ("pgd", "gradalign")}
     return {"model": model_name, "points": points, **asdict(size), "eps": eps, "layouts": utils.layout_names(layouts),
             "rounds": len(samples["pgd_ours"]), "robust_acc_ours": accs["ours"], "robust_acc_theirs": accs["theirs"],
-            "pgd_s_ours": statistics.median(samples["pgd_ours"]), "pgd_s_theirs": statistics.median(samples["pgd_theirs"]),
+            "pgd_s_ours": statistics.median(samples["pgd_ours"]),
+            "pgd_s_theirs": statistics.median(samples["pgd_theirs"]),
             "pgd_speedup": ratio["pgd"], "gradalign_batch_size": batch,
             "gradalign_ms_ours": 1e3 * statistics.median(samples["gradalign_ours"]),
             "gradalign_ms_theirs": 1e3 * statistics.median(samples["gradalign_theirs"]),
@@ -816,7 +823,8 @@ def run(s: Settings) -> None:
               "only) + training, dbl = GradAlign's double backprop; Free-AT: per iteration)")
         print(format_steps(steps, device.type == "cuda"))
         for model_name, r in steps.items():
-            rounds = f"{r['rounds']} timed round(s)" + (f" of {s.repeats} (time budget)" if r["rounds"] < s.repeats else "")
+            rounds = (f"{r['rounds']} timed round(s)"
+                      + (f" of {s.repeats} (time budget)" if r["rounds"] < s.repeats else ""))
             print(f"{model_name}: {rounds}; settings {r['settings']}")
     if "layouts" in s.parts:
         report["layouts"] = {}
@@ -824,8 +832,8 @@ def run(s: Settings) -> None:
             report["layouts"][model_name] = r = bench_layouts(model_name, s, device, deadline(done))
             done += 1
             print(format_layouts(r))
-    digits = (train_digits_cnn(s, device) if "cnn" in s.models and {"eval", "reference", "layout_agreement"} & set(s.parts)
-              else None)
+    digits = (train_digits_cnn(s, device)
+              if "cnn" in s.models and {"eval", "reference", "layout_agreement"} & set(s.parts) else None)
     if "eval" in s.parts:
         report["eval"] = {}
         for model_name in s.models:

@@ -135,8 +135,8 @@ class Config:
     # the training protocol (methods.Protocol): this paper's by default; --protocol own fills in the unset
     # ones below from the method's paper's official scripts (docs/later_methods.md)
     lr_peak: float = flag(None, "cyclic schedule: the learning rate peaks after floor(lr_peak * epochs) epochs "
-                          "(default 0.4, this paper's 2/5; the later methods' own protocols 0.5 on CIFAR)", short="peak",
-                          type=float, record_default=False)
+                          "(default 0.4, this paper's 2/5; the later methods' own protocols 0.5 on CIFAR)",
+                          short="peak", type=float, record_default=False)
     normalize: str = flag(None, "input normalisation inside the model, per channel (default none, this paper's; "
                           "the CIFAR statistics for N-FGSM and ZeroGrad under their own protocols)", short="norm",
                           choices=_listed("models", "NORMALIZATIONS"), record_default=False)
@@ -288,7 +288,8 @@ def check_flags(cfg: Config) -> str | None:
         (not cfg.final_autoattack or data.DATASETS[cfg.dataset].n_classes >= autoattack_eval.MIN_CLASSES_DLR,
          (f"--final_autoattack needs at least {autoattack_eval.MIN_CLASSES_DLR} classes (AutoAttack's DLR loss); "
           f"{cfg.dataset} has {data.DATASETS[cfg.dataset].n_classes}: drop the flag")),
-        (cfg.nfgsm_noise_mult >= 0, f"--nfgsm_noise_mult must be >= 0 (got {cfg.nfgsm_noise_mult:g}); the paper uses 2"),
+        (cfg.nfgsm_noise_mult >= 0,
+         f"--nfgsm_noise_mult must be >= 0 (got {cfg.nfgsm_noise_mult:g}); the paper uses 2"),
         (cfg.attack == "nfgsm" or cfg.nfgsm_noise_mult == 2.0, "--nfgsm_noise_mult needs --attack nfgsm"),
         (0 <= cfg.zerograd_q < 1, f"--zerograd_q must be in [0, 1) (got {cfg.zerograd_q:g}); the paper uses 0.35"),
         (cfg.zerograd_q == 0 or (cfg.attack == "fgsm" and cfg.minibatch_replay == 1),

@@ -6,10 +6,11 @@
 Loads this repo's model.pth, the authors' released {'last', 'best'} files and bare state_dicts
 (--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as the
 authors' eval.py looked it up (models/<name>.pth). The dataset, architecture, input normalisation
-and eps (--dataset, --model, --n_layers, --n_filters_cnn, --normalize, --eps) come from the config.json that train.py wrote beside the
-checkpoint; flags given explicitly override it, and files without one (the authors') need the flags
-(else train.py's defaults, eps 8). eps is in 1/255 units; the PGD step is eps/4. An example counts as
-robust only if no restart fools it. Weights holding NaN or inf, or a missing 'best', are errors.
+and eps (--dataset, --model, --n_layers, --n_filters_cnn, --normalize, --eps) come from the
+config.json that train.py wrote beside the checkpoint; flags given explicitly override it, and files
+without one (the authors') need the flags (else train.py's defaults, eps 8). eps is in 1/255 units;
+the PGD step is eps/4. An example counts as robust only if no restart fools it. Weights holding NaN
+or inf, or a missing 'best', are errors.
 Progress goes to stderr, with a summary line naming the eps (and where it came from) and the weights;
 the LAST line on stdout is one JSON object: {"clean_acc", "pgd_acc", "n_eval", "eps", "eps_from",
 "attack_iters", "n_restarts", "model_path", "weights", ...}.
@@ -51,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     config.add_flags(p, SHARED, from_run=FROM_RUN, defaults={"batch_size_eval": 1024},
-                     helps={"half_prec": "PGD under autocast (fp16 on CUDA, bf16 on CPU); --attack always runs in fp32"})
+                     helps={"half_prec": "PGD under autocast (fp16 on CUDA, bf16 on CPU); "
+                                         "--attack always runs in fp32"})
     a = p.add_argument
     a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
     a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
@@ -137,7 +139,8 @@ def evaluate(args) -> dict:
         autoattack_eval.load_library()  # before any work: a missing extra fails at once
     device = utils.resolve_device(args.device, args.gpu)
     if args.device == "auto":
-        print(utils.device_choice("eval.py", device, args.half_prec, utils.autocast_dtype(device.type)), file=sys.stderr)
+        print(utils.device_choice("eval.py", device, args.half_prec, utils.autocast_dtype(device.type)),
+              file=sys.stderr)
     path = resolve_model_path(args.model_path)
     args = fill_from_run(args, path)
     info = data.DATASETS[args.dataset]

@@ -242,8 +242,10 @@ def agreement_one(model_name: str, batch_size: int, device: torch.device) -> dic
     checks = [
         check("reg_param_grad_finite", bool(torch.isfinite(p16["reg_grad"]).all()),
               bool(torch.isfinite(p16["reg_grad"]).all()), "all finite"),
-        check("cos_grad1", values["cos_grad1"], values["cos_grad1"] >= lim["cos_grad1_min"], f">= {lim['cos_grad1_min']}"),
-        check("cos_grad2", values["cos_grad2"], values["cos_grad2"] >= lim["cos_grad2_min"], f">= {lim['cos_grad2_min']}"),
+        check("cos_grad1", values["cos_grad1"], values["cos_grad1"] >= lim["cos_grad1_min"],
+              f">= {lim['cos_grad1_min']}"),
+        check("cos_grad2", values["cos_grad2"], values["cos_grad2"] >= lim["cos_grad2_min"],
+              f">= {lim['cos_grad2_min']}"),
         check("cos_reg_param_grad", values["cos_reg_param_grad"],
               values["cos_reg_param_grad"] >= lim["cos_reg_param_grad_min"], f">= {lim['cos_reg_param_grad_min']}"),
         check("reg_param_grad_norm_ratio", ratio, lo <= ratio <= hi, f"in [{lo}, {hi}]"),
@@ -558,7 +560,8 @@ def run_parts(parts: list[str], sizes: Sizes, device: torch.device, out: str, cp
         report["passed"] = all(p["passed"] for p in report["parts"].values())
         report["wall_seconds"] = time.perf_counter() - start
         rundir.atomic_write_json(out, report)
-        failed = [c["check"] + (f" ({c['model']})" if "model" in c else "") for c in result["checks"] if not c["passed"]]
+        failed = [c["check"] + (f" ({c['model']})" if "model" in c else "")
+                  for c in result["checks"] if not c["passed"]]
         verdict = "passed" if result["passed"] else "FAILED: " + (", ".join(failed) or result.get("error", ""))
         print(f"{name}: {verdict} ({result['seconds']:.0f} s)")
     return report

@@ -133,8 +133,8 @@ def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None) -> l
     """Tasks with the interpreter resolved and, if n_gpus is not None, a --device appended
     (cuda:K round-robin over n_gpus GPUs, cpu when n_gpus is 0) where the command has none."""
     tasks = []
-    for i, argv in enumerate(commands):
-        argv = list(argv)
+    for i, command in enumerate(commands):
+        argv = list(command)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
         args = train_args(argv)

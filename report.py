@@ -248,7 +248,8 @@ def aggregate(runs: list[Run]) -> list[dict]:
         best = [f["best"] for f in finals if "best" in f]
         row = {"dataset": dataset, "model": model, "method": method, "eps": eps, "n_seeds": len(members),
                "passes": passes_per_step(members[0].config),
-               "seeds": " ".join(str(r.config.get("seed")) for r in sorted(members, key=lambda r: r.config.get("seed"))),
+               "seeds": " ".join(str(r.config.get("seed"))
+                                 for r in sorted(members, key=lambda r: r.config.get("seed"))),
                "n_eval": one_or_all([f.get("n_eval") for f in finals]),
                "attack_iters": one_or_all([f.get("attack_iters") for f in finals]),
                "n_restarts": one_or_all([f.get("n_restarts") for f in finals]), "n_best": len(best)}
@@ -305,7 +306,8 @@ def cell(row: dict | None, column: str, common: tuple) -> str:
 
 
 TABLES = [("last_pgd", "Robust accuracy, last weights"), ("last_clean", "Clean accuracy, last weights"),
-          ("best_pgd", "Robust accuracy, early-stopped weights"), ("best_clean", "Clean accuracy, early-stopped weights"),
+          ("best_pgd", "Robust accuracy, early-stopped weights"),
+          ("best_clean", "Clean accuracy, early-stopped weights"),
           ("cos_x_eta", "Gradient alignment cos(grad at x, grad at x + eta) of the last weights (final.json)")]
 AA_TABLES = [("last_aa", "AutoAttack (standard) accuracy, last weights"),
              ("last_gap", "PGD minus AutoAttack (points), last weights"),

@@ -8,12 +8,12 @@ arXiv 2007.02617.
         --grad_align_cos_lambda 0.2 --lr_max 0.30 --half_prec
     python train.py @recipes/gradalign_cifar10_eps8.args --seed 1     # flags from a file, then overrides
 
-Sizes on the command line are in 1/255 units of inputs in [0, 1] (inside: Config.eps_frac). A run writes out_dir/<run name>/: config.json, metrics.jsonl (one
-object per periodic evaluation), log.txt, model.pth ({'last', 'best'} state_dicts, the format of the
-authors' released checkpoints) and final.json (clean and PGD-50-10 accuracy; with --final_autoattack
-also AutoAttack's). Relaunching a finished run does nothing (with --final_autoattack, eval.py's
-add_autoattack adds AutoAttack to a final.json that lacks it); relaunching an interrupted one resumes
-from its last completed epoch.
+Sizes on the command line are in 1/255 units of inputs in [0, 1] (inside: Config.eps_frac). A run
+writes out_dir/<run name>/: config.json, metrics.jsonl (one object per periodic evaluation), log.txt,
+model.pth ({'last', 'best'} state_dicts, the format of the authors' released checkpoints) and
+final.json (clean and PGD-50-10 accuracy; with --final_autoattack also AutoAttack's). Relaunching a
+finished run does nothing (with --final_autoattack, eval.py's add_autoattack adds AutoAttack to a
+final.json that lacks it); relaunching an interrupted one resumes from its last completed epoch.
 
 Reading order: data -> the training step (its perturbation and regulariser: methods.py's registry)
 -> evaluation -> the epoch loop -> run and main. Flags: config.py; the run directory: rundir.py;
@@ -268,12 +268,11 @@ def train(loop: Loop) -> None:
         for epoch in range(loop.next_epoch, cfg.epochs + 1):
             stats = Stats(device)
             x_prev = y_prev = None
-            for i, (x, y) in enumerate(loaders.train):
+            for i, (x_drawn, y_drawn) in enumerate(loaders.train):
                 if epoch == 0 and i > 0:
                     break
                 # the batch: Free-AT replays the one drawn at i % m == 0
-                if i % cfg.minibatch_replay != 0:
-                    x, y = x_prev, y_prev
+                x, y = (x_drawn, y_drawn) if i % cfg.minibatch_replay == 0 else (x_prev, y_prev)
                 # learning rate and warm-up at this iteration
                 lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs, cfg.lr_peak)
                 loop.opt.param_groups[0]["lr"] = lr
@@ -323,7 +322,8 @@ def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
     n_iters, n_restarts = cfg.final_attack
     rundir.write_config(os.path.join(cfg.out_dir, name), {
         **record(cfg), "run_name": name, "device_used": str(device),
-        "half_prec_dtype_used": str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.") if cfg.half_prec else None,
+        "half_prec_dtype_used": (str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.")
+                                 if cfg.half_prec else None),
         "layouts": utils.layout_names(utils.pass_layouts(cfg.channels_last, device.type, cfg.model)),
         "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
                       "restart_rule": "robust only if no restart fools it"}})

@@ -440,8 +440,8 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     layout = input_layout(model)
     n_clean = n_robust = n_total = passes = 0
     verdicts = []
-    for x, y in batches:
-        x = x.contiguous(memory_format=layout)
+    for x_batch, y in batches:
+        x = x_batch.contiguous(memory_format=layout)
         robust = _predict(model, x) == y
         n_clean += int(robust.sum())
         for _ in range(n_restarts):
@@ -503,8 +503,8 @@ def attack_accuracy(model: nn.Module, batches, eps: float, alpha: float, n_iters
     n_adv = n_clean = n_robust = n = 0
     deltas = []
     layout = input_layout(model)
-    for x, y in batches:
-        x = x.contiguous(memory_format=layout)
+    for x_batch, y in batches:
+        x = x_batch.contiguous(memory_format=layout)
         ok = _predict(model, x) == y if clean else None
         delta = pgd_attack(model, x, y, eps, alpha, n_iters, random_start=random_start)
         adv = _predict(model, x + delta) == y
@@ -522,8 +522,8 @@ def attack_accuracy(model: nn.Module, batches, eps: float, alpha: float, n_iters
 
 def _grads(model, batches, eps, clamp_rule, at_random_point):
     grads, layout = [], input_layout(model)
-    for x, y in batches:
-        x = x.contiguous(memory_format=layout)
+    for x_batch, y in batches:
+        x = x_batch.contiguous(memory_format=layout)
         delta = uniform_delta(x, eps) if at_random_point else torch.zeros_like(x)
         grads.append(input_grad(model, x, y, delta, clamp_rule=clamp_rule)[0])
     return grads
@@ -688,7 +688,8 @@ def cuda_problem() -> str | None:
         return (f"no NVIDIA GPU or driver found ({build}"
                 + (f"; CUDA_VISIBLE_DEVICES={visible!r}" if visible is not None else "")
                 + "; in Docker: docker run --gpus all)")
-    return f"CUDA failed to start ({build}): {message.strip().splitlines()[0] if message.strip() else 'no reason given'}"
+    reason = message.strip().splitlines()[0] if message.strip() else "no reason given"
+    return f"CUDA failed to start ({build}): {reason}"
 
 
 def resolve_device(spec: str, gpu: int | None = None) -> torch.device:

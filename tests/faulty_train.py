@@ -18,7 +18,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import train  # after ROOT is on the path
+import train  # noqa: E402 (imported after ROOT is on the path, so that train.py is found)
 
 
 def faulty(original, kill_at: int = -1, nan_at: int = -1):

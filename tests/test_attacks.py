@@ -1,6 +1,7 @@
 """Attacks, the box clamp, robust accuracy, cosines, learning rates and the periodic evaluation (utils.py).
 
-The box-clamp gradient rule, the learning-rate schedules, the FGSM step, the periodic and the final evaluation. CPU only, small CNNs on 8x8 digits.
+The box-clamp gradient rule, the learning-rate schedules, the FGSM step, the periodic and the final
+evaluation. CPU only, small CNNs on 8x8 digits.
 """
 from __future__ import annotations
 

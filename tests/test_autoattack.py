@@ -69,7 +69,7 @@ def library_autoattack(model, x, y, eps, n_iters, square_queries) -> float:
         else:
             stage.steps = n_iters
     adv = attack(x, y)
-    assert (adv - x).abs().max() <= eps + 1e-6 and 0 <= adv.min() and adv.max() <= 1
+    assert (adv - x).abs().max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     with torch.no_grad():
         return float((model(adv).argmax(1) == y).float().mean())
 
@@ -185,7 +185,8 @@ def test_final_autoattack_and_eval_attack(tmp_path, capsys):
     fresh = str(tmp_path / "fresh")
     assert train.main(TINY + ["--out_dir", fresh, "--final_autoattack"]) == 0
     again = json.load(open(os.path.join(fresh, name, "final.json")))
-    assert {k: again[k] for k in ("last", "best", "autoattack")} == {k: after[k] for k in ("last", "best", "autoattack")}
+    keys = ("last", "best", "autoattack")
+    assert {k: again[k] for k in keys} == {k: after[k] for k in keys}
     # eval.py --attack autoattack on the same points and seed reproduces final.json
     capsys.readouterr()
     common = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76", "--model_path",

@@ -56,7 +56,8 @@ def test_the_quick_start_recipe_is_the_demos_gradalign_run(monkeypatch):
 
 def test_short_demo_writes_the_report_tables(tmp_path):
     env = {"SEEDS": "0", "METHODS": "gradalign", "JOBS": "1", "OUT": str(tmp_path / "runs"),
-           "REPORT": str(tmp_path / "report"), "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+           "REPORT": str(tmp_path / "report"),
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     out = demo(env, "--epochs=1", "--n_final_eval=64", "--eval_iter_freq=5", "--n_eval_every_k_iter=128")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     with open(tmp_path / "report" / "report.csv") as f:

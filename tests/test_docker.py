@@ -34,7 +34,8 @@ def pins(requirements: str) -> dict[str, str]:
 
 def instructions(dockerfile: str) -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")))
+    kept = "\n".join(line for line in dockerfile.splitlines() if not line.lstrip().startswith("#"))
+    text = re.sub(r"\\\n", " ", kept)
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
             for line in text.splitlines() if line.strip()]
 
@@ -106,7 +107,8 @@ def build_args(steps: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def test_every_requirement_is_pinned_exactly():
-    lines = [line.strip() for line in read("requirements.txt").splitlines() if line.strip() and not line.startswith("#")]
+    lines = [line.strip() for line in read("requirements.txt").splitlines()
+             if line.strip() and not line.startswith("#")]
     assert lines and all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][^\s]*", line) for line in lines), lines
 
 
@@ -133,8 +135,8 @@ def test_the_default_torch_build_is_the_pinned_wheels_and_the_build_checks_it():
 def ignored(path: str, patterns: list[str]) -> bool:
     """Whether a .dockerignore pattern (the subset used here: globs, a trailing /, a **/ prefix) drops path."""
     parts = path.split("/")
-    for pattern in patterns:
-        pattern = pattern.rstrip("/").removeprefix("**/")
+    for raw in patterns:
+        pattern = raw.rstrip("/").removeprefix("**/")
         prefixes = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
         if any(fnmatch.fnmatch(p, pattern) or fnmatch.fnmatch(p.split("/")[-1], pattern) for p in prefixes):
             return True

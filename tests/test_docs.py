@@ -87,8 +87,8 @@ def missing_paths(text: str, folders_only: bool = False) -> list[str]:
         for word in span.split():
             if "://" in word:
                 continue
-            for path in PATH_RE.findall(word.strip("\"'(),;:")):
-                path = path.rstrip(".,;:)")
+            for found in PATH_RE.findall(word.strip("\"'(),;:")):
+                path = found.rstrip(".,;:)")
                 if re.search(r"[<>*{}$]|\bX\b|\.\.\.", word) or os.path.basename(path) in OUTPUT_FILES:
                     continue
                 if folders_only and not path.startswith(FOLDERS):

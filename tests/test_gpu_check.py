@@ -106,7 +106,7 @@ def test_the_real_run_is_the_readme_quick_start(tmp_path, monkeypatch):
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     assert re.search(r"^python train\.py @recipes/digits_gradalign\.args$", readme, re.MULTILINE)
-    assert gpu_check.QUICK_START == os.path.join(ROOT, "recipes", "digits_gradalign.args")
+    assert os.path.join(ROOT, "recipes", "digits_gradalign.args") == gpu_check.QUICK_START
     monkeypatch.chdir(tmp_path)  # the included recipe is found from any working directory
     words = gpu_check.recipe_words(gpu_check.QUICK_START)
     monkeypatch.chdir(ROOT)

@@ -152,7 +152,8 @@ def test_periodic_evaluation_in_another_layout_than_training(tmp_path, monkeypat
     leaves the training model's layout alone; the run's metrics equal a run with both passes contiguous
     up to the rounding of the evaluation layout."""
     monkeypatch.setitem(utils.LAYOUTS, ("cpu", "cnn"), {"train": False, "eval": True})
-    args = TINY + ["--attack", "fgsm", "--n_layers", "2", "--n_filters_cnn", "4"] + (["--half_prec"] if half_prec else [])
+    args = (TINY + ["--attack", "fgsm", "--n_layers", "2", "--n_filters_cnn", "4"]
+            + (["--half_prec"] if half_prec else []))
     runs = {}
     for choice in ("auto", "off"):
         out = str(tmp_path / choice)

@@ -121,7 +121,8 @@ def test_finite_difference_gradalign_is_refused_in_half_precision(cli, tmp_path)
                  "--out_dir", tmp_path)
     assert result.code == 2 and result.err.count("\n") == 1 and "--grad_align_fd needs fp32" in result.err
     assert os.listdir(tmp_path) == []
-    assert config.parse_config(TINY + ["--grad_align_cos_lambda", "1", "--grad_align_fd", "0.001"])[0].half_prec is False
+    cfg = config.parse_config(TINY + ["--grad_align_cos_lambda", "1", "--grad_align_fd", "0.001"])[0]
+    assert cfg.half_prec is False
 
 
 @pytest.mark.parametrize("flags, fragment", [

@@ -151,7 +151,8 @@ def test_model_names():
 
 def test_cli_writes_markdown_csv_and_figures(sweep, tmp_path, capsys):
     out = tmp_path / "reports"
-    fgsm_run = next(p for p in sweep.iterdir() if "cifar10_resnet18_fgsm_zero_eps8_lam0_" in p.name and "seed0" in p.name)
+    fgsm_run = next(p for p in sweep.iterdir()
+                    if "cifar10_resnet18_fgsm_zero_eps8_lam0_" in p.name and "seed0" in p.name)
     assert report.main([str(sweep), "--out", str(out), "--curves", str(fgsm_run)]) == 0
     printed = capsys.readouterr().out
     assert "82.0 ± 1.6" in printed and "Skipped" in printed

@@ -269,7 +269,8 @@ def test_14_a_run_dir_this_user_cannot_write_is_one_line_exit_2(tmp_path, cli, m
     assert snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("name, mode, verb", [(rundir.RESUME_FILE, os.R_OK, "read"), ("metrics.jsonl", os.W_OK, "write")])
+@pytest.mark.parametrize("name, mode, verb",
+                         [(rundir.RESUME_FILE, os.R_OK, "read"), ("metrics.jsonl", os.W_OK, "write")])
 def test_14_an_unreadable_resume_pt_or_a_read_only_file_is_one_line_exit_2(tmp_path, cli, monkeypatch, name, mode,
                                                                            verb):
     run_dir = interrupted_run(tmp_path)
