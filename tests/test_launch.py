@@ -1,4 +1,4 @@
-"""launch.py: real digits runs end to end (submitit: tests/test_cluster.py), failures
+"""launch.py: real digits runs end to end (submitit: tests/test_locks_and_cluster.py), failures
 reported by run name with train.py's exit code, and the device each command gets."""
 from __future__ import annotations
 

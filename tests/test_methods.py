@@ -61,7 +61,7 @@ def test_nfgsm_step_is_alpha_eps_sign_grad_and_leaves_the_ball():
 
 
 # ---------------------------------------------------------------------------------------------- ZeroGrad
-# (the quantile filter itself: tests/test_successors.py)
+# (the quantile filter itself: tests/test_training.py)
 def test_zerograd_attack_moves_only_the_kept_coordinates():
     torch.manual_seed(3)
     model = _relu_net(d=16, n_classes=4)

@@ -266,12 +266,6 @@ def test_half_prec_dtype_picks_the_autocast_dtype_and_the_grad_scaler():
     assert train.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu")).__class__ is nn.Linear
 
 
-def test_half_prec_dtype_without_half_prec_is_a_usage_error(capsys):
-    with pytest.raises(SystemExit) as exc:
-        train.parse_config(TINY + ["--half_prec_dtype", "float16"])
-    assert exc.value.code == 2 and "--half_prec" in capsys.readouterr().err
-
-
 def test_tf32_is_off_unless_asked():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     utils.to_device(nn.Linear(2, 2), CPU)

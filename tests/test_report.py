@@ -11,10 +11,12 @@ import sys
 
 import pytest
 
+import config
+import methods
 import report
 import train
+from tests.fixtures import ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PAPER = ["--half_prec", "--eval_early_stopped_model", "--n_final_eval=1000", "--batch_size_eval=1024"]
 FGSM = ["--attack=fgsm", "--attack_init=zero"]
@@ -264,3 +266,31 @@ def test_autoattack_columns_and_the_gradient_masking_flag(tmp_path, capsys):
     assert float(next(r for r in table if r["method"] == "FGSM + GradAlign")["last_gap_mean"]) == pytest.approx(20)
     assert (tmp_path / "out" / "robust_vs_eps_cifar10_resnet18.png").read_bytes()[:8] == PNG_MAGIC
     capsys.readouterr()
+
+
+def _write_run(root, argv: list[str], pgd: float) -> None:
+    cfg, defaults = train.parse_config(argv)
+    name = train.run_name(cfg, defaults)
+    os.makedirs(os.path.join(root, name))
+    with open(os.path.join(root, name, "config.json"), "w") as f:
+        json.dump({**config.record(cfg), "run_name": name}, f)
+    with open(os.path.join(root, name, "final.json"), "w") as f:
+        json.dump({"last": {"clean_acc": 0.8, "pgd_acc": pgd, "cos_x_eta": 0.9}, "n_eval": 1000, "attack_iters": 50,
+                   "n_restarts": 10, "eps": cfg.eps, "train_minutes": 1.0}, f)
+
+
+def test_report_shows_both_protocols_side_by_side(tmp_path):
+    common = ["--eps=8", "--n_final_eval=1000"]
+    for seed, (paper_acc, own_acc) in enumerate(((0.40, 0.45), (0.42, 0.47))):
+        _write_run(tmp_path, methods.flags("nfgsm", 8, "cifar10") + common + ["--half_prec", f"--seed={seed}"],
+                   paper_acc)
+        _write_run(tmp_path, methods.flags("nfgsm", 8, "cifar10", protocol="own") + common + [f"--seed={seed}"],
+                   own_acc)
+    _write_run(tmp_path, methods.flags("fgsm", 8, "cifar10") + common + ["--half_prec"], 0.0)
+    runs = report.collect_runs([str(tmp_path)])
+    assert all(r.counted for r in runs), [r.problem for r in runs if not r.counted]
+    rows = report.aggregate(runs)
+    assert [r["method"] for r in rows] == ["FGSM", "N-FGSM", "N-FGSM (own protocol)"]
+    assert rows[1]["last_pgd_mean"] == pytest.approx(41.0) and rows[2]["last_pgd_mean"] == pytest.approx(46.0)
+    assert rows[1]["flags"] == "" and rows[2]["flags"] == ""
+    assert math.isfinite(rows[2]["last_clean_mean"])

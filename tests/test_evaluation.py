@@ -1,0 +1,345 @@
+"""Evaluation: eval.py on a run's checkpoint (eps, architecture and normalisation from config.json),
+the final evaluation under half precision, and the memory layout per pass (--channels_last,
+utils.LAYOUTS): the choice is recorded, a layout changes the robust accuracy by rounding only, the
+packed final evaluation gives the seeded results of a loop that gathers and scatters every step, and
+the per-example verdicts agree between layouts (bench.py's layout_agreement part).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+
+import bench
+import eval as eval_py
+import eval as evaluation
+import models
+import train
+import utils
+from tests.fixtures import TINY, run_train, trained_digits_cnn
+
+RUN = ["--attack", "fgsm"]  # TINY (eps 76) with FGSM: the finished run most tests copy
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> str:
+    """A finished tiny digits run directory (train.py in-process)."""
+    return run_train(tmp_path_factory.mktemp("finished"), *RUN)
+
+
+def one_line(text: str) -> str:
+    """The text's only line (fails if it has more, e.g. a traceback)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------- eval.py
+EVAL_FAST = ["--n_eval", "8", "--attack_iters", "1", "--n_restarts", "1", "--device", "cpu"]
+
+
+def eval_main(capsys, *flags: str) -> tuple[int, str, str]:
+    """eval.main's exit code, stdout and stderr."""
+    capsys.readouterr()
+    code = eval_py.main([*flags, *EVAL_FAST])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_7_eval_takes_eps_from_the_run_and_says_which_eps_and_weights(finished, tmp_path, capsys):
+    model = os.path.join(finished, "model.pth")
+    code, out, err = eval_main(capsys, "--model_path", model)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (result["eps"], result["eps_from"], result["weights"]) == (76, "config.json", "last")
+    assert f"eps 76 (from config.json), 'last' weights of {model}" in one_line(err)
+    code, out, err = eval_main(capsys, "--model_path", model, "--eps", "8", "--early_stopped_model")
+    result = json.loads(out.strip().splitlines()[-1])
+    assert code == 0 and (result["eps"], result["eps_from"], result["weights"]) == (8, "--eps", "best")
+    assert "eps 8 (from --eps), 'best' weights" in one_line(err)
+    authors = tmp_path / "authors" / "model.pth"  # no config.json beside it: train.py's default eps
+    authors.parent.mkdir()
+    shutil.copy(model, authors)
+    code, out, err = eval_main(capsys, "--model_path", str(authors), "--dataset", "digits", "--model", "cnn",
+                               "--n_filters_cnn", "4")
+    assert code == 0 and json.loads(out.strip().splitlines()[-1])["eps_from"] == "default"
+    assert "eps 8 (from default)" in err
+
+
+# ------------------------------------------------------------------------------------- AutoAttack
+def test_eval_autoattack_gets_the_fp32_model_under_half_prec(tmp_path, monkeypatch):
+    pytest.importorskip("torchattacks")
+    import autoattack_eval
+    import eval as eval_py
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 10, (1, 8, 8), 1, 4)
+    path = str(tmp_path / "model.pth")
+    torch.save({"last": model.state_dict(), "best": model.state_dict()}, path)
+    phase, seen = ["pgd"], []
+    build = models.build_model
+
+    def spied(*args, **kwargs):  # the first conv's output dtype, per phase of eval.py
+        net = build(*args, **kwargs)
+        net._model[0].register_forward_hook(lambda m, i, out: seen.append((phase[0], out.dtype)))
+        return net
+    attack = autoattack_eval.attack_accuracy
+
+    def marked(*args, **kwargs):
+        phase[0] = "autoattack"
+        return attack(*args, **kwargs)
+    monkeypatch.setattr(models, "build_model", spied)
+    monkeypatch.setattr(autoattack_eval, "attack_accuracy", marked)
+    assert eval_py.main(["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76",
+                         "--model_path", path, "--n_eval", "8", "--batch_size_eval", "8", "--device", "cpu",
+                         "--attack_iters", "2", "--n_restarts", "1", "--half_prec", "--attack", "autoattack"]) == 0
+    assert {dtype for p, dtype in seen if p == "pgd"} == {torch.bfloat16}  # PGD keeps --half_prec
+    assert {dtype for p, dtype in seen if p == "autoattack"} == {torch.float32}
+
+
+def test_eval_reads_the_normalisation_from_config_json(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "resnet18",
+                                                      "normalize": "cifar10", "eps": 8}))
+    args = evaluation.fill_from_run(evaluation.build_parser().parse_args(["--model_path", "x"]),
+                                    str(tmp_path / "model.pth"))
+    assert args.normalize == "cifar10"
+    (tmp_path / "config.json").write_text(json.dumps({"dataset": "cifar10", "model": "resnet18", "eps": 8}))
+    args = evaluation.fill_from_run(evaluation.build_parser().parse_args(["--model_path", "x"]),
+                                    str(tmp_path / "model.pth"))
+    assert args.normalize == "none"  # runs before the flag, and this paper's protocol
+
+
+def test_log_file_and_eval_py_reproduces_final_json(tmp_path, capsys):
+    args = [a for a in TINY if a != "--debug"]
+    out = str(tmp_path / "runs")
+    assert train.main(args + ["--out_dir", out, "--attack", "fgsm", "--grad_align_cos_lambda", "1"]) == 0
+    (name,) = os.listdir(out)
+    run_dir = os.path.join(out, name)
+    log = open(os.path.join(run_dir, "log.txt")).read()
+    assert "final (last): clean" in log and "PGD-50-10" in log
+    final = json.load(open(os.path.join(run_dir, "final.json")))
+    assert (final["attack_iters"], final["n_restarts"]) == (50, 10)
+    capsys.readouterr()
+    code = eval_py.main(["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4", "--eps", "76",
+                         "--model_path", os.path.join(run_dir, "model.pth"), "--n_eval", "64",
+                         "--batch_size_eval", "64", "--device", "cpu", "--seed", "0"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["clean_acc"] == final["last"]["clean_acc"]
+    assert result["pgd_acc"] == final["last"]["pgd_acc"]
+    assert (result["n_eval"], result["attack_iters"], result["n_restarts"]) == (64, 50, 10)
+
+
+def eval_json(capsys, *flags: str) -> tuple[int, dict | None]:
+    """eval.main's exit code and the JSON object on the last line of its stdout (None if it failed)."""
+    capsys.readouterr()
+    code = eval_py.main(list(flags))
+    out = capsys.readouterr().out.strip().splitlines()
+    return code, json.loads(out[-1]) if code == 0 else None
+
+
+def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_run):
+    run_dir = tiny_run("--attack", "fgsm", "--n_filters_cnn", "3").run_dir
+    ckpt = os.path.join(run_dir, "model.pth")
+    architecture = ["--dataset", "digits", "--model", "cnn", "--n_layers", "1", "--n_filters_cnn", "3"]
+    short = eval_json(capsys, "--model_path", ckpt, "--eps", "76")
+    spelled_out = eval_json(capsys, "--model_path", ckpt, "--eps", "76", *architecture)
+    assert short[0] == spelled_out[0] == 0
+    assert short[1] == spelled_out[1] and short[1]["n_eval"] == 256
+    # An explicit flag overrides config.json (here wrongly: the checkpoint has 3 filters).
+    assert eval_json(capsys, "--model_path", ckpt, "--eps", "76", "--n_filters_cnn", "4")[0] == 2
+    # A checkpoint without config.json beside it (as the authors' files) needs the flags.
+    bare = tmp_path / "authors" / "model.pth"
+    bare.parent.mkdir()
+    bare.write_bytes(open(ckpt, "rb").read())
+    assert eval_json(capsys, "--model_path", str(bare), "--eps", "76")[0] == 2
+    assert eval_json(capsys, "--model_path", str(bare), "--eps", "76", *architecture)[1] == {
+        **spelled_out[1], "model_path": str(bare)}
+
+
+def test_pass_layouts_on_off_auto():
+    assert utils.pass_layouts("on", "cpu", "cnn") == {"train": True, "eval": True}
+    assert utils.pass_layouts("off", "cuda", "resnet18") == {"train": False, "eval": False}
+    for (device_type, model_name), table in utils.LAYOUTS.items():
+        assert utils.pass_layouts("auto", device_type, model_name) == table
+    assert utils.pass_layouts("auto", "cuda", "cnn") == {"train": True, "eval": True}
+    assert utils.pass_layouts("auto", "cpu", "a_model_not_in_the_table") == {"train": False, "eval": False}
+    with pytest.raises(ValueError, match="unknown layout choice"):
+        utils.pass_layouts("yes", "cpu", "cnn")
+
+
+def test_cpu_training_stays_contiguous_by_default():  # channels_last training would not repeat a run bit for bit
+    assert not any(table["train"] for (device_type, _), table in utils.LAYOUTS.items() if device_type == "cpu")
+
+
+def test_set_layout_and_input_layout():
+    model = models.build_model("cnn", 10, (1, 8, 8), 2, 4)
+    assert utils.input_layout(utils.set_layout(model, True)) == torch.channels_last
+    assert utils.input_layout(utils.set_layout(model, False)) == torch.contiguous_format
+    one_layer = utils.set_layout(models.build_model("cnn", 10, (1, 8, 8), 1, 4), True)
+    assert utils.input_layout(one_layer) == torch.contiguous_format  # one input channel: both layouts coincide
+
+
+def test_layout_copy_shares_the_scaler_and_leaves_the_model_alone():
+    model = models.build_model("cnn", 10, (1, 8, 8), 2, 4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    wrapped = utils.Autocast(model, "cpu", torch.bfloat16, scaler=scaler)
+    other = utils.layout_copy(wrapped, True)
+    assert other.scaler is scaler and other.model is not model
+    assert utils.input_layout(other) == torch.channels_last and utils.input_layout(wrapped) == torch.contiguous_format
+
+
+@pytest.mark.parametrize("choice", ["on", "off", "auto"])
+def test_the_layouts_used_are_recorded(tmp_path, choice):
+    args = TINY + ["--out_dir", str(tmp_path / "runs"), "--attack", "fgsm", "--channels_last", choice,
+                   "--n_layers", "2", "--n_filters_cnn", "4"]
+    assert train.main(args) == 0
+    cfg, defaults = train.parse_config(args)
+    run_dir = os.path.join(tmp_path / "runs", train.run_name(cfg, defaults))
+    assert "channels_last" not in os.path.basename(run_dir)  # speed and rounding only: not in the run name
+    expected = utils.layout_names(utils.pass_layouts(choice, "cpu", "cnn"))
+    config = json.load(open(os.path.join(run_dir, "config.json")))
+    final = json.load(open(os.path.join(run_dir, "final.json")))
+    assert config["channels_last"] == choice and config["layouts"] == expected
+    assert final["eval_layout"] == expected["eval"]
+    if choice == "on":
+        assert expected == {"train": "channels_last", "eval": "channels_last"}
+    if choice == "off":
+        assert expected == {"train": "contiguous", "eval": "contiguous"}
+
+
+def test_channels_last_evaluation_matches_contiguous_within_rounding():
+    """A two-layer CNN (its second convolution has 8 input channels, so the layouts really differ) with
+    random weights on random points labelled by its own predictions: every example is attacked. The robust
+    accuracy may differ by at most one example per thousand (at least one example) between the layouts."""
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 10, (1, 8, 8), 2, 8).eval()
+    x = torch.rand(400, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    batches = list(zip(x.split(200), y.split(200)))
+    eps = 16 / 255
+    results = {}
+    for cl in (False, True):
+        copy = utils.set_layout(models.build_model("cnn", 10, (1, 8, 8), 2, 8), cl).eval()
+        copy.load_state_dict(model.state_dict())
+        assert utils.input_layout(copy) == (torch.channels_last if cl else torch.contiguous_format)
+        results[cl] = utils.seeded_robust_accuracy(copy, batches, eps, 10, 2, seed=0)
+    n = results[False].n_eval
+    assert results[False].clean_acc == results[True].clean_acc == 1.0
+    assert 0.0 < results[False].pgd_acc < 1.0  # the attack breaks some examples, not all
+    assert abs(results[False].pgd_acc - results[True].pgd_acc) * n <= max(1, n // 1000)
+
+
+def gather_scatter_robust_accuracy(model, batches, eps, alpha, n_iters, n_restarts):
+    """The final evaluation as it was written before the packed batch, restated: every step gathers the
+    examples not yet fooled out of the restart's batch and scatters their new delta back."""
+    n_clean = n_robust = n_total = passes = 0
+    for x, y in batches:
+        with torch.no_grad():
+            robust = model(x).argmax(1) == y
+        n_clean += int(robust.sum())
+        for _ in range(n_restarts):
+            start = utils.uniform_delta(x, eps)
+            active = robust.nonzero().squeeze(1)
+            if active.numel() == 0:
+                continue
+            xa, ya, delta = x[active], y[active], start[active]
+            fooled = torch.zeros_like(ya, dtype=torch.bool)
+            for step in range(n_iters):
+                live = (~fooled).nonzero().squeeze(1)
+                passes += live.numel()
+                grad, logits = utils.input_grad(model, xa[live], ya[live], delta[live])
+                if step > 0:
+                    fooled[live] |= logits.argmax(1) != ya[live]
+                new = torch.clamp(xa[live] + delta[live] + alpha * torch.sign(grad), 0.0, 1.0) - xa[live]
+                delta[live] = torch.clamp(new, -eps, eps)
+            with torch.no_grad():
+                fooled |= model(xa + delta).argmax(1) != ya
+            robust[active[fooled]] = False
+        n_robust += int(robust.sum())
+        n_total += len(y)
+    return n_clean / n_total, n_robust / n_total, passes
+
+
+@pytest.mark.parametrize("eps_255", [16, 48])
+def test_packed_final_evaluation_matches_the_gather_scatter_loop(eps_255):
+    model, x, y = trained_digits_cnn()
+    batches = list(zip(x[1000:1400].split(128), y[1000:1400].split(128)))
+    eps = eps_255 / 255
+    ours = utils.seeded_robust_accuracy(model, batches, eps, 20, 3, seed=0)
+    torch.manual_seed(0)
+    clean, robust, passes = gather_scatter_robust_accuracy(model, batches, eps, utils.eval_alpha(eps), 20, 3)
+    assert (ours.clean_acc, ours.pgd_acc, ours.grad_passes) == (clean, robust, passes)
+    assert 0.0 < ours.pgd_acc < ours.clean_acc  # early exit happened, and some examples stayed robust
+
+
+def test_in_place_projection_gives_the_out_of_place_values():
+    torch.manual_seed(0)
+    x, delta = torch.rand(64, 3, 8, 8), torch.randn(64, 3, 8, 8) * 0.1
+    expected = torch.clamp(torch.clamp(x + delta, 0.0, 1.0) - x, -0.03, 0.03)
+    assert torch.equal(utils.project(x, delta, 0.03), expected)
+
+
+@pytest.mark.parametrize("half_prec", [False, True])
+def test_periodic_evaluation_in_another_layout_than_training(tmp_path, monkeypatch, half_prec):
+    """Training contiguous, evaluation channels_last (ResNet-18's CPU default, here on a small CNN): the
+    periodic evaluation runs on a converted copy (through the Autocast wrapper under --half_prec) and
+    leaves the training model's layout alone; the run's metrics equal a run with both passes contiguous
+    up to the rounding of the evaluation layout."""
+    monkeypatch.setitem(utils.LAYOUTS, ("cpu", "cnn"), {"train": False, "eval": True})
+    args = (TINY + ["--attack", "fgsm", "--n_layers", "2", "--n_filters_cnn", "4"]
+            + (["--half_prec"] if half_prec else []))
+    runs = {}
+    for choice in ("auto", "off"):
+        out = str(tmp_path / choice)
+        assert train.main(args + ["--out_dir", out, "--channels_last", choice]) == 0
+        cfg, defaults = train.parse_config(args)
+        run_dir = os.path.join(out, train.run_name(cfg, defaults))
+        runs[choice] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+        layouts = json.load(open(os.path.join(run_dir, "config.json")))["layouts"]
+        assert layouts == ({"train": "contiguous", "eval": "channels_last"} if choice == "auto"
+                           else {"train": "contiguous", "eval": "contiguous"})
+    for a, b in zip(runs["auto"], runs["off"]):
+        assert a["train_loss"] == b["train_loss"]  # training is the same: its layout did not change
+        assert abs(a["test_pgd_acc"] - b["test_pgd_acc"]) <= 1 / 64 + 1e-9
+
+
+def test_verdicts_follow_the_input_order_and_add_up_to_the_robust_accuracy():
+    torch.manual_seed(0)
+    model = models.build_model("cnn", 10, (1, 8, 8), 2, 8).eval()
+    x = torch.rand(120, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    wrong = torch.arange(120) % 3 == 0  # every third label is not the prediction: never robust
+    y = torch.where(wrong, (y + 1) % 10, y)
+    result = utils.seeded_robust_accuracy(model, list(zip(x.split(50), y.split(50))), 16 / 255, 10, 2, seed=0)
+    assert result.robust.dtype == torch.bool and result.robust.shape == (120,)
+    assert int(result.robust.sum()) == round(result.pgd_acc * 120)
+    assert not result.robust[wrong].any()
+    assert 0 < int(result.robust.sum()) < int((~wrong).sum())  # some robust, some broken by the attack
+
+
+def test_default_parts_leave_out_the_layout_agreement():
+    s = bench.parse_settings(["--device", "cpu"])
+    assert "layout_agreement" not in s.parts and s.parts == bench.DEFAULT_PARTS
+    assert s.agreement["resnet18"] == bench.EvalSize(1000, 256, 50, 10)
+
+
+def test_quick_layout_agreement_counts_differing_verdicts(tmp_path):
+    out = tmp_path / "b.json"
+    argv = ["--quick", "--device", "cpu", "--threads", "1", "--parts", "layout_agreement", "--out", str(out)]
+    assert bench.main(argv) == 0
+    report = json.loads(out.read_text())
+    assert set(report["layout_agreement"]) == {"cnn", "resnet18"}
+    for r in report["layout_agreement"].values():
+        assert 0 <= r["verdicts_differ"] <= r["n_eval"]
+        assert r["within_rounding"] == (r["verdicts_differ"] <= r["allowed"])
+        for layout in ("contiguous", "channels_last"):
+            assert 0 <= r[f"robust_acc_{layout}"] <= r[f"clean_acc_{layout}"] <= 1
+            assert r[f"seconds_{layout}"] > 0
+        # a verdict that differs moves the robust accuracy by at most one example each
+        gap = abs(r["robust_acc_contiguous"] - r["robust_acc_channels_last"]) * r["n_eval"]
+        assert gap <= r["verdicts_differ"] + 1e-6
+    assert report["layout_agreement"]["resnet18"]["clean_acc_contiguous"] == 1.0  # every example attacked
