@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.fixtures import TINY, ProcessState, read_json, read_metrics, run_dir_of
+from tests.fixtures import FGSM_RUN, TINY, ProcessState, read_json, read_metrics, run_dir_of, run_train
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -125,3 +125,10 @@ def tiny_run(tmp_path_factory):
             done[name] = Run(os.path.join(out, name))
         return done[name]
     return run
+
+
+# ------------------------------------------------------------------ a finished run tests copy or read
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> str:
+    """A finished tiny digits FGSM run directory (train.py in-process), one per test module."""
+    return run_train(tmp_path_factory.mktemp("finished"), *FGSM_RUN)

@@ -195,3 +195,44 @@ def trained_digits_cnn():
         F.cross_entropy(model(x[:1000]), y[:1000]).backward()
         opt.step()
     return model.eval().requires_grad_(False), x, y
+
+
+# ------------------------------------------------------------- nothing written: files, lines, eval.py
+FGSM_RUN = ["--attack", "fgsm"]  # with TINY (eps 76): the finished run (conftest.finished) most bad-input tests copy
+
+
+def snapshot(folder) -> dict[str, bytes]:
+    """Every file under folder and its bytes: compared before and after to show nothing was written or lost."""
+    files = {}
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(parent, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, folder)] = f.read()
+    return files
+
+
+def one_line(text: str) -> str:
+    """The text's only line (fails if it has more, e.g. a traceback)."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def edit_json(path: str, **changes) -> None:
+    with open(path) as f:
+        content = json.load(f)
+    with open(path, "w") as f:
+        json.dump({**content, **changes}, f)
+
+
+EVAL_FAST = ["--n_eval", "8", "--attack_iters", "1", "--n_restarts", "1", "--device", "cpu"]
+
+
+def eval_main(capsys, *flags: str) -> tuple[int, str, str]:
+    """eval.main's exit code, stdout and stderr, on EVAL_FAST's few points."""
+    import eval as eval_py
+    capsys.readouterr()
+    code = eval_py.main([*flags, *EVAL_FAST])
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -19,36 +19,10 @@ import eval as evaluation
 import models
 import train
 import utils
-from tests.fixtures import TINY, run_train, trained_digits_cnn
-
-RUN = ["--attack", "fgsm"]  # TINY (eps 76) with FGSM: the finished run most tests copy
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> str:
-    """A finished tiny digits run directory (train.py in-process)."""
-    return run_train(tmp_path_factory.mktemp("finished"), *RUN)
-
-
-def one_line(text: str) -> str:
-    """The text's only line (fails if it has more, e.g. a traceback)."""
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
+from tests.fixtures import TINY, eval_main, one_line, trained_digits_cnn
 
 
 # --------------------------------------------------------------------------------------------- eval.py
-EVAL_FAST = ["--n_eval", "8", "--attack_iters", "1", "--n_restarts", "1", "--device", "cpu"]
-
-
-def eval_main(capsys, *flags: str) -> tuple[int, str, str]:
-    """eval.main's exit code, stdout and stderr."""
-    capsys.readouterr()
-    code = eval_py.main([*flags, *EVAL_FAST])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_7_eval_takes_eps_from_the_run_and_says_which_eps_and_weights(finished, tmp_path, capsys):
     model = os.path.join(finished, "model.pth")
     code, out, err = eval_main(capsys, "--model_path", model)

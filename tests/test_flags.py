@@ -25,58 +25,18 @@ import rundir
 import train
 import utils
 from tests.fixtures import (
+    FGSM_RUN,
     TINY,
-    run_train,
+    edit_json,
+    eval_main,
+    one_line,
+    snapshot,
     write_cifar10,
     write_svhn,
 )
 
-FGSM_RUN = ["--attack", "fgsm"]  # TINY (eps 76) with FGSM: the finished run most tests copy
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> str:
-    """A finished tiny digits run directory (train.py in-process)."""
-    return run_train(tmp_path_factory.mktemp("finished"), *FGSM_RUN)
-
-
-def snapshot(folder) -> dict[str, bytes]:
-    """Every file under folder and its bytes: compared before and after to show nothing was written or lost."""
-    files = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
-
-
-def one_line(text: str) -> str:
-    """The text's only line (fails if it has more, e.g. a traceback)."""
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
-
-
-def edit_json(path: str, **changes) -> None:
-    with open(path) as f:
-        content = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**content, **changes}, f)
-
 
 # --------------------------------------------------------------------------------------------- eval.py
-EVAL_FAST = ["--n_eval", "8", "--attack_iters", "1", "--n_restarts", "1", "--device", "cpu"]
-
-
-def eval_main(capsys, *flags: str) -> tuple[int, str, str]:
-    """eval.main's exit code, stdout and stderr."""
-    capsys.readouterr()
-    code = eval_py.main([*flags, *EVAL_FAST])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def checkpoint_beside_config(finished: str, folder, weights) -> str:
     """folder/model.pth holding `weights`, beside a copy of the run's config.json."""
     os.makedirs(folder, exist_ok=True)

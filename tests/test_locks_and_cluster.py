@@ -29,15 +29,19 @@ import launch
 import report
 import rundir
 import train
-from tests.fixtures import ROOT, RUN, TINY, comparable, read_metrics, run_dir_of, run_train
-
-FGSM_RUN = ["--attack", "fgsm"]  # TINY (eps 76) with FGSM: the finished run most tests copy
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> str:
-    """A finished tiny digits run directory (train.py in-process)."""
-    return run_train(tmp_path_factory.mktemp("finished"), *FGSM_RUN)
+from tests.fixtures import (
+    FGSM_RUN,
+    ROOT,
+    RUN,
+    TINY,
+    comparable,
+    edit_json,
+    eval_main,
+    one_line,
+    read_metrics,
+    run_dir_of,
+    snapshot,
+)
 
 
 def copy_run(run_dir: str, root, name: str | None = None) -> str:
@@ -47,43 +51,7 @@ def copy_run(run_dir: str, root, name: str | None = None) -> str:
     return target
 
 
-def snapshot(folder) -> dict[str, bytes]:
-    """Every file under folder and its bytes: compared before and after to show nothing was written or lost."""
-    files = {}
-    for parent, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(parent, name)
-            with open(path, "rb") as f:
-                files[os.path.relpath(path, folder)] = f.read()
-    return files
-
-
-def one_line(text: str) -> str:
-    """The text's only line (fails if it has more, e.g. a traceback)."""
-    lines = text.strip().splitlines()
-    assert len(lines) == 1, text
-    return lines[0]
-
-
-def edit_json(path: str, **changes) -> None:
-    with open(path) as f:
-        content = json.load(f)
-    with open(path, "w") as f:
-        json.dump({**content, **changes}, f)
-
-
 # --------------------------------------------------------------------------------------------- eval.py
-EVAL_FAST = ["--n_eval", "8", "--attack_iters", "1", "--n_restarts", "1", "--device", "cpu"]
-
-
-def eval_main(capsys, *flags: str) -> tuple[int, str, str]:
-    """eval.main's exit code, stdout and stderr."""
-    capsys.readouterr()
-    code = eval_py.main([*flags, *EVAL_FAST])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_23_ctrl_c_in_eval_is_one_line(finished, capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
