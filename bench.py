@@ -545,29 +545,35 @@ def format_layouts(r: dict) -> str:
             f"{r['chosen_eval_batch_size']} (least time per example of {eval_batches})")
 
 
+def evaluation_points(model_name: str, size: EvalSize, s: Settings, device: torch.device,
+                      digits: tuple | None) -> tuple[nn.Module, float, list, str]:
+    """(model, eps, batches, description) that the layout-agreement and side-by-side parts attack: the
+    digits cnn of the eval part (digits: (model, eps)) on the digits test points, or a model with random
+    weights (seed 0) on random images whose labels are its own predictions (every example attacked)."""
+    if model_name == "cnn" and digits is not None:
+        model, eps = digits
+        split = data.load_split("digits", "", train=False)
+        batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
+                                    device=device))
+        return model, eps, batches, f"digits test, the cnn of the eval part (eps {DIGITS_EPS}/255)"
+    torch.manual_seed(0)
+    shape = INPUT_SHAPES[model_name]
+    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
+                            device).eval()
+    x = torch.rand(size.n_eval, *shape, device=device)
+    with torch.no_grad():
+        y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
+    batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
+    return model, BENCH_EPS / 255, batches, "random images whose labels are the untrained model's predictions (seed 0)"
+
+
 def bench_layout_agreement(model_name: str, s: Settings, device: torch.device, digits: tuple | None) -> dict:
     """The final evaluation (utils.seeded_robust_accuracy, eval mode, fp32, seed 0) of the same weights on the
     same points in both layouts, compared example by example: a different layout may change a verdict only
     through float rounding. cnn: the digits cnn of the eval part on the digits test points; other models:
     random weights (seed 0), random images labelled by the model's own predictions (every example attacked)."""
     size = s.agreement[model_name]
-    if model_name == "cnn":
-        model, eps = digits
-        split = data.load_split("digits", "", train=False)
-        batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
-                                    device=device))
-        points = f"digits test, the cnn of the eval part (eps {DIGITS_EPS}/255)"
-    else:
-        torch.manual_seed(0)
-        shape = INPUT_SHAPES[model_name]
-        model = utils.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
-                                device).eval()
-        eps = BENCH_EPS / 255
-        x = torch.rand(size.n_eval, *shape, device=device)
-        with torch.no_grad():
-            y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
-        batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
-        points = "random images labelled by the untrained model (seed 0)"
+    model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
     results, seconds = {}, {}
     for cl in (False, True):
         twin = utils.set_layout(copy.deepcopy(model).float().eval(), cl)
@@ -661,23 +667,7 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
     in the training layout, against reference_gradalign_step with contiguous weights; each on its own copy
     of the same weights). Speedups are medians of the per-round ratio (authors' time / ours)."""
     size = s.evals[model_name]
-    eps = BENCH_EPS / 255
-    if model_name == "cnn" and digits is not None:
-        model, eps = digits
-        split = data.load_split("digits", "", train=False)
-        batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
-                                    device=device))
-        points = f"digits test, the cnn of the eval part (eps {DIGITS_EPS}/255)"
-    else:
-        torch.manual_seed(0)
-        shape = INPUT_SHAPES[model_name]
-        model = utils.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
-                                device).eval()
-        x = torch.rand(size.n_eval, *shape, device=device)
-        with torch.no_grad():
-            y = torch.cat([model(part).argmax(1) for part in x.split(size.batch_size)])
-        batches = list(zip(x.split(size.batch_size), y.split(size.batch_size)))
-        points = "random images whose labels are the untrained model's predictions"
+    model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
     layouts = utils.pass_layouts("auto", device.type, model_name)
     ours_model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
     theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False)
