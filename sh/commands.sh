@@ -32,12 +32,13 @@ check_methods() {
   done
 }
 
-# eps_grid DATASET: every (seed, method, eps) command of an eps sweep on DATASET, in that loop order.
+# eps_grid DATASET [WORDS...]: every (seed, method, eps) command of an eps sweep on DATASET, in that loop
+# order; WORDS go to `methods.py grid` (--protocol own: each method with its own protocol's words).
 # The flags of each method at each eps (and the dataset's schedule) come from methods.py's table.
 eps_grid() {
   local seed method eps key rest grid
   local -A method_flags=()
-  grid=$(python methods.py grid --dataset "$1" --methods "$METHODS" --eps "$EPS") || exit 2
+  grid=$(python methods.py grid --dataset "$1" --methods "$METHODS" --eps "$EPS" "${@:2}") || exit 2
   while read -r method eps rest; do
     method_flags["$method $eps"]=$rest
   done <<< "$grid"

@@ -29,26 +29,11 @@ COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_sto
 
 commands() { eps_grid cifar10; }
 
-# own_grid: eps_grid's commands, in its loop order, each method with the words of its own protocol
-# (methods.py grid --protocol own), which carry the precision that COMMON then leaves out.
-own_grid() {
-  local seed method eps rest grid
-  local -A method_flags=()
-  grid=$(python methods.py grid --dataset cifar10 --methods "$METHODS" --eps "$EPS" --protocol own) || exit 2
-  while read -r method eps rest; do
-    method_flags["$method $eps"]=$rest
-  done <<< "$grid"
-  for seed in $SEEDS; do
-    for method in $METHODS; do
-      for eps in $EPS; do
-        emit "--dataset=cifar10 ${method_flags["$method $eps"]} --eps=$eps $COMMON --seed=$seed"
-      done
-    done
-  done
-}
+# Under PROTOCOL=own each method carries the words of its own protocol (methods.py grid --protocol own),
+# which include the precision that COMMON then leaves out.
 case ${PROTOCOL:-paper} in
   paper) ;;
-  own) COMMON=${COMMON/ --half_prec/}; commands() { own_grid; } ;;
+  own) COMMON=${COMMON/ --half_prec/}; commands() { eps_grid cifar10 --protocol own; } ;;
   *) echo "$0: unknown PROTOCOL '$PROTOCOL' (choose paper or own)" >&2; exit 2 ;;
 esac
 
