@@ -28,7 +28,8 @@ the printed lines name it), 2 on bad input, including --device cuda without usab
    PGD-50-10 accuracy and cos_x_eta within REAL_RUN_TOLERANCE.
 
 On the CPU (the rehearsal) every part runs at tiny sizes with float16 emulated by autocast on the
-CPU; memory figures are None there. The CUDA tests are not run from here: `python -m pytest -m cuda tests`.
+CPU; memory figures are None there. The CUDA tests are not run from here: the test suite runs them
+(its `cuda` marker; README, Tests).
 """
 from __future__ import annotations
 
