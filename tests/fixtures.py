@@ -236,3 +236,28 @@ def eval_main(capsys, *flags: str) -> tuple[int, str, str]:
     code = eval_py.main([*flags, *EVAL_FAST])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def report_main(capsys, *args: str) -> tuple[int, str, str]:
+    """report.main's exit code, stdout and stderr."""
+    import report
+    capsys.readouterr()
+    code = report.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class Interrupt(Exception):
+    """Raised by stop_after_epoch: a run stopped as a kill right after an epoch's resume.pt would stop it."""
+
+
+def stop_after_epoch(monkeypatch, epoch: int, exc: type[BaseException] = Interrupt) -> None:
+    """Makes train.py raise exc right after it has written the resume.pt of `epoch`."""
+    import rundir
+    save = rundir.save_resume_state
+
+    def save_then_stop(run_dir, state, generator):
+        save(run_dir, state, generator)
+        if state["next_epoch"] == epoch + 1:
+            raise exc
+    monkeypatch.setattr(rundir, "save_resume_state", save_then_stop)

@@ -20,7 +20,6 @@ import eval as eval_py
 import gpu_check
 import launch
 import models
-import report
 import rundir
 import train
 import utils
@@ -30,6 +29,7 @@ from tests.fixtures import (
     edit_json,
     eval_main,
     one_line,
+    report_main,
     snapshot,
     write_cifar10,
     write_svhn,
@@ -102,13 +102,6 @@ def test_23_eval_on_a_resume_pt_says_what_it_is_without_torch_advice(finished, t
 
 
 # ------------------------------------------------------------------------------------------- report.py
-def report_main(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = report.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_11_report_on_a_missing_root_or_curves_dir_writes_nothing(finished, tmp_path, capsys):
     out_dir = tmp_path / "out"
     for args, expected in (([str(tmp_path / "nope")], f"root {tmp_path / 'nope'} does not exist; check the path"),

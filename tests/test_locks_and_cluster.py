@@ -34,13 +34,16 @@ from tests.fixtures import (
     ROOT,
     RUN,
     TINY,
+    Interrupt,
     comparable,
     edit_json,
     eval_main,
     one_line,
     read_metrics,
+    report_main,
     run_dir_of,
     snapshot,
+    stop_after_epoch,
 )
 
 
@@ -62,13 +65,6 @@ def test_23_ctrl_c_in_eval_is_one_line(finished, capsys, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- report.py
-def report_main(capsys, *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = report.main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_3_report_does_not_file_a_run_whose_config_json_disagrees(finished, tmp_path, capsys):
     root = tmp_path / "runs"
     good = copy_run(finished, root)
@@ -495,22 +491,12 @@ def test_status_classifies_finished_in_progress_interrupted_failed_and_absent_ru
 EXTRA = RUN[len(TINY):]  # RUN = TINY + FGSM with GradAlign, 3 epochs (iterations 0..12)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def interrupted_run(out_dir, *extra: str, after_epoch: int = 1) -> str:
     """RUN + extra trained in-process under out_dir and stopped right after resume.pt of epoch
     `after_epoch` was written (as a kill then would leave it); returns the run directory."""
-    save = rundir.save_resume_state
-
-    def save_then_stop(run_dir, state, generator):
-        save(run_dir, state, generator)
-        if state["next_epoch"] == after_epoch + 1:
-            raise _Interrupt
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(rundir, "save_resume_state", save_then_stop)
-        with pytest.raises(_Interrupt):
+        stop_after_epoch(mp, after_epoch)
+        with pytest.raises(Interrupt):
             train.main([*RUN, *extra, "--out_dir", str(out_dir)])
     return run_dir_of(out_dir, [*RUN, *extra])
 
@@ -859,13 +845,7 @@ def test_23_a_lock_that_is_a_folder_is_one_line_exit_2(tmp_path, cli):
 
 def test_23_ctrl_c_ends_with_one_line_releases_the_lock_and_resumes(tmp_path, cli, monkeypatch, tiny_run):
     run_dir = run_dir_of(tmp_path, RUN)
-    save = rundir.save_resume_state
-
-    def save_then_ctrl_c(run_dir, state, generator):
-        save(run_dir, state, generator)
-        if state["next_epoch"] == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(rundir, "save_resume_state", save_then_ctrl_c)
+    stop_after_epoch(monkeypatch, 1, KeyboardInterrupt)
     proc = cli("train.py", *RUN, "--out_dir", tmp_path)
     assert proc.code == 130
     assert one_line(proc.err) == (f"train.py: interrupted (Ctrl-C); {run_dir}/{rundir.RESUME_FILE} holds the last "

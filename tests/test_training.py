@@ -25,7 +25,17 @@ import rundir
 import train
 import utils
 from tests.faulty_train import injected
-from tests.fixtures import ROOT, RUN, TINY, read_metrics, run_dir_of, run_train, write_cifar10
+from tests.fixtures import (
+    ROOT,
+    RUN,
+    TINY,
+    Interrupt,
+    read_metrics,
+    run_dir_of,
+    run_train,
+    stop_after_epoch,
+    write_cifar10,
+)
 
 NEW_METHODS = {
     "nfgsm": ["--attack", "nfgsm"],
@@ -532,23 +542,13 @@ RESUME_KEYS = {"best_acc", "best_state", "elle", "first_bad_iter", "free_delta",
                "train_seconds"}
 
 
-class _Interrupt(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", [["--minibatch_replay", "2", "--fgsm_alpha", "1"],
                                     ["--elle_lambda", "4000", "--elle_adaptive", "--attack_init", "zero"]])
 def test_a_resume_pt_in_the_earlier_format_resumes_to_the_uninterrupted_result(tmp_path, monkeypatch, method):
     args = TINY + ["--epochs", "2", "--attack", "fgsm", *method]
     assert train.main(args + ["--out_dir", str(tmp_path / "full")]) == 0
-    save = rundir.save_resume_state
-
-    def save_then_stop(run_dir, state, generator):
-        save(run_dir, state, generator)
-        if state["next_epoch"] == 2:
-            raise _Interrupt
-    monkeypatch.setattr(rundir, "save_resume_state", save_then_stop)
-    with pytest.raises(_Interrupt):
+    stop_after_epoch(monkeypatch, 1)
+    with pytest.raises(Interrupt):
         train.main(args + ["--out_dir", str(tmp_path / "cut")])
     monkeypatch.undo()
     name = rundir.run_name(*config.parse_config(args))
