@@ -342,7 +342,7 @@ def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: fl
         opt = train.make_optimizer(cfg, model)
         opt.param_groups[0]["lr"] = BENCH_LR
         scaler = make_scaler(cfg, device)
-        fns[method] = training_step(train.forward_model(cfg, model, device, scaler), opt, scaler, x, y, cfg, device)
+        fns[method] = training_step(precision.forward_model(cfg, model, device, scaler), opt, scaler, x, y, cfg, device)
     samples = time_interleaved(fns, device, s, deadline)
     unit = samples["unit"]
     result = {"batch_size": batch_size, "input_shape": list(shape), "settings": device_settings(model, device),

@@ -56,6 +56,7 @@ import bench
 import data
 import methods
 import models
+import precision
 import rundir
 import train
 import utils
@@ -196,7 +197,7 @@ def gradalign_pieces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: tr
     the regulariser and of the cross-entropy at the FGSM point, each taken as the training backward
     takes it (through the scaler's scale, then divided by it). The caller seeds eta."""
     scaler = scaler_for(cfg, device)
-    fwd = train.forward_model(cfg, model, device, scaler)
+    fwd = precision.forward_model(cfg, model, device, scaler)
     eps = cfg.eps_frac
     delta, grad1 = utils.fgsm_attack(fwd, x, y, torch.zeros_like(x), eps, cfg.fgsm_alpha * eps, cfg.clamp_grad)
     eta = utils.uniform_delta(x, eps)
@@ -353,7 +354,7 @@ def epoch_cost(model_name: str, method: str, sizes: Sizes, device: torch.device)
     model = build(model_name, device).train()
     opt = train.make_optimizer(cfg, model)
     scaler = scaler_for(cfg, device)
-    fwd = train.forward_model(cfg, model, device, scaler)
+    fwd = precision.forward_model(cfg, model, device, scaler)
     st, stats = train.StepState(), train.Stats(device)
     for i, (x, y) in enumerate(batches):
         if i == sizes.cost_warmup_steps:
@@ -392,7 +393,7 @@ def periodic_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict:
                      extra=("--n_eval_every_k_iter", str(sizes.periodic_points),
                             "--batch_size_eval", str(sizes.final_batch)))
     model = build(model_name, device)
-    fwd = train.forward_model(cfg, model, device, scaler_for(cfg, device))
+    fwd = precision.forward_model(cfg, model, device, scaler_for(cfg, device))
     split = synthetic_split(sizes.periodic_points, shape)
     loaders = types.SimpleNamespace(
         test_subset=data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, device=device),

@@ -66,7 +66,7 @@ def test_fp16_gradalign_step_on_cuda_runs_batchnorm_in_fp32_and_skips_a_nan_step
             m.register_forward_hook(lambda mod, args, out: seen.append(args[0].dtype))
     opt = train.make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cuda")
-    fwd = train.forward_model(cfg, model, device, scaler)
+    fwd = precision.forward_model(cfg, model, device, scaler)
     assert fwd.dtype == torch.float16 and fwd.norms
     x, y = torch.rand(32, 3, 32, 32, device=device), torch.randint(0, 10, (32,), device=device)
     st, stats = train.StepState(), train.Stats(device)

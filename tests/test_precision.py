@@ -174,7 +174,7 @@ def test_batchnorm_runs_in_fp32_under_gradalign_and_fp16(lam, bn_input):
     model.body[3].register_forward_pre_hook(lambda mod, args: after.append(args[0].dtype))  # the conv after BN
     opt = train.make_optimizer(cfg, model)
     scaler = torch.amp.GradScaler("cpu")
-    fwd = train.forward_model(cfg, model, CPU, scaler)
+    fwd = precision.forward_model(cfg, model, CPU, scaler)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     st, stats = train.StepState(), train.Stats(CPU)
@@ -259,11 +259,11 @@ def test_half_prec_dtype_picks_the_autocast_dtype_and_the_grad_scaler():
                          (["--half_prec_dtype", "bfloat16"], torch.bfloat16)]:
         cfg, _ = train.parse_config(TINY + ["--half_prec", *extra])
         assert precision.half_prec_dtype(cfg, CPU) == dtype
-        fwd = train.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu"))
+        fwd = precision.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu"))
         assert fwd.dtype == dtype and fwd.scale_input_grads == (dtype == torch.float16)
     assert utils.autocast_dtype("cuda") == torch.float16
     cfg, _ = train.parse_config(TINY)
-    assert train.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu")).__class__ is nn.Linear
+    assert precision.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu")).__class__ is nn.Linear
 
 
 def test_tf32_is_off_unless_asked():
