@@ -430,26 +430,39 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
     An example counts as robust only if it is classified correctly clean and at every iterate
     (after the first step) and final point of every restart. That rule is at least as strong as
     the authors' (which keeps the max-loss restart), so it may stop early: an example already
-    broken gets no more steps or restarts. Each restart draws its random start for the whole batch,
-    so every example follows the same trajectory as in a plain full-batch PGD.
+    broken gets no more steps or restarts. Each restart's random start is drawn for the whole batch,
+    all restarts' starts before the first step and in restart order, so every example follows the
+    same trajectories as in a plain full-batch PGD, whichever restarts run together (below).
     The caller puts the model in eval mode and fp32; inputs take the layout of its weights (input_layout).
 
     Cost: the examples still attacked are kept as one packed batch, gathered again only at a step that
     fooled some of them (no gather or scatter per step); one host sync per step (is any example fooled?).
+    Restart packing: when fewer than half of the largest batch so far are still robust, the next
+    restarts of the survivors run side by side in one batch (as many restarts as fit into that batch
+    size), and an example leaves with all its copies when any copy is fooled. The verdicts are those
+    of one restart after another (each trajectory is the same, and a verdict only asks whether any
+    iterate of any restart fools the example); the pass count differs, and the number of sequential
+    steps for the survivors falls from n_iters x restarts to about n_iters x 2 when few survive.
     """
     layout = input_layout(model)
-    n_clean = n_robust = n_total = passes = 0
+    n_clean = n_robust = n_total = passes = capacity = 0
     verdicts = []
     for x_batch, y in batches:
         x = x_batch.contiguous(memory_format=layout)
+        capacity = max(capacity, len(y))
         robust = _predict(model, x) == y
         n_clean += int(robust.sum())
-        for _ in range(n_restarts):
-            start = uniform_delta(x, eps) if n_iters > 0 else torch.zeros_like(x)  # as pgd_attack
-            idx = robust.nonzero().squeeze(1)  # the batch positions still attacked
-            if idx.numel() == 0:
-                continue
-            xa, ya, delta = x[idx], y[idx], start[idx]
+        starts = [uniform_delta(x, eps) if n_iters > 0 else torch.zeros_like(x) for _ in range(n_restarts)]
+        done = 0  # restarts run so far
+        while done < n_restarts:
+            alive = robust.nonzero().squeeze(1)  # the batch positions still attacked
+            if alive.numel() == 0:
+                break
+            together = min(n_restarts - done, max(1, capacity // alive.numel()))
+            idx = alive.repeat(together)  # copy j of an example runs restart done + j
+            xa, ya = x[idx], y[idx]
+            delta = torch.cat([starts[done + j][alive] for j in range(together)])
+            done += together
             for step in range(n_iters):
                 passes += idx.numel()
                 grad, logits = input_grad(model, xa, ya, delta)
@@ -457,7 +470,7 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
                     correct = logits.argmax(1) == ya
                     if not bool(correct.all()):
                         robust[idx[~correct]] = False
-                        keep = correct.nonzero().squeeze(1)
+                        keep = robust[idx].nonzero().squeeze(1)  # every copy of a fooled example leaves
                         idx, xa, ya, delta, grad = idx[keep], xa[keep], ya[keep], delta[keep], grad[keep]
                         if idx.numel() == 0:
                             break

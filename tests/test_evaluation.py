@@ -1,7 +1,7 @@
 """Evaluation: eval.py on a run's checkpoint (eps, architecture and normalisation from config.json),
 the final evaluation under half precision, and the memory layout per pass (--channels_last,
 utils.LAYOUTS): the choice is recorded, a layout changes the robust accuracy by rounding only, the
-packed final evaluation gives the seeded results of a loop that gathers and scatters every step, and
+packed final evaluation (examples and restarts packed) gives the verdicts of a plain loop, and
 the per-example verdicts agree between layouts (bench.py's layout_agreement part).
 """
 from __future__ import annotations
@@ -206,10 +206,13 @@ def test_channels_last_evaluation_matches_contiguous_within_rounding():
     assert abs(results[False].pgd_acc - results[True].pgd_acc) * n <= max(1, n // 1000)
 
 
-def gather_scatter_robust_accuracy(model, batches, eps, alpha, n_iters, n_restarts):
-    """The final evaluation as it was written before the packed batch, restated: every step gathers the
-    examples not yet fooled out of the restart's batch and scatters their new delta back."""
-    n_clean = n_robust = n_total = passes = 0
+def one_restart_at_a_time(model, batches, eps, alpha, n_iters, n_restarts):
+    """The final evaluation as it was written before the packed batch and restart packing, restated: one
+    restart after another, every step gathers the examples not yet fooled out of the restart's batch and
+    scatters their new delta back. Returns clean and robust accuracy, the per-example verdicts, the
+    forward+backward passes per example summed and the number of batched attack steps."""
+    n_clean = n_robust = n_total = passes = steps = 0
+    verdicts = []
     for x, y in batches:
         with torch.no_grad():
             robust = model(x).argmax(1) == y
@@ -223,7 +226,10 @@ def gather_scatter_robust_accuracy(model, batches, eps, alpha, n_iters, n_restar
             fooled = torch.zeros_like(ya, dtype=torch.bool)
             for step in range(n_iters):
                 live = (~fooled).nonzero().squeeze(1)
+                if live.numel() == 0:
+                    break
                 passes += live.numel()
+                steps += 1
                 grad, logits = utils.input_grad(model, xa[live], ya[live], delta[live])
                 if step > 0:
                     fooled[live] |= logits.argmax(1) != ya[live]
@@ -234,19 +240,52 @@ def gather_scatter_robust_accuracy(model, batches, eps, alpha, n_iters, n_restar
             robust[active[fooled]] = False
         n_robust += int(robust.sum())
         n_total += len(y)
-    return n_clean / n_total, n_robust / n_total, passes
+        verdicts.append(robust)
+    return n_clean / n_total, n_robust / n_total, torch.cat(verdicts), passes, steps
+
+
+class CountingForward(torch.nn.Module):
+    """The model, counting the batched forward passes that build a graph (the attack's steps)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.steps = model, 0
+
+    def forward(self, x):
+        self.steps += torch.is_grad_enabled()
+        return self.model(x)
 
 
 @pytest.mark.parametrize("eps_255", [16, 48])
-def test_packed_final_evaluation_matches_the_gather_scatter_loop(eps_255):
+def test_packed_final_evaluation_gives_the_verdicts_of_one_restart_at_a_time(eps_255):
+    """Restarts packed side by side (and examples packed within a restart) leave every per-example verdict
+    as the plain loop gives it, from the same seeded starts, and the RNG in the same state; the survivors'
+    restarts take fewer batched steps."""
     model, x, y = trained_digits_cnn()
     batches = list(zip(x[1000:1400].split(128), y[1000:1400].split(128)))
     eps = eps_255 / 255
-    ours = utils.seeded_robust_accuracy(model, batches, eps, 20, 3, seed=0)
+    counted = CountingForward(model)
+    ours = utils.seeded_robust_accuracy(counted, batches, eps, 20, 5, seed=0)
+    after_ours = torch.rand(1)
     torch.manual_seed(0)
-    clean, robust, passes = gather_scatter_robust_accuracy(model, batches, eps, utils.eval_alpha(eps), 20, 3)
-    assert (ours.clean_acc, ours.pgd_acc, ours.grad_passes) == (clean, robust, passes)
+    clean, robust, verdicts, _, steps = one_restart_at_a_time(model, batches, eps, utils.eval_alpha(eps), 20, 5)
+    assert (ours.clean_acc, ours.pgd_acc) == (clean, robust)
+    assert torch.equal(ours.robust, verdicts)
+    assert torch.equal(torch.rand(1), after_ours)  # the same random draws, in the same number
     assert 0.0 < ours.pgd_acc < ours.clean_acc  # early exit happened, and some examples stayed robust
+    assert counted.steps < steps  # some restarts ran side by side
+
+
+def test_one_restart_takes_the_passes_of_the_plain_loop():
+    """With one restart there is nothing to pack: the pass count is the plain loop's, step for step."""
+    model, x, y = trained_digits_cnn()
+    batches = list(zip(x[1000:1400].split(128), y[1000:1400].split(128)))
+    eps = 48 / 255
+    ours = utils.seeded_robust_accuracy(model, batches, eps, 20, 1, seed=0)
+    torch.manual_seed(0)
+    clean, robust, verdicts, passes, _ = one_restart_at_a_time(model, batches, eps, utils.eval_alpha(eps), 20, 1)
+    assert (ours.clean_acc, ours.pgd_acc, ours.grad_passes) == (clean, robust, passes)
+    assert torch.equal(ours.robust, verdicts)
 
 
 def test_in_place_projection_gives_the_out_of_place_values():
