@@ -25,7 +25,10 @@ longer run.
 Layouts (--parts layouts): each pass (evaluation attack at candidate batch sizes, training attack, GradAlign
 step) in contiguous and channels_last layout, interleaved; the choice per pass, beside utils.LAYOUTS.
 Reference (--parts reference): PGD-50-10 and the FGSM+GradAlign step beside the authors' versions
-(restated below as reference_pgd_accuracy and reference_gradalign_step) on the same model and points.
+(restated below as reference_pgd_accuracy and reference_gradalign_step, with the same work per step as
+their code) on the same model and points; --run RUN_DIR attacks a finished run's model on the points
+of its final evaluation, and --authors_code DIR also times the authors' own rob_acc, imported from a
+checkout of their repository, and checks that the restatement gives its robust accuracy.
 Layout agreement (--parts layout_agreement, not in the default parts): the final PGD-50-10 on 1000 points
 (cnn: the digits test split) in both layouts, the examples whose verdict differs counted.
 Prints a table and writes --out (bench.json).
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib.util
 import io
 import math
 import os
@@ -42,9 +46,11 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +58,7 @@ from torch import nn
 import autoattack_eval
 import config
 import data
+import eval as evaluation
 import methods
 import models
 import precision
@@ -94,6 +101,7 @@ DIGITS_TRAIN = ["--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "16"
                 "--eps", str(DIGITS_EPS), "--clamp_grad", "half", "--lr_max", "0.01", "--debug"]
 
 
+RUN_FILES = ("config.json", "model.pth", "final.json")  # what --run needs of a finished run
 PARTS = ("steps", "eval", "layouts", "reference", "layout_agreement")
 DEFAULT_PARTS = PARTS[:4]  # layout_agreement (minutes of CPU time for resnet18) runs only when asked for
 
@@ -129,6 +137,8 @@ class Settings:
     parts: tuple[str, ...] = PARTS  # what to measure
     eval_batch_candidates: dict[str, tuple[int, ...]] | None = None  # evaluation batch sizes tried per model
     agreement: dict[str, EvalSize] | None = None  # the final evaluation run in both layouts (layout_agreement)
+    run: str | None = None          # a finished train.py run whose model and points the reference part attacks
+    authors_code: str | None = None  # a checkout of the authors' repository: their rob_acc timed too
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
            "the evaluation at several batch sizes; reference: PGD-50-10 and the GradAlign step beside the "
            "authors' versions; layout_agreement: the final PGD-50-10 in both layouts, example by example "
            f"(default: {' '.join(DEFAULT_PARTS)})")
+    a("--run", default=None, metavar="RUN_DIR",
+      help="reference part: attack this finished train.py run's last weights on the points of its final evaluation "
+           "(its dataset's first n_final_eval test points, batch_size_eval, its eps) instead of the bench's own "
+           "models; the GradAlign step is then timed once, on the bench's model of the run's architecture")
+    a("--authors_code", default=None, metavar="DIR",
+      help="reference part: also time the authors' own utils.rob_acc from this checkout of "
+           "github.com/tml-epfl/understanding-fast-adv-training (imported, not copied; apex is not needed for its "
+           "fp32 path) beside the restatement, and check that both give the same robust accuracy")
     return p
 
 
@@ -179,6 +197,14 @@ def parse_settings(argv: list[str] | None) -> Settings:
         parser.error("--autoattack times the digits cnn: add cnn to --models")
     if args.n_layers < 1 or args.n_filters_cnn < 1:
         parser.error("--n_layers and --n_filters_cnn must be >= 1")
+    if (args.run or args.authors_code) and "reference" not in args.parts:
+        parser.error("--run and --authors_code are for the reference part: add reference to --parts")
+    if args.run and not all(os.path.isfile(os.path.join(args.run, f)) for f in RUN_FILES):
+        parser.error(f"--run {args.run}: not a finished train.py run (it needs {', '.join(RUN_FILES)}); give a "
+                     "run's folder under the --out_dir it was trained in")
+    if args.authors_code and not os.path.isfile(os.path.join(args.authors_code, "utils.py")):
+        parser.error(f"--authors_code {args.authors_code}: no utils.py there; give the folder of a checkout of "
+                     "github.com/tml-epfl/understanding-fast-adv-training")
     cuda = device.type == "cuda"
     n_digits_test = len(data.load_split("digits", "", train=False))
     candidates = {"cnn": (128, 256, 512), "resnet18": (32, 64, 128), "wrn28_10": (2, 4)}
@@ -216,7 +242,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
                     autoattack=args.autoattack,
                     n_layers=args.n_layers, n_filters_cnn=args.n_filters_cnn,
                     parts=tuple(p for p in PARTS if p in args.parts), eval_batch_candidates=candidates,
-                    agreement=agreement)
+                    agreement=agreement, run=args.run, authors_code=args.authors_code)
 
 
 # ------------------------------------------------------------------------------------------- timing
@@ -603,81 +629,183 @@ def format_layout_agreement(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------- the authors' versions
+def _bounded(t: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """min then max against one-element tensors built on each call: the authors' clamp, which costs two
+    element-wise passes and two small allocations where torch.clamp costs one pass."""
+    return torch.max(torch.min(t, torch.full((1,), high, device=t.device)), torch.full((1,), low, device=t.device))
+
+
 def reference_pgd_accuracy(model: nn.Module, batches, eps: float, n_iters: int, n_restarts: int) -> float:
-    """The authors' final evaluation, restated: each restart attacks every example of the batch, from a
-    U[-eps, eps] start, with n_iters signed steps of eps/4 on the batch-mean cross-entropy, each step
-    followed by the box and then the eps-ball projection; per example, the restart whose final
-    cross-entropy is highest is kept (a later restart wins a tie), and accuracy is taken there. No
-    early exit: steps x restarts forward+backward passes per example. The model in fp32, eval mode."""
-    alpha, correct, total = utils.eval_alpha(eps), 0, 0
+    """The authors' final evaluation (their utils.attack_pgd inside utils.rob_acc, fp32), restated with
+    the same work per step, so that its time is theirs:
+    - each restart attacks every example of the batch from a U[-eps, eps] start (drawn into a zero tensor,
+      so the draws equal ours and utils.seeded_robust_accuracy's for the same seed);
+    - a step is a forward at x + delta, the batch-mean cross-entropy and loss.backward(), which also
+      computes and accumulates every weight's gradient (the weights keep requires_grad in their code),
+      then delta + eps/4 * sign(gradient), the box and then the eps-ball through min/max clamps, and the
+      gradient zeroed: n_iters x n_restarts forward+backward passes per example, no early exit;
+    - after each restart a forward without a graph, the per-example cross-entropy, and the restart kept
+      where it is at least the best so far (a later restart wins a tie), through boolean masks;
+    - per batch: the kept delta projected onto the box, its corner version sign-projected (computed and
+      kept for their analyses), a forward, the loss and the correct count read on the host, and both
+      deltas copied to host memory; all of them stacked at the end.
+    Returns the robust accuracy. The model in eval mode; the caller leaves requires_grad on its weights."""
+    alpha, correct, total, kept_deltas = utils.eval_alpha(eps), 0, 0, []
     for x, y in batches:
-        kept, kept_loss = torch.zeros_like(x), torch.zeros(len(y), device=x.device)
+        best_loss, best = torch.zeros(len(y), device=x.device), torch.zeros_like(x)
         for _ in range(n_restarts):
-            delta = torch.empty_like(x).uniform_(-eps, eps)
+            delta = torch.zeros_like(x).uniform_(-eps, eps).requires_grad_(True)
             for _ in range(n_iters):
-                delta.requires_grad_(True)
-                (grad,) = torch.autograd.grad(F.cross_entropy(model(x + delta), y), delta)
-                delta = torch.clamp(torch.clamp(x + delta.detach() + alpha * torch.sign(grad), 0, 1) - x, -eps, eps)
+                F.cross_entropy(model(x + delta), y).backward()
+                with torch.no_grad():
+                    moved = _bounded(x + (delta + alpha * torch.sign(delta.grad)), 0.0, 1.0) - x
+                    delta.copy_(_bounded(moved, -eps, eps))
+                delta.grad.zero_()
             with torch.no_grad():
                 loss = F.cross_entropy(model(x + delta), y, reduction="none")
-            higher = loss >= kept_loss
-            kept[higher] = delta[higher]
-            kept_loss = torch.maximum(kept_loss, loss)
+                higher = loss >= best_loss
+                best[higher] = delta.detach()[higher]
+                best_loss = torch.max(best_loss, loss)
+        best = _bounded(x + best, 0.0, 1.0) - x
+        corner = _bounded(x + eps * torch.sign(best), 0.0, 1.0) - x
         with torch.no_grad():
-            correct += int((model(x + kept).argmax(1) == y).sum())
+            logits = model(x + best)
+            loss = F.cross_entropy(logits, y)
+        correct += (logits.max(1)[1] == y).sum().item()
+        loss.item()
         total += len(y)
+        kept_deltas += [best.cpu().numpy(), corner.cpu().numpy()]
+    np.vstack(kept_deltas)  # their rob_acc returns the stacked deltas
     return correct / total
 
 
 def reference_gradalign_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Tensor, eps: float, lam: float,
                              fgsm_alpha: float) -> Callable[[], torch.Tensor]:
-    """The authors' FGSM + GradAlign training step (zero start), restated: the FGSM gradient at the clamped
-    start is computed with create_graph (as their code does whenever GradAlign is on) and only then
-    detached; the step fgsm_alpha * eps * sign, clipped to the eps-ball and the box; the training loss at
-    x + delta; grad2, the input gradient of the batch-mean cross-entropy at x + eta (eta ~ U[-eps, eps]),
-    with its graph; the cosine over the examples whose two gradients are both nonzero (a boolean
-    selection, which waits for the device); loss + lam * (1 - mean cos), backward, optimiser step.
-    Train mode, fp32."""
+    """The authors' FGSM + GradAlign training step (zero start; their train.py's loop body, fp32), restated
+    with the same work: the FGSM gradient at the start clamped to the box by min/max, computed with
+    create_graph (as their code does whenever GradAlign is on) and only then detached; the step
+    fgsm_alpha * eps * sign, clipped to the eps-ball and then the box; the training loss at x + delta;
+    grad2, the input gradient of the batch-mean cross-entropy at x + eta (eta ~ U[-eps, eps], not
+    clamped), with its graph; the cosine over the examples whose two gradients both have a nonzero norm
+    (a boolean selection, which waits for the device); loss + lam * (1 - mean cos), backward, optimiser
+    step; then the statistics their loop logs, each read on the host at every step: the loss, the
+    regulariser, the correct count, the summed input-gradient norms and the summed L2 norms of the
+    box-projected perturbation. Train mode."""
     def call() -> torch.Tensor:
         model.train()
         delta = torch.zeros_like(x, requires_grad=True)
-        attack_loss = F.cross_entropy(model(torch.clamp(x + delta, 0, 1)), y)
+        attack_loss = F.cross_entropy(model(_bounded(x + delta, 0.0, 1.0)), y)
         grad1 = torch.autograd.grad(attack_loss, delta, create_graph=True)[0].detach()
-        delta = torch.clamp(delta.detach() + fgsm_alpha * eps * torch.sign(grad1), -eps, eps)
-        delta = torch.clamp(x + delta, 0, 1) - x
-        loss = F.cross_entropy(model(x + delta), y)
-        eta = torch.empty_like(x).uniform_(-eps, eps).requires_grad_(True)
+        with torch.no_grad():
+            delta = _bounded(delta + fgsm_alpha * (eps * torch.sign(grad1)), -eps, eps)
+            delta = _bounded(x + delta, 0.0, 1.0) - x
+        logits = model(x + delta)
+        loss = F.cross_entropy(logits, y)
+        reg = torch.zeros(1, device=x.device)[0]
+        eta = torch.zeros_like(x).uniform_(-eps, eps).requires_grad_(True)
         grad2 = torch.autograd.grad(F.cross_entropy(model(x + eta), y), eta, create_graph=True)[0]
-        both = (grad1.flatten(1).norm(dim=1) != 0) & (grad2.flatten(1).norm(dim=1) != 0)
-        g1, g2 = grad1.flatten(1)[both], grad2.flatten(1)[both]
-        cos = ((g1 / g1.norm(dim=1, keepdim=True)) * (g2 / g2.norm(dim=1, keepdim=True))).sum(1)
-        total = loss + lam * (1.0 - cos.mean())
-        opt.zero_grad(set_to_none=True)
+        norms1, norms2 = (grad1 ** 2).sum([1, 2, 3]) ** 0.5, (grad2 ** 2).sum([1, 2, 3]) ** 0.5
+        both = (norms1 != 0) * (norms2 != 0)
+        g1, g2 = grad1[both], grad2[both]
+        unit1 = g1 / ((g1 ** 2).sum([1, 2, 3]) ** 0.5)[:, None, None, None]
+        unit2 = g2 / ((g2 ** 2).sum([1, 2, 3]) ** 0.5)[:, None, None, None]
+        reg = reg + lam * (1.0 - (unit1 * unit2).sum((1, 2, 3)).mean())
+        total = loss + reg
+        opt.zero_grad()
         total.backward()
         opt.step()
-        return total.detach()
+        with torch.no_grad():  # the logged statistics, each read on the host
+            final = _bounded(x + delta, 0.0, 1.0) - x
+            logged = [total.item(), reg.item(), (logits.max(1)[1] == y).sum().item(),
+                      ((grad1 ** 2).sum([1, 2, 3]) ** 0.5).sum().item(),
+                      ((final ** 2).sum([1, 2, 3]) ** 0.5).sum().item()]
+        return torch.tensor(logged[0])
     return call
 
 
+class RunPoints(types.SimpleNamespace):
+    """A finished run's model and the points of its final evaluation (load_run_points)."""
+
+
+def load_run_points(run_dir: str, device: torch.device) -> RunPoints:
+    """The last weights of a finished train.py run (architecture, normalisation and eps from its config.json,
+    read as eval.py reads them) and the points and attack of its final evaluation (final.json's n_eval,
+    attack_iters and n_restarts; its first test points in batches of its batch_size_eval; its seed), so
+    that ours repeats final.json's robust accuracy. Raises ValueError, models.CheckpointError or
+    data.DataMissingError with a one-line message."""
+    path = os.path.join(run_dir, "model.pth")
+    args = evaluation.fill_from_run(evaluation.build_parser().parse_args(["--model_path", path]), path)
+    run_config, final = (rundir.read_json(os.path.join(run_dir, f)) for f in ("config.json", "final.json"))
+    if not isinstance(final, dict) or not isinstance(final.get("last"), dict):
+        raise ValueError(f"--run {run_dir}: final.json is damaged or not train.py's; evaluate the run again "
+                         "(python eval.py --model_path RUN_DIR/model.pth) or give another run")
+    info = data.DATASETS[args.dataset]
+    model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn,
+                               args.normalize)
+    models.load_state(model, models.read_checkpoint(path, "last"))
+    split = data.load_split(args.dataset, run_config.get("data_dir", args.data_dir), train=False)
+    size = EvalSize(final["n_eval"], run_config.get("batch_size_eval", config.defaults()["batch_size_eval"]),
+                    final["attack_iters"], final["n_restarts"])
+    batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
+                                device=device))
+    name = os.path.basename(os.path.normpath(run_dir))
+    return RunPoints(model=utils.to_device(model, device).eval(), eps=args.eps / 255, batches=batches, size=size,
+                     seed=run_config.get("seed", 0), final_robust_acc=final["last"].get("pgd_acc"),
+                     model_name=args.model, description=f"{args.dataset} test, the last weights of {name}")
+
+
+def load_authors_code(folder: str) -> types.ModuleType:
+    """The authors' utils.py from a checkout of their repository, imported as a module (nothing of it is kept
+    in this repository). It imports apex.amp at the top, which only its fp16 path calls: where apex is not
+    installed, an empty stand-in takes its place while the file is imported. Raises ValueError (one line)
+    when the file has no rob_acc."""
+    stand_in = importlib.util.find_spec("apex") is None
+    if stand_in:
+        apex = types.ModuleType("apex")
+        apex.amp = types.ModuleType("apex.amp")
+        sys.modules.update({"apex": apex, "apex.amp": apex.amp})
+    try:
+        spec = importlib.util.spec_from_file_location("authors_utils", os.path.join(folder, "utils.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if stand_in:
+            sys.modules.pop("apex", None)
+            sys.modules.pop("apex.amp", None)
+    if not callable(getattr(module, "rob_acc", None)):
+        raise ValueError(f"--authors_code {folder}: its utils.py has no rob_acc; give a checkout of "
+                         "github.com/tml-epfl/understanding-fast-adv-training")
+    return module
+
+
 def bench_reference(model_name: str, s: Settings, device: torch.device, digits: tuple | None,
-                    deadline: float = math.inf) -> dict:
+                    deadline: float = math.inf, run_points: RunPoints | None = None,
+                    authors: types.ModuleType | None = None) -> dict:
     """Ours beside the authors' (restated above), timed in interleaved rounds on the same model and points:
     the final evaluation's PGD (utils.seeded_robust_accuracy in the evaluation layout, against
     reference_pgd_accuracy with contiguous weights) and the FGSM+GradAlign training step (train.train_step
     in the training layout, against reference_gradalign_step with contiguous weights; each on its own copy
-    of the same weights). Speedups are medians of the per-round ratio (authors' time / ours)."""
-    size = s.evals[model_name]
-    model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
+    of the same weights). Speedups are medians of the per-round ratio (authors' time / ours).
+    run_points: attack that run's model and points instead (load_run_points). authors: the authors' utils module
+    (load_authors_code), whose rob_acc is timed too, on its own copy of the weights."""
+    seed = 0
+    if run_points is not None:
+        size, model, eps, seed = run_points.size, run_points.model, run_points.eps, run_points.seed
+        batches, points = run_points.batches, run_points.description
+    else:
+        size = s.evals[model_name]
+        model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
     layouts = utils.pass_layouts("auto", device.type, model_name)
     ours_model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
-    theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False)
+    theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False).requires_grad_(True)
     accs = {}
 
     def ours():
-        accs["ours"] = utils.seeded_robust_accuracy(ours_model, batches, eps, size.n_iters, size.n_restarts, 0).pgd_acc
+        accs["ours"] = utils.seeded_robust_accuracy(ours_model, batches, eps, size.n_iters, size.n_restarts,
+                                                    seed).pgd_acc
 
     def theirs():
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         accs["theirs"] = reference_pgd_accuracy(theirs_model, batches, eps, size.n_iters, size.n_restarts)
 
     # the training step, on the bench's training batch
@@ -691,14 +819,30 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
     for m in (ours_train, theirs_train):
         opts.append(train.make_optimizer(cfg, m))
         opts[-1].param_groups[0]["lr"] = BENCH_LR
-    fns = {"pgd_ours": ours, "pgd_theirs": theirs,
-           "gradalign_ours": training_step(ours_train.train(), opts[0], make_scaler(cfg, device), xb, yb, cfg, device),
-           "gradalign_theirs": reference_gradalign_step(theirs_train, opts[1], xb, yb, cfg.eps_frac,
-                                                         cfg.grad_align_cos_lambda, cfg.fgsm_alpha)}
+    fns = {"pgd_ours": ours, "pgd_theirs": theirs}
+    if authors is not None:
+        authors_model = copy.deepcopy(theirs_model)
+
+        def authors_code():
+            torch.manual_seed(seed)
+            accs["authors_code"] = authors.rob_acc(batches, authors_model, eps, utils.eval_alpha(eps), None, False,
+                                                   size.n_iters, size.n_restarts, cuda=device.type == "cuda")[0]
+        fns["pgd_authors_code"] = authors_code
+    fns["gradalign_ours"] = training_step(ours_train.train(), opts[0], make_scaler(cfg, device), xb, yb, cfg, device)
+    fns["gradalign_theirs"] = reference_gradalign_step(theirs_train, opts[1], xb, yb, cfg.eps_frac,
+                                                       cfg.grad_align_cos_lambda, cfg.fgsm_alpha)
     samples = time_interleaved(fns, device, s, deadline)
     ratio = {k: statistics.median(t / o for t, o in zip(samples[f"{k}_theirs"], samples[f"{k}_ours"]))
              for k in ("pgd", "gradalign")}
-    return {"model": model_name, "points": points, **asdict(size), "eps": eps, "layouts": utils.layout_names(layouts),
+    code = {} if run_points is None else {"robust_acc_final_json": run_points.final_robust_acc}
+    if authors is not None:
+        code |= {"robust_acc_authors_code": accs["authors_code"],
+                 "restatement_agrees": accs["authors_code"] == accs["theirs"],
+                 "pgd_s_authors_code": statistics.median(samples["pgd_authors_code"]),
+                 "pgd_speedup_authors_code": statistics.median(
+                     t / o for t, o in zip(samples["pgd_authors_code"], samples["pgd_ours"]))}
+    return {"model": model_name, "points": points, "seed": seed, **code, **asdict(size), "eps": eps,
+            "layouts": utils.layout_names(layouts),
             "rounds": len(samples["pgd_ours"]), "robust_acc_ours": accs["ours"], "robust_acc_theirs": accs["theirs"],
             "pgd_s_ours": statistics.median(samples["pgd_ours"]),
             "pgd_s_theirs": statistics.median(samples["pgd_theirs"]),
@@ -715,7 +859,10 @@ def format_reference(r: dict) -> str:
             f"{r['pgd_speedup']:.2f}x faster at robust acc {r['robust_acc_ours']:.3f} (theirs "
             f"{r['robust_acc_theirs']:.3f}); FGSM+GradAlign step (batch {r['gradalign_batch_size']}): ours "
             f"{r['gradalign_ms_ours']:.1f} ms, theirs {r['gradalign_ms_theirs']:.1f} ms: "
-            f"{r['gradalign_speedup']:.2f}x ({r['rounds']} rounds, layouts {r['layouts']})")
+            f"{r['gradalign_speedup']:.2f}x ({r['rounds']} rounds, layouts {r['layouts']})"
+            + (f"; the authors' own rob_acc {r['pgd_s_authors_code']:.2f} s ({r['pgd_speedup_authors_code']:.2f}x), "
+               f"robust acc {r['robust_acc_authors_code']:.3f}: the restatement "
+               f"{'agrees' if r['restatement_agrees'] else 'DISAGREES'}" if "pgd_s_authors_code" in r else ""))
 
 
 # ------------------------------------------------------------------------------------------ output
@@ -774,17 +921,23 @@ def environment(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     s = parse_settings(argv)
+    try:  # what --run and --authors_code name, read before any timing
+        points = load_run_points(s.run, torch.device(s.device)) if s.run else None
+        authors = load_authors_code(s.authors_code) if s.authors_code else None
+    except (ValueError, models.CheckpointError, data.DataMissingError) as exc:
+        print(f"bench.py: error: {exc}", file=sys.stderr)
+        return config.EXIT_USAGE
     threads = torch.get_num_threads()
     if s.threads > 0:
         torch.set_num_threads(s.threads)
     try:
-        run(s)
+        run(s, points, authors)
     finally:
         torch.set_num_threads(threads)  # main() may run inside a test process
     return 0
 
 
-def run(s: Settings) -> None:
+def run(s: Settings, points: RunPoints | None = None, authors: types.ModuleType | None = None) -> None:
     device = torch.device(s.device)
     start = time.perf_counter()
     env = environment(device)
@@ -795,7 +948,7 @@ def run(s: Settings) -> None:
     timed = [p for p in s.parts if p in ("steps", "layouts", "reference")]
     # The budget, less a reserve for the evaluations, is shared by the timed parts and models still to time.
     steps_end = start + s.budget_s - EVAL_RESERVE_S if s.budget_s > 0 else math.inf
-    jobs = [(part, m) for part in timed for m in s.models]
+    jobs = [(part, m) for part in timed for m in ([points.model_name] if points and part == "reference" else s.models)]
 
     def deadline(done: int) -> float:
         return time.perf_counter() + (steps_end - time.perf_counter()) / (len(jobs) - done)
@@ -822,8 +975,8 @@ def run(s: Settings) -> None:
             report["layouts"][model_name] = r = bench_layouts(model_name, s, device, deadline(done))
             done += 1
             print(format_layouts(r))
-    digits = (train_digits_cnn(s, device)
-              if "cnn" in s.models and {"eval", "reference", "layout_agreement"} & set(s.parts) else None)
+    needs_digits = {"eval", "layout_agreement"} | (set() if points else {"reference"})
+    digits = train_digits_cnn(s, device) if "cnn" in s.models and needs_digits & set(s.parts) else None
     if "eval" in s.parts:
         report["eval"] = {}
         for model_name in s.models:
@@ -831,9 +984,9 @@ def run(s: Settings) -> None:
             print(format_eval(model_name, report["eval"][model_name]))
     if "reference" in s.parts:
         report["versus_reference"] = {}
-        for model_name in s.models:
+        for model_name in [points.model_name] if points else s.models:
             r = bench_reference(model_name, s, device, digits[:2] if model_name == "cnn" and digits else None,
-                                deadline(done))
+                                deadline(done), run_points=points, authors=authors)
             done += 1
             report["versus_reference"][model_name] = r
             print(format_reference(r))
