@@ -263,9 +263,10 @@ def seconds_per_call(fn: Callable[[], object], device: torch.device, calls: int)
 def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, s: Settings,
                      deadline: float = math.inf) -> dict[str, list[float]]:
     """Seconds per call of each function, one sample per round: after s.warmup untimed calls each,
-    up to s.repeats rounds time every function in turn; a round that would end after `deadline`
-    (a time.perf_counter() value) is not started, but one always runs. A sample averages enough
-    calls to last s.min_sample_s."""
+    up to s.repeats rounds time every function in turn, in reverse order every other round (so that
+    running first, or right after a long function, favours none of them); a round that would end after
+    `deadline` (a time.perf_counter() value) is not started, but one always runs. A sample averages
+    enough calls to last s.min_sample_s."""
     calls, round_s = {}, 0.0
     for name, fn in fns.items():
         last = min(seconds_per_call(fn, device, 1) for _ in range(max(s.warmup, 1)))
@@ -276,7 +277,7 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
         if r > 0 and time.perf_counter() + round_s > deadline:
             break
         start = time.perf_counter()
-        for name, fn in fns.items():
+        for name, fn in list(fns.items())[::-1 if r % 2 else 1]:
             samples[name].append(seconds_per_call(fn, device, calls[name]))
         round_s = time.perf_counter() - start
     return samples
@@ -828,10 +829,14 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
             accs["authors_code"] = authors.rob_acc(batches, authors_model, eps, utils.eval_alpha(eps), None, False,
                                                    size.n_iters, size.n_restarts, cuda=device.type == "cuda")[0]
         fns["pgd_authors_code"] = authors_code
-    fns["gradalign_ours"] = training_step(ours_train.train(), opts[0], make_scaler(cfg, device), xb, yb, cfg, device)
-    fns["gradalign_theirs"] = reference_gradalign_step(theirs_train, opts[1], xb, yb, cfg.eps_frac,
-                                                       cfg.grad_align_cos_lambda, cfg.fgsm_alpha)
-    samples = time_interleaved(fns, device, s, deadline)
+    steps = {"gradalign_ours": training_step(ours_train.train(), opts[0], make_scaler(cfg, device), xb, yb, cfg,
+                                             device),
+             "gradalign_theirs": reference_gradalign_step(theirs_train, opts[1], xb, yb, cfg.eps_frac,
+                                                          cfg.grad_align_cos_lambda, cfg.fgsm_alpha)}
+    # the evaluations and the steps timed apart: a step's few milliseconds are not timed next to seconds of PGD
+    halfway = (time.perf_counter() + deadline) / 2 if deadline < math.inf else deadline
+    samples = time_interleaved(fns, device, s, halfway)
+    samples |= time_interleaved(steps, device, s, deadline)
     ratio = {k: statistics.median(t / o for t, o in zip(samples[f"{k}_theirs"], samples[f"{k}_ours"]))
              for k in ("pgd", "gradalign")}
     code = {} if run_points is None else {"robust_acc_final_json": run_points.final_robust_acc}
@@ -843,7 +848,8 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
                      t / o for t, o in zip(samples["pgd_authors_code"], samples["pgd_ours"]))}
     return {"model": model_name, "points": points, "seed": seed, **code, **asdict(size), "eps": eps,
             "layouts": utils.layout_names(layouts),
-            "rounds": len(samples["pgd_ours"]), "robust_acc_ours": accs["ours"], "robust_acc_theirs": accs["theirs"],
+            "rounds": len(samples["pgd_ours"]), "step_rounds": len(samples["gradalign_ours"]),
+            "robust_acc_ours": accs["ours"], "robust_acc_theirs": accs["theirs"],
             "pgd_s_ours": statistics.median(samples["pgd_ours"]),
             "pgd_s_theirs": statistics.median(samples["pgd_theirs"]),
             "pgd_speedup": ratio["pgd"], "gradalign_batch_size": batch,

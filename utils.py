@@ -437,12 +437,13 @@ def robust_accuracy(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torc
 
     Cost: the examples still attacked are kept as one packed batch, gathered again only at a step that
     fooled some of them (no gather or scatter per step); one host sync per step (is any example fooled?).
-    Restart packing: when fewer than half of the largest batch so far are still robust, the next
+    Restart packing: when at most half of the largest batch so far is still robust, the next
     restarts of the survivors run side by side in one batch (as many restarts as fit into that batch
     size), and an example leaves with all its copies when any copy is fooled. The verdicts are those
-    of one restart after another (each trajectory is the same, and a verdict only asks whether any
-    iterate of any restart fools the example); the pass count differs, and the number of sequential
-    steps for the survivors falls from n_iters x restarts to about n_iters x 2 when few survive.
+    of one restart after another: in eval mode an example's pass does not depend on the rest of its
+    batch, so each trajectory is the same, and a verdict only asks whether any iterate of any restart
+    fools the example. The pass count differs, and the number of sequential steps for the survivors
+    falls from n_iters x restarts to about n_iters x 2 when few survive.
     """
     layout = input_layout(model)
     n_clean = n_robust = n_total = passes = capacity = 0
