@@ -170,9 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
            "authors' versions; layout_agreement: the final PGD-50-10 in both layouts, example by example "
            f"(default: {' '.join(DEFAULT_PARTS)})")
     a("--run", default=None, metavar="RUN_DIR",
-      help="reference part: attack this finished train.py run's last weights on the points of its final evaluation "
-           "(its dataset's first n_final_eval test points, batch_size_eval, its eps) instead of the bench's own "
-           "models; the GradAlign step is then timed once, on the bench's model of the run's architecture")
+      help="reference part: attack this finished train.py run's last weights with the attack, points, batch, eps, "
+           "seed and layout of its final evaluation (final.json) instead of the bench's own models; the GradAlign "
+           "step is then timed once, on the bench's model of the run's architecture")
     a("--authors_code", default=None, metavar="DIR",
       help="reference part: also time the authors' own utils.rob_acc from this checkout of "
            "github.com/tml-epfl/understanding-fast-adv-training (imported, not copied; apex is not needed for its "
@@ -737,7 +737,9 @@ def load_run_points(run_dir: str, device: torch.device) -> RunPoints:
     path = os.path.join(run_dir, "model.pth")
     args = evaluation.fill_from_run(evaluation.build_parser().parse_args(["--model_path", path]), path)
     run_config, final = (rundir.read_json(os.path.join(run_dir, f)) for f in ("config.json", "final.json"))
-    if not isinstance(final, dict) or not isinstance(final.get("last"), dict):
+    counts = ("n_eval", "attack_iters", "n_restarts")
+    if (not isinstance(final, dict) or not isinstance(final.get("last"), dict)
+            or not all(isinstance(final.get(k), int) and final[k] >= 0 for k in counts)):
         raise ValueError(f"--run {run_dir}: final.json is damaged or not train.py's; evaluate the run again "
                          "(python eval.py --model_path RUN_DIR/model.pth) or give another run")
     info = data.DATASETS[args.dataset]
@@ -752,6 +754,7 @@ def load_run_points(run_dir: str, device: torch.device) -> RunPoints:
     name = os.path.basename(os.path.normpath(run_dir))
     return RunPoints(model=utils.to_device(model, device).eval(), eps=args.eps / 255, batches=batches, size=size,
                      seed=run_config.get("seed", 0), final_robust_acc=final["last"].get("pgd_acc"),
+                     channels_last=run_config.get("channels_last", "auto"),
                      model_name=args.model, description=f"{args.dataset} test, the last weights of {name}")
 
 
@@ -769,6 +772,9 @@ def load_authors_code(folder: str) -> types.ModuleType:
         spec = importlib.util.spec_from_file_location("authors_utils", os.path.join(folder, "utils.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
+    except Exception as exc:  # whatever their file raises on import, in one line
+        raise ValueError(f"--authors_code {folder}: importing its utils.py failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''}") from exc
     finally:
         if stand_in:
             sys.modules.pop("apex", None)
@@ -796,7 +802,7 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
     else:
         size = s.evals[model_name]
         model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
-    layouts = utils.pass_layouts("auto", device.type, model_name)
+    layouts = utils.pass_layouts(run_points.channels_last if run_points else "auto", device.type, model_name)
     ours_model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
     theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False).requires_grad_(True)
     accs = {}

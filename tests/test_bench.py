@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
@@ -144,12 +145,20 @@ def test_run_and_authors_code_are_checked_before_any_timing(tmp_path, finished, 
     no_rob_acc = tmp_path / "other"
     no_rob_acc.mkdir()
     (no_rob_acc / "utils.py").write_text("x = 1\n")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "utils.py").write_text("import module_that_is_not_there\n")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(finished, damaged)
+    (damaged / "final.json").write_text('{"last": {}}')
     out = tmp_path / "b.json"
     common = ["--quick", "--device", "cpu", "--out", out]
     cases = {("--parts", "steps", "--run", finished): "add reference to --parts",
              ("--parts", "reference", "--run", empty): "not a finished train.py run",
              ("--parts", "reference", "--authors_code", empty): "no utils.py there",
-             ("--parts", "reference", "--authors_code", no_rob_acc): "has no rob_acc"}
+             ("--parts", "reference", "--authors_code", no_rob_acc): "has no rob_acc",
+             ("--parts", "reference", "--authors_code", broken): "importing its utils.py failed: ModuleNotFoundError",
+             ("--parts", "reference", "--run", damaged): "final.json is damaged"}
     for argv, message in cases.items():
         r = cli("bench.py", *common, *argv)
         assert r.code == 2 and len(r.err_lines) == 1 and message in r.err, (argv, r.err)
