@@ -655,17 +655,23 @@ def test_10_a_config_json_deleted_mid_run_is_written_again_on_resume(tmp_path, c
 
 
 # ------------------------------------------------------------------------ 14: permissions
+def refused_leaving_all_as_it_was(cli, out_dir, before: dict) -> str:
+    """Relaunches RUN into out_dir; asserts exit 2 and that out_dir still holds exactly `before` (a
+    snapshot); returns the one error line."""
+    proc = cli("train.py", *RUN, "--out_dir", out_dir)
+    assert proc.code == 2
+    assert snapshot(out_dir) == before
+    return one_line(proc.err)
+
+
 def test_14_a_run_dir_this_user_cannot_write_is_one_line_exit_2(tmp_path, cli, monkeypatch):
     run_dir = interrupted_run(tmp_path)
     before = snapshot(tmp_path)
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: False if path == run_dir else access(path, mode))
-    proc = cli("train.py", *RUN, "--out_dir", tmp_path)
-    assert proc.code == 2
-    line = one_line(proc.err)
+    line = refused_leaving_all_as_it_was(cli, tmp_path, before)
     assert line.startswith(f"train.py: error: cannot write {run_dir} (owner ")
     assert line.endswith("run as its owner or chmod g+w, or pick another --out_dir")
-    assert snapshot(tmp_path) == before
 
 
 @pytest.mark.parametrize("name, mode, verb",
@@ -676,11 +682,8 @@ def test_14_an_unreadable_resume_pt_or_a_read_only_file_is_one_line_exit_2(tmp_p
     target = os.path.join(run_dir, name)
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, m: False if path == target and m & mode else access(path, m))
-    before = snapshot(tmp_path)
-    proc = cli("train.py", *RUN, "--out_dir", tmp_path)
-    assert proc.code == 2
-    assert one_line(proc.err).startswith(f"train.py: error: cannot {verb} {target} (owner ")
-    assert snapshot(tmp_path) == before
+    line = refused_leaving_all_as_it_was(cli, tmp_path, snapshot(tmp_path))
+    assert line.startswith(f"train.py: error: cannot {verb} {target} (owner ")
 
 
 def test_14_permission_denied_at_lock_time_is_one_line_exit_2(tmp_path, cli, monkeypatch):
@@ -692,10 +695,9 @@ def test_14_permission_denied_at_lock_time_is_one_line_exit_2(tmp_path, cli, mon
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return open(path, *args, **kwargs)
     monkeypatch.setattr(rundir, "open", denied, raising=False)
-    proc = cli("train.py", *RUN, "--out_dir", tmp_path)
-    assert proc.code == 2
-    assert one_line(proc.err).startswith(f"train.py: error: cannot write {run_dir} (owner ")
-    assert snapshot(tmp_path) == before and not [n for n in os.listdir(run_dir) if n.startswith(".lock")]
+    line = refused_leaving_all_as_it_was(cli, tmp_path, before)
+    assert line.startswith(f"train.py: error: cannot write {run_dir} (owner ")
+    assert not [n for n in os.listdir(run_dir) if n.startswith(".lock")]
 
 
 # ------------------------------------------------------------------------ 15: a damaged resume.pt
@@ -710,13 +712,9 @@ def test_15_a_damaged_resume_pt_is_named_with_the_fix_before_anything_changes(tm
             content = f.read()
         with open(path, "wb") as f:
             f.write(content[:len(content) // 2] if damage == "truncated" else b"")
-    before = snapshot(tmp_path)
-    proc = cli("train.py", *RUN, "--out_dir", tmp_path)
-    assert proc.code == 2
-    line = one_line(proc.err)
+    line = refused_leaving_all_as_it_was(cli, tmp_path, snapshot(tmp_path))
     assert line.startswith(f"train.py: error: {path} is damaged (")
     assert line.endswith("relaunch with --overwrite to start over")
-    assert snapshot(tmp_path) == before
     assert cli("train.py", *RUN, "--out_dir", tmp_path, "--overwrite").code == 0  # the fix it names works
 
 
