@@ -724,8 +724,18 @@ def reference_gradalign_step(model: nn.Module, opt, x: torch.Tensor, y: torch.Te
     return call
 
 
-class RunPoints(types.SimpleNamespace):
-    """A finished run's model and the points of its final evaluation (load_run_points)."""
+@dataclass(frozen=True)
+class RunPoints:
+    """A finished run's model and the points, attack, seed and layout of its final evaluation (load_run_points)."""
+    model: nn.Module
+    model_name: str
+    eps: float                      # in [0, 1] units
+    batches: list
+    size: EvalSize
+    seed: int
+    channels_last: str              # the run's --channels_last
+    final_robust_acc: float | None  # final.json's PGD accuracy of the last weights
+    description: str
 
 
 def load_run_points(run_dir: str, device: torch.device) -> RunPoints:
