@@ -23,7 +23,7 @@ On CUDA also the peak memory of each (torch.cuda.max_memory_allocated after a re
 time budget (--budget_s, 150 s) caps the timing rounds, so a busy machine gives fewer rounds, not a
 longer run.
 Layouts (--parts layouts): each pass (evaluation attack at candidate batch sizes, training attack, GradAlign
-step) in contiguous and channels_last layout, interleaved; the choice per pass, beside utils.LAYOUTS.
+step) in contiguous and channels_last layout, interleaved; the choice per pass, beside precision.LAYOUTS.
 Reference (--parts reference): PGD-50-10 and the FGSM+GradAlign step beside the authors' versions
 (restated below as reference_pgd_accuracy and reference_gradalign_step, with the same work per step as
 their code) on the same model and points; --run RUN_DIR attacks a finished run's model on the points
@@ -184,11 +184,11 @@ def parse_settings(argv: list[str] | None) -> Settings:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        device = utils.resolve_device(args.device)
+        device = precision.resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
     if args.device == "auto":
-        print(utils.device_choice("bench.py", device, args.half_prec, utils.autocast_dtype(device.type)))
+        print(precision.device_choice("bench.py", device, args.half_prec, precision.autocast_dtype(device.type)))
     if (args.batch_size is not None and args.batch_size < 1) or (args.repeats is not None and args.repeats < 1):
         parser.error("--batch_size and --repeats must be >= 1")
     if args.autoattack and not autoattack_eval.available():
@@ -337,7 +337,7 @@ def training_step(model: nn.Module, opt, scaler, x, y, cfg: train.Config, device
 
 
 def device_settings(model: nn.Module, device: torch.device) -> dict:
-    """What the code under test set up (utils.to_device decides channels_last and cuDNN autotuning)."""
+    """What the code under test set up (precision.to_device decides channels_last and cuDNN autotuning)."""
     convs = [p for p in model.parameters() if p.dim() == 4]
     if any(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous() for p in convs):
         channels_last = True
@@ -358,9 +358,10 @@ def bench_steps(model_name: str, s: Settings, device: torch.device, deadline: fl
     torch.manual_seed(0)
     batch_size, shape = s.batch_sizes[model_name], INPUT_SHAPES[model_name]
     model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
-    model = utils.to_device(model, device, channels_last=utils.pass_layouts("auto", device.type, model_name)["train"])
+    layouts = precision.pass_layouts("auto", device.type, model_name)
+    model = precision.to_device(model, device, channels_last=layouts["train"])
     model = model.train()
-    fwd_model = utils.Autocast(model, device.type) if s.half_prec else model
+    fwd_model = precision.Autocast(model, device.type) if s.half_prec else model
     x = torch.rand(batch_size, *shape, device=device)
     y = torch.randint(0, N_CLASSES, (batch_size,), device=device)
     fns = {"unit": forward_backward(fwd_model, x, y)}
@@ -403,7 +404,7 @@ def train_digits_cnn(s: Settings, device: torch.device) -> tuple[nn.Module, floa
         state = models.read_checkpoint(os.path.join(tmp, train.run_name(cfg, defaults), "model.pth"), "last")
     model = models.build_model("cnn", N_CLASSES, INPUT_SHAPES["cnn"], cfg.n_layers, cfg.n_filters_cnn)
     models.load_state(model, state)
-    return utils.to_device(model, device).eval(), cfg.eps_frac, seconds
+    return precision.to_device(model, device).eval(), cfg.eps_frac, seconds
 
 
 def timed_robust_accuracy(model: nn.Module, batches, eps: float, size: EvalSize, device: torch.device) -> dict:
@@ -455,7 +456,7 @@ def bench_eval(model_name: str, s: Settings, device: torch.device, digits: tuple
     size = s.evals[model_name]
     if model_name == "cnn":
         model, eps, train_s = digits or train_digits_cnn(s, device)
-        model = utils.set_layout(model, utils.pass_layouts("auto", device.type, model_name)["eval"])
+        model = precision.set_layout(model, precision.pass_layouts("auto", device.type, model_name)["eval"])
         split = data.load_split("digits", "", train=False)
         batches = data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval, device=device)
         result = {"data": f"digits test, cnn trained {s.digits_epochs} epochs with PGD-5 (eps {DIGITS_EPS}/255)",
@@ -466,7 +467,8 @@ def bench_eval(model_name: str, s: Settings, device: torch.device, digits: tuple
     torch.manual_seed(0)
     shape = INPUT_SHAPES[model_name]
     model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
-    model = utils.to_device(model, device, channels_last=utils.pass_layouts("auto", device.type, model_name)["eval"])
+    layouts = precision.pass_layouts("auto", device.type, model_name)
+    model = precision.to_device(model, device, channels_last=layouts["eval"])
     model = model.eval()
     x = torch.rand(size.n_eval, *shape, device=device)
     with torch.no_grad():
@@ -492,13 +494,13 @@ def layout_pair(model_name: str, s: Settings, device: torch.device) -> dict[bool
     for cl in (False, True):
         model = models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn)
         model.load_state_dict(base.state_dict())
-        pair[cl] = utils.to_device(model, device, channels_last=cl)
+        pair[cl] = precision.to_device(model, device, channels_last=cl)
     return pair
 
 
 def eval_pass(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], object]:
     """One pass of an evaluation attack: eval mode, the input gradient (inputs in the weights' layout)."""
-    x = x.contiguous(memory_format=utils.input_layout(model))
+    x = x.contiguous(memory_format=precision.input_layout(model))
     delta = torch.zeros_like(x)
 
     def call():
@@ -521,8 +523,8 @@ def bench_layouts(model_name: str, s: Settings, device: torch.device, deadline: 
     """Each pass in both layouts, timed side by side: the evaluation attack's pass at every candidate
     evaluation batch size, the training attack's pass and the GradAlign training step at the training
     batch size (training inputs stay contiguous: converting them would cost a copy per step). The choice
-    per pass is channels_last where it was at least utils.LAYOUT_MIN_GAIN faster (median over rounds of
-    the per-round ratio; utils.LAYOUTS also asks the layout_agreement part's bound); the evaluation
+    per pass is channels_last where it was at least precision.LAYOUT_MIN_GAIN faster (median over rounds of
+    the per-round ratio; precision.LAYOUTS also asks the layout_agreement part's bound); the evaluation
     batch is the candidate with the least time per example."""
     pair = layout_pair(model_name, s, device)
     shape, batch = INPUT_SHAPES[model_name], s.batch_sizes[model_name]
@@ -548,17 +550,17 @@ def bench_layouts(model_name: str, s: Settings, device: torch.device, deadline: 
         if key[0] == "contiguous":
             other = ("channels_last", *key[1:])
             gains[f"{key[1]}@{key[2]}"] = statistics.median(c / cl for c, cl in zip(samples[key], samples[other]))
-    chosen = {"train": gains[f"train_step@{batch}"] >= utils.LAYOUT_MIN_GAIN,
-              "eval": statistics.median(gains[f"eval@{b}"] for b in sizes) >= utils.LAYOUT_MIN_GAIN}
+    chosen = {"train": gains[f"train_step@{batch}"] >= precision.LAYOUT_MIN_GAIN,
+              "eval": statistics.median(gains[f"eval@{b}"] for b in sizes) >= precision.LAYOUT_MIN_GAIN}
     eval_name = "channels_last" if chosen["eval"] else "contiguous"
     per_example = {b: statistics.median(samples[(eval_name, "eval", b)]) / b for b in sizes}
-    table = utils.pass_layouts("auto", device.type, model_name)
+    table = precision.pass_layouts("auto", device.type, model_name)
     return {"model": model_name, "rounds": len(samples[("contiguous", "eval", sizes[0])]), "rows": rows,
-            "channels_last_speedup": gains, "chosen": utils.layout_names(chosen),
+            "channels_last_speedup": gains, "chosen": precision.layout_names(chosen),
             "chosen_eval_batch_size": min(per_example, key=per_example.get),
-            "table": utils.layout_names(table), "table_agrees": table == chosen,
-            "train_attack_choice": utils.layout_names({"x": gains[f"train_attack@{batch}"]
-                                                       >= utils.LAYOUT_MIN_GAIN})["x"]}
+            "table": precision.layout_names(table), "table_agrees": table == chosen,
+            "train_attack_choice": precision.layout_names({"x": gains[f"train_attack@{batch}"]
+                                                       >= precision.LAYOUT_MIN_GAIN})["x"]}
 
 
 def format_layouts(r: dict) -> str:
@@ -568,7 +570,7 @@ def format_layouts(r: dict) -> str:
     eval_batches = ", ".join(str(x["batch_size"]) for x in r["rows"]
                              if x["layout"] == "contiguous" and x["pass"] == "eval")
     return (f"{r['model']}: channels_last vs contiguous ({r['rounds']} rounds): {gains}; chosen {r['chosen']} "
-            f"(utils.LAYOUTS has {r['table']}{differs}), evaluation batch "
+            f"(precision.LAYOUTS has {r['table']}{differs}), evaluation batch "
             f"{r['chosen_eval_batch_size']} (least time per example of {eval_batches})")
 
 
@@ -585,7 +587,7 @@ def evaluation_points(model_name: str, size: EvalSize, s: Settings, device: torc
         return model, eps, batches, f"digits test, the cnn of the eval part (eps {DIGITS_EPS}/255)"
     torch.manual_seed(0)
     shape = INPUT_SHAPES[model_name]
-    model = utils.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
+    model = precision.to_device(models.build_model(model_name, N_CLASSES, shape, s.n_layers, s.n_filters_cnn),
                             device).eval()
     x = torch.rand(size.n_eval, *shape, device=device)
     with torch.no_grad():
@@ -603,7 +605,7 @@ def bench_layout_agreement(model_name: str, s: Settings, device: torch.device, d
     model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
     results, seconds = {}, {}
     for cl in (False, True):
-        twin = utils.set_layout(copy.deepcopy(model).float().eval(), cl)
+        twin = precision.set_layout(copy.deepcopy(model).float().eval(), cl)
         synchronize(device)
         start = time.perf_counter()
         results[cl] = utils.seeded_robust_accuracy(twin, batches, eps, size.n_iters, size.n_restarts, seed=0)
@@ -762,7 +764,7 @@ def load_run_points(run_dir: str, device: torch.device) -> RunPoints:
     batches = list(data.Batches(split, size.batch_size, shuffle=False, drop_last=False, n=size.n_eval,
                                 device=device))
     name = os.path.basename(os.path.normpath(run_dir))
-    return RunPoints(model=utils.to_device(model, device).eval(), eps=args.eps / 255, batches=batches, size=size,
+    return RunPoints(model=precision.to_device(model, device).eval(), eps=args.eps / 255, batches=batches, size=size,
                      seed=run_config.get("seed", 0), final_robust_acc=final["last"].get("pgd_acc"),
                      channels_last=run_config.get("channels_last", "auto"),
                      model_name=args.model, description=f"{args.dataset} test, the last weights of {name}")
@@ -812,9 +814,9 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
     else:
         size = s.evals[model_name]
         model, eps, batches, points = evaluation_points(model_name, size, s, device, digits)
-    layouts = utils.pass_layouts(run_points.channels_last if run_points else "auto", device.type, model_name)
-    ours_model = utils.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
-    theirs_model = utils.set_layout(copy.deepcopy(model).float().eval(), False).requires_grad_(True)
+    layouts = precision.pass_layouts(run_points.channels_last if run_points else "auto", device.type, model_name)
+    ours_model = precision.set_layout(copy.deepcopy(model).float().eval(), layouts["eval"])
+    theirs_model = precision.set_layout(copy.deepcopy(model).float().eval(), False).requires_grad_(True)
     accs = {}
 
     def ours():
@@ -863,7 +865,7 @@ def bench_reference(model_name: str, s: Settings, device: torch.device, digits: 
                  "pgd_speedup_authors_code": statistics.median(
                      t / o for t, o in zip(samples["pgd_authors_code"], samples["pgd_ours"]))}
     return {"model": model_name, "points": points, "seed": seed, **code, **asdict(size), "eps": eps,
-            "layouts": utils.layout_names(layouts),
+            "layouts": precision.layout_names(layouts),
             "rounds": len(samples["pgd_ours"]), "step_rounds": len(samples["gradalign_ours"]),
             "robust_acc_ours": accs["ours"], "robust_acc_theirs": accs["theirs"],
             "pgd_s_ours": statistics.median(samples["pgd_ours"]),

@@ -99,7 +99,7 @@ class Config:
                            "CUDA, bf16 on CPU)", short="hp")
     half_prec_dtype: str = flag("auto", "dtype of --half_prec: auto = float16 on CUDA, bfloat16 on CPU; float16 "
                                 "always comes with a GradScaler, scaled input gradients and skipped non-finite "
-                                "steps (on the CPU too)", short="hpd", choices=_listed("utils", "HALF_PREC_DTYPES"))
+                                "steps (on the CPU too)", short="hpd", choices=_listed("precision", "HALF_PREC_DTYPES"))
     tf32: bool = flag(False, "let CUDA matmuls and convolutions use TF32 (default: IEEE fp32)", short="tf32")
     debug: bool = flag(False, "no log file; final evaluation PGD-10 with 3 restarts", short="debug", compare=False)
     eval_early_stopped_model: bool = flag(False, "also evaluate the early-stopped ('best') weights", short="es",
@@ -153,8 +153,8 @@ class Config:
     # which no name could tell apart; config.json records device_used. The name must also be known before
     # the device is: launch.py --status runs on a login node, a requeued job lands on any node.
     channels_last: str = flag("auto", "channels_last weights: auto = per pass (training, evaluation) as bench.py "
-                              "measured them (utils.LAYOUTS); on/off: every pass. Speed only, but another layout "
-                              "rounds differently", compare=False, choices=_listed("utils", "LAYOUT_CHOICES"),
+                              "measured them (precision.LAYOUTS); on/off: every pass. Speed only, but another layout "
+                              "rounds differently", compare=False, choices=_listed("precision", "LAYOUT_CHOICES"),
                               unnamed="the memory layout: speed and rounding only, recorded as layouts in config.json")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", compare=False,
                        unnamed="the hardware, recorded as device_used in config.json")

@@ -36,6 +36,7 @@ import autoattack_eval
 import config
 import data
 import models
+import precision
 import rundir
 import utils
 from config import EXIT_OK, EXIT_USAGE, OneLineParser
@@ -137,9 +138,9 @@ def evaluate(args) -> dict:
     """Loads data and checkpoint (raising one-line errors), then measures clean and PGD accuracy."""
     if args.attack != "pgd":
         autoattack_eval.load_library()  # before any work: a missing extra fails at once
-    device = utils.resolve_device(args.device, args.gpu)
+    device = precision.resolve_device(args.device, args.gpu)
     if args.device == "auto":
-        print(utils.device_choice("eval.py", device, args.half_prec, utils.autocast_dtype(device.type)),
+        print(precision.device_choice("eval.py", device, args.half_prec, precision.autocast_dtype(device.type)),
               file=sys.stderr)
     path = resolve_model_path(args.model_path)
     args = fill_from_run(args, path)
@@ -152,15 +153,15 @@ def evaluate(args) -> dict:
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn,
                                args.normalize)
     models.load_state(model, state)
-    eval_layout = utils.pass_layouts(args.channels_last, device.type, args.model)["eval"]
-    model = utils.to_device(model, device, channels_last=eval_layout).eval()
+    eval_layout = precision.pass_layouts(args.channels_last, device.type, args.model)["eval"]
+    model = precision.to_device(model, device, channels_last=eval_layout).eval()
     split = data.load_split(args.dataset, args.data_dir, train=args.set == "train", download=args.download)
     n_eval = len(split) if args.n_eval < 0 else args.n_eval
     if n_eval > len(split):
         raise ValueError(f"--n_eval {n_eval} exceeds the {len(split)} {args.set} points of {args.dataset}; "
                          "use -1 for all")
     batches = data.Batches(split, args.batch_size_eval, shuffle=False, drop_last=False, n=n_eval, device=device)
-    forward = utils.Autocast(model, device.type) if args.half_prec else model
+    forward = precision.Autocast(model, device.type) if args.half_prec else model
     eps = args.eps / 255
     with tqdm(total=n_eval, desc=f"PGD-{args.attack_iters}-{args.n_restarts}", unit="img", file=sys.stderr,
               disable=None) as bar:
@@ -176,8 +177,8 @@ def evaluate(args) -> dict:
            "attack_iters": args.attack_iters, "n_restarts": args.n_restarts, "model_path": path,
            "set": args.set, "weights": "best" if args.early_stopped_model else "last",
            "grad_passes_per_example": result.grad_passes / max(result.n_eval, 1),
-           "fp32_redone_passes": utils.take_fp32_redos(forward),
-           "eval_layout": utils.layout_names({"eval": eval_layout})["eval"]}
+           "fp32_redone_passes": precision.take_fp32_redos(forward),
+           "eval_layout": precision.layout_names({"eval": eval_layout})["eval"]}
 
     if args.attack != "pgd":
         with tqdm(total=n_eval, desc=args.attack, unit="img", file=sys.stderr, disable=None) as bar:
@@ -195,8 +196,8 @@ def final_evaluation(cfg: config.Config, model, state_dict: dict, batches: data.
     clean and PGD-50-10 (eps/4 steps, --seed) accuracy on the first n_final_eval test points (an example
     is robust only if no restart fools it), cos_x_eta on those points, and AutoAttack with
     --final_autoattack."""
-    layout = utils.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)["eval"]
-    model = utils.set_layout(copy.deepcopy(model).float().eval(), layout)
+    layout = precision.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)["eval"]
+    model = precision.set_layout(copy.deepcopy(model).float().eval(), layout)
     model.load_state_dict(state_dict)
     n_iters, n_restarts = cfg.final_attack
     with tqdm(total=batches.n, desc=f"PGD-{n_iters}-{n_restarts} ({label})", unit="img", leave=False,
@@ -241,8 +242,8 @@ def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.p
         batches = data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n, device=device)
         model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn,
                                    cfg.normalize)
-        layout = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)["eval"]
-        model = utils.to_device(model, device, channels_last=layout).float().eval()
+        layout = precision.pass_layouts(cfg.channels_last, device.type, cfg.model)["eval"]
+        model = precision.to_device(model, device, channels_last=layout).float().eval()
         for key in ("last", "best"):
             if key in final and "aa_acc" not in final[key]:
                 models.load_state(model, models.read_checkpoint(os.path.join(run_dir, "model.pth"), key))

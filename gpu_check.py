@@ -178,7 +178,7 @@ def scaler_for(cfg: train.Config, device: torch.device) -> torch.amp.GradScaler:
 
 def build(model_name: str, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return utils.to_device(models.build_model(model_name, N_CLASSES, bench.INPUT_SHAPES[model_name]), device)
+    return precision.to_device(models.build_model(model_name, N_CLASSES, bench.INPUT_SHAPES[model_name]), device)
 
 
 def synthetic_batch(model_name: str, batch_size: int, device: torch.device, seed: int = 0):
@@ -215,7 +215,7 @@ def gradalign_pieces(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: tr
                           for g, p in zip(grads, params)])
     return {"grad1": grad1.detach(), "grad2": grad2.detach(), "cos_x_eta": utils.per_example_cos(grad1, grad2).detach(),
             "reg": reg.detach(), "reg_grad": param_grad(reg), "ce_grad": param_grad(ce),
-            "redos": utils.take_fp32_redos(fwd)}
+            "redos": precision.take_fp32_redos(fwd)}
 
 
 def agreement_one(model_name: str, batch_size: int, device: torch.device) -> dict:
@@ -283,9 +283,9 @@ def zero_input_gradients(model_name: str, batch_size: int, device: torch.device,
         base = (top2[:, 0] - top2[:, 1]).median()
     zero = torch.zeros_like(x)
     forwards = {"fp32": model,
-                "fp16_unscaled": utils.Autocast(model, device.type, torch.float16, scale_input_grads=False),
-                "fp16_scaled": utils.Autocast(model, device.type, torch.float16),
-                "bf16": utils.Autocast(model, device.type, torch.bfloat16)}
+                "fp16_unscaled": precision.Autocast(model, device.type, torch.float16, scale_input_grads=False),
+                "fp16_scaled": precision.Autocast(model, device.type, torch.float16),
+                "bf16": precision.Autocast(model, device.type, torch.bfloat16)}
     rows = []
     for margin in margins:
         with torch.no_grad():
@@ -298,7 +298,7 @@ def zero_input_gradients(model_name: str, batch_size: int, device: torch.device,
         for name, fwd in forwards.items():
             g, _ = utils.input_grad(fwd, x, y, zero)
             row[name] = float((g.flatten(1) == 0).all(1).float().mean())
-        row["fp32_redone_passes"] = utils.take_fp32_redos(forwards["fp16_scaled"])
+        row["fp32_redone_passes"] = precision.take_fp32_redos(forwards["fp16_scaled"])
         rows.append(row)
     return rows
 
@@ -360,13 +360,13 @@ def epoch_cost(model_name: str, method: str, sizes: Sizes, device: torch.device)
         if i == sizes.cost_warmup_steps:
             break
         train.train_step(fwd, opt, scaler, x, y, cfg, st, stats, update=True)
-    utils.take_fp32_redos(fwd)
+    precision.take_fp32_redos(fwd)
     skipped = torch.zeros((), device=device)
     memory_reset(device)
     start = time.perf_counter()
     steps = 0
     for i, (x, y) in enumerate(batches):
-        opt.param_groups[0]["lr"] = utils.lr_at((i + 1) / len(batches), "cyclic", cfg.lr_max, SWEEP["epochs"])
+        opt.param_groups[0]["lr"] = train.lr_at((i + 1) / len(batches), "cyclic", cfg.lr_max, SWEEP["epochs"])
         train.train_step(fwd, opt, scaler, x, y, cfg, st, stats, update=True)
         skipped += st.skipped
         steps += 1
@@ -380,7 +380,7 @@ def epoch_cost(model_name: str, method: str, sizes: Sizes, device: torch.device)
     return {"method": bench.METHODS[method][0], "flags": bench.METHODS[method][1], "n_images": sizes.cost_images,
             "batch_size": sizes.cost_batch, "steps": steps, "seconds_per_epoch": seconds,
             "images_per_s": steps * sizes.cost_batch / seconds, **memory_peaks(device),
-            "skipped_steps": int(skipped), "fp32_redone_passes": utils.take_fp32_redos(fwd),
+            "skipped_steps": int(skipped), "fp32_redone_passes": precision.take_fp32_redos(fwd),
             "resume_save_s": save_s, "train_loss": stats.means()["train_loss"]}
 
 
@@ -577,11 +577,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_reference is not None and not os.path.isfile(args.cpu_reference):
         parser.error(f"--cpu_reference {args.cpu_reference}: no such file; give a quick-start run's final.json")
     try:
-        device = utils.resolve_device(args.device)
+        device = precision.resolve_device(args.device)
     except ValueError as exc:
         parser.error(str(exc))
     if args.device == "auto":
-        print(utils.device_choice("gpu_check.py", device, True, torch.float16))
+        print(precision.device_choice("gpu_check.py", device, True, torch.float16))
     sizes = GPU_SIZES if device.type == "cuda" else CPU_SIZES
     threads = torch.get_num_threads()
     if args.threads > 0:

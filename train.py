@@ -17,7 +17,7 @@ final.json that lacks it); relaunching an interrupted one resumes from its last 
 
 Reading order: data -> the training step (its perturbation and regulariser: methods.py's registry)
 -> evaluation -> the epoch loop -> run and main. Flags: config.py; the run directory: rundir.py;
-precision bookkeeping: precision.py; the attacks and the regularisers' maths: utils.py.
+the device, precision and memory layout: precision.py; the attacks and the regularisers' maths: utils.py.
 
 Exit codes: 0 done or already done, 1 a file could not be written (a full disk, a file-size limit;
 relaunching resumes), 2 bad input (nothing written), 3 the run is in progress elsewhere or this
@@ -30,12 +30,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -56,12 +58,29 @@ from precision import NonFiniteLoss, forward_model
 from rundir import RESUME_FILE, run_name
 
 
-# ================================================================================ model, optimiser
+# ====================================================================== model, optimiser, schedule
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
     """SGD(momentum 0.9) for resnet18 and wrn28_10, Adam with coupled L2 for the CNNs; on all parameters."""
     if cfg.model in ("resnet18", "wrn28_10"):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr_max, weight_decay=cfg.weight_decay)
+
+
+def lr_at(t: float, schedule: str, lr_max: float, epochs: int, peak: float = 0.4) -> float:
+    """Learning rate at fractional epoch t (t = epoch - 1 + (i + 1) / len(loader), as in the authors' loop).
+
+    cyclic: linear 0 -> lr_max at floor(peak * E) epochs -> 0 at E (0 for t <= 0); peak 0.4 is the
+    paper's floor(2E/5), 0.5 the later methods' mid-training. The product is exact (peak is read as
+    the decimal fraction it is written as), so 0.4 gives floor(2E/5) for every E.
+    piecewise: lr_max, then /10 from t/E >= 0.5 and /100 from t/E >= 0.75.
+    """
+    if schedule == "cyclic":
+        top = math.floor(Fraction(repr(float(peak))) * epochs)
+        return float(np.interp([t], [0, top, epochs], [0, lr_max, 0])[0])
+    if schedule == "piecewise":
+        frac = t / epochs
+        return lr_max if frac < 0.5 else lr_max / 10 if frac < 0.75 else lr_max / 100
+    raise ValueError(f"unknown lr schedule '{schedule}'")
 
 
 def warmup_factor(cfg: Config, iteration: int) -> float:
@@ -180,9 +199,9 @@ def periodic_evaluation(model, fwd_model, loaders: data.RunData, cfg: Config) ->
     running stats untouched): clean, FGSM and PGD-attack_iters accuracy on the test subset, PGD
     accuracy on the training subset (early stopping), cos_x_eta and cos_fgsm_pgd; CNN filter norms."""
     model.eval()
-    layouts = utils.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)
+    layouts = precision.pass_layouts(cfg.channels_last, next(model.parameters()).device.type, cfg.model)
     if layouts["eval"] != layouts["train"]:  # one converted copy per evaluation
-        fwd_model = utils.layout_copy(fwd_model, layouts["eval"])
+        fwd_model = precision.layout_copy(fwd_model, layouts["eval"])
     metrics = utils.periodic_metrics(fwd_model, loaders.test_subset, loaders.train_subset, cfg.eps_frac,
                                      cfg.pgd_alpha_eval, cfg.attack_iters, cfg.clamp_grad)
     model.train()
@@ -274,7 +293,7 @@ def train(loop: Loop) -> None:
                 # the batch: Free-AT replays the one drawn at i % m == 0
                 x, y = (x_drawn, y_drawn) if i % cfg.minibatch_replay == 0 else (x_prev, y_prev)
                 # learning rate and warm-up at this iteration
-                lr = utils.lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs, cfg.lr_peak)
+                lr = lr_at(epoch - 1 + (i + 1) / n_iters, cfg.lr_schedule, cfg.lr_max, cfg.epochs, cfg.lr_peak)
                 loop.opt.param_groups[0]["lr"] = lr
                 loop.step.warm = warmup_factor(cfg, loop.iteration)
                 loop.step.iteration = loop.iteration
@@ -289,7 +308,7 @@ def train(loop: Loop) -> None:
                     record = {"epoch": epoch, "iteration": loop.iteration, "lr": lr, **stats.means(),
                               "skipped_steps": loop.guard.take_skipped(),
                               **periodic_evaluation(loop.model, loop.fwd_model, loaders, cfg),
-                              "fp32_redone_passes": utils.take_fp32_redos(loop.fwd_model),
+                              "fp32_redone_passes": precision.take_fp32_redos(loop.fwd_model),
                               "train_minutes": loop.train_seconds / 60, "elapsed_s": time.time() - loop.start}
                     rundir.append_jsonl(metrics_path, record)
                     loop.log(rundir.format_record(record))
@@ -324,7 +343,7 @@ def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
         **record(cfg), "run_name": name, "device_used": str(device),
         "half_prec_dtype_used": (str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.")
                                  if cfg.half_prec else None),
-        "layouts": utils.layout_names(utils.pass_layouts(cfg.channels_last, device.type, cfg.model)),
+        "layouts": precision.layout_names(precision.pass_layouts(cfg.channels_last, device.type, cfg.model)),
         "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
                       "restart_rule": "robust only if no restart fools it"}})
 
@@ -337,8 +356,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
                                cfg.n_filters_cnn, cfg.normalize)
-    layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
-    model = utils.to_device(model, device, tf32=cfg.tf32, channels_last=layouts["train"]).train()
+    layouts = precision.pass_layouts(cfg.channels_last, device.type, cfg.model)
+    model = precision.to_device(model, device, tf32=cfg.tf32, channels_last=layouts["train"]).train()
     scaler = precision.make_scaler(cfg, device)
     step = StepState(device=device)
     step.select(cfg)
@@ -371,7 +390,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
     n_iters, n_restarts = cfg.final_attack
     final.update({"n_eval": loaders.n_final,
                   "attack_iters": n_iters, "n_restarts": n_restarts, "eps": cfg.eps,
-                  "eval_layout": utils.layout_names(layouts)["eval"],
+                  "eval_layout": precision.layout_names(layouts)["eval"],
                   "train_minutes": loop.train_seconds / 60, "best_train_pgd_acc": loop.best_acc,
                   **rundir.identity(cfg, name)})
     if cfg.final_autoattack:
@@ -418,9 +437,9 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
         print(f"{run_dir} is finished ({final_path} exists): nothing to do; --overwrite retrains it")
         return EXIT_OK
     try:
-        device = utils.resolve_device(cfg.device, cfg.gpu)
+        device = precision.resolve_device(cfg.device, cfg.gpu)
         if cfg.device == "auto":
-            print(utils.device_choice("train.py", device, cfg.half_prec, precision.half_prec_dtype(cfg, device)))
+            print(precision.device_choice("train.py", device, cfg.half_prec, precision.half_prec_dtype(cfg, device)))
         loaders = None if os.path.exists(final_path) and not cfg.overwrite else data.load_run_data(cfg, device)
     except (ValueError, data.DataMissingError) as exc:  # data.DataUnreadableError included
         print(f"train.py: error: {exc}", file=sys.stderr)

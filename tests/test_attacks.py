@@ -1,4 +1,4 @@
-"""Attacks, the box clamp, robust accuracy, cosines, learning rates and the periodic evaluation (utils.py).
+"""Attacks, the box clamp, robust accuracy, cosines, the periodic evaluation (utils.py) and the learning rate (train.py).
 
 The box-clamp gradient rule, the learning-rate schedules, the FGSM step, the periodic and the final
 evaluation. CPU only, small CNNs on 8x8 digits.
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
 import models
+import train
 import utils
 from tests.fixtures import trained_digits_cnn
 
@@ -320,35 +321,35 @@ def test_per_example_cos():
 # ----------------------------------------------------------------------------------- learning rates
 def test_lr_cyclic():
     lr_max, epochs = 0.2, 30
-    assert utils.lr_at(12, "cyclic", lr_max, epochs) == pytest.approx(lr_max, abs=1e-12)
-    assert utils.lr_at(11.9, "cyclic", lr_max, epochs) < lr_max
-    assert utils.lr_at(12.1, "cyclic", lr_max, epochs) < lr_max
+    assert train.lr_at(12, "cyclic", lr_max, epochs) == pytest.approx(lr_max, abs=1e-12)
+    assert train.lr_at(11.9, "cyclic", lr_max, epochs) < lr_max
+    assert train.lr_at(12.1, "cyclic", lr_max, epochs) < lr_max
     for t in (-1.0, 0.0, 30.0, 31.0):
-        assert utils.lr_at(t, "cyclic", lr_max, epochs) == 0.0
+        assert train.lr_at(t, "cyclic", lr_max, epochs) == 0.0
     # linear up to 12, linear down to 30
     for t in np.linspace(0, 12, 13):
-        assert utils.lr_at(t, "cyclic", lr_max, epochs) == pytest.approx(lr_max * t / 12, abs=1e-12)
+        assert train.lr_at(t, "cyclic", lr_max, epochs) == pytest.approx(lr_max * t / 12, abs=1e-12)
     for t in np.linspace(12, 30, 19):
-        assert utils.lr_at(t, "cyclic", lr_max, epochs) == pytest.approx(lr_max * (30 - t) / 18, abs=1e-12)
-    first = utils.lr_at(1 / 390, "cyclic", lr_max, epochs)
+        assert train.lr_at(t, "cyclic", lr_max, epochs) == pytest.approx(lr_max * (30 - t) / 18, abs=1e-12)
+    first = train.lr_at(1 / 390, "cyclic", lr_max, epochs)
     assert first > 0 and first == pytest.approx(lr_max / 390 / 12, rel=1e-9)
     # peak at floor(2E/5)
     for e, peak in ((15, 6), (96, 38), (45, 18)):
-        assert utils.lr_at(peak, "cyclic", 1.0, e) == pytest.approx(1.0, abs=1e-12)
-        assert utils.lr_at(peak - 0.5, "cyclic", 1.0, e) < 1.0
-        assert utils.lr_at(peak + 0.5, "cyclic", 1.0, e) < 1.0
+        assert train.lr_at(peak, "cyclic", 1.0, e) == pytest.approx(1.0, abs=1e-12)
+        assert train.lr_at(peak - 0.5, "cyclic", 1.0, e) < 1.0
+        assert train.lr_at(peak + 0.5, "cyclic", 1.0, e) < 1.0
 
 
 def test_lr_piecewise():
     lr_max, epochs = 0.1, 30
-    assert utils.lr_at(1 / 390, "piecewise", lr_max, epochs) == lr_max
-    assert utils.lr_at(14.99, "piecewise", lr_max, epochs) == lr_max
-    assert utils.lr_at(15, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 10)
-    assert utils.lr_at(22.49, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 10)
-    assert utils.lr_at(22.5, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 100)
-    assert utils.lr_at(30, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 100)
+    assert train.lr_at(1 / 390, "piecewise", lr_max, epochs) == lr_max
+    assert train.lr_at(14.99, "piecewise", lr_max, epochs) == lr_max
+    assert train.lr_at(15, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 10)
+    assert train.lr_at(22.49, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 10)
+    assert train.lr_at(22.5, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 100)
+    assert train.lr_at(30, "piecewise", lr_max, epochs) == pytest.approx(lr_max / 100)
     with pytest.raises(ValueError):
-        utils.lr_at(1, "cosine", lr_max, epochs)
+        train.lr_at(1, "cosine", lr_max, epochs)
 
 
 # ----------------------------------------------------------------------------- periodic evaluation

@@ -48,7 +48,7 @@ def test_fp16_gradalign_double_backprop_matches_fp32_direction():
         (grad,) = torch.autograd.grad(reg, [model.linear.weight])
         return reg.detach(), grad
     reg32, g32 = reg_grad(model)
-    reg16, g16 = reg_grad(utils.Autocast(model, "cuda"))
+    reg16, g16 = reg_grad(precision.Autocast(model, "cuda"))
     assert torch.isfinite(g16).all() and abs(reg16 - reg32) < 0.05
     assert torch.nn.functional.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.9
 
@@ -59,7 +59,7 @@ def test_fp16_gradalign_step_on_cuda_runs_batchnorm_in_fp32_and_skips_a_nan_step
                                         "--grad_align_cos_lambda", "0.2", "--dataset", "cifar10",
                                         "--model", "resnet18"])
     device = torch.device("cuda")
-    model = utils.to_device(models.build_model("resnet18", 10, (3, 32, 32)), device).train()
+    model = precision.to_device(models.build_model("resnet18", 10, (3, 32, 32)), device).train()
     seen = []
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):

@@ -1,6 +1,6 @@
 """Evaluation: eval.py on a run's checkpoint (eps, architecture and normalisation from config.json),
 the final evaluation under half precision, and the memory layout per pass (--channels_last,
-utils.LAYOUTS): the choice is recorded, a layout changes the robust accuracy by rounding only, the
+precision.LAYOUTS): the choice is recorded, a layout changes the robust accuracy by rounding only, the
 packed final evaluation (examples and restarts packed) gives the verdicts of a plain loop, and
 the per-example verdicts agree between layouts (bench.py's layout_agreement part).
 """
@@ -17,6 +17,7 @@ import bench
 import eval as eval_py
 import eval as evaluation
 import models
+import precision
 import train
 import utils
 from tests.fixtures import TINY, eval_main, one_line, trained_digits_cnn
@@ -133,35 +134,36 @@ def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_
 
 
 def test_pass_layouts_on_off_auto():
-    assert utils.pass_layouts("on", "cpu", "cnn") == {"train": True, "eval": True}
-    assert utils.pass_layouts("off", "cuda", "resnet18") == {"train": False, "eval": False}
-    for (device_type, model_name), table in utils.LAYOUTS.items():
-        assert utils.pass_layouts("auto", device_type, model_name) == table
-    assert utils.pass_layouts("auto", "cuda", "cnn") == {"train": True, "eval": True}
-    assert utils.pass_layouts("auto", "cpu", "a_model_not_in_the_table") == {"train": False, "eval": False}
+    assert precision.pass_layouts("on", "cpu", "cnn") == {"train": True, "eval": True}
+    assert precision.pass_layouts("off", "cuda", "resnet18") == {"train": False, "eval": False}
+    for (device_type, model_name), table in precision.LAYOUTS.items():
+        assert precision.pass_layouts("auto", device_type, model_name) == table
+    assert precision.pass_layouts("auto", "cuda", "cnn") == {"train": True, "eval": True}
+    assert precision.pass_layouts("auto", "cpu", "a_model_not_in_the_table") == {"train": False, "eval": False}
     with pytest.raises(ValueError, match="unknown layout choice"):
-        utils.pass_layouts("yes", "cpu", "cnn")
+        precision.pass_layouts("yes", "cpu", "cnn")
 
 
 def test_cpu_training_stays_contiguous_by_default():  # channels_last training would not repeat a run bit for bit
-    assert not any(table["train"] for (device_type, _), table in utils.LAYOUTS.items() if device_type == "cpu")
+    assert not any(table["train"] for (device_type, _), table in precision.LAYOUTS.items() if device_type == "cpu")
 
 
 def test_set_layout_and_input_layout():
     model = models.build_model("cnn", 10, (1, 8, 8), 2, 4)
-    assert utils.input_layout(utils.set_layout(model, True)) == torch.channels_last
-    assert utils.input_layout(utils.set_layout(model, False)) == torch.contiguous_format
-    one_layer = utils.set_layout(models.build_model("cnn", 10, (1, 8, 8), 1, 4), True)
-    assert utils.input_layout(one_layer) == torch.contiguous_format  # one input channel: both layouts coincide
+    assert precision.input_layout(precision.set_layout(model, True)) == torch.channels_last
+    assert precision.input_layout(precision.set_layout(model, False)) == torch.contiguous_format
+    one_layer = precision.set_layout(models.build_model("cnn", 10, (1, 8, 8), 1, 4), True)
+    assert precision.input_layout(one_layer) == torch.contiguous_format  # one input channel: both layouts coincide
 
 
 def test_layout_copy_shares_the_scaler_and_leaves_the_model_alone():
     model = models.build_model("cnn", 10, (1, 8, 8), 2, 4)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    wrapped = utils.Autocast(model, "cpu", torch.bfloat16, scaler=scaler)
-    other = utils.layout_copy(wrapped, True)
+    wrapped = precision.Autocast(model, "cpu", torch.bfloat16, scaler=scaler)
+    other = precision.layout_copy(wrapped, True)
     assert other.scaler is scaler and other.model is not model
-    assert utils.input_layout(other) == torch.channels_last and utils.input_layout(wrapped) == torch.contiguous_format
+    assert precision.input_layout(other) == torch.channels_last
+    assert precision.input_layout(wrapped) == torch.contiguous_format
 
 
 @pytest.mark.parametrize("choice", ["on", "off", "auto"])
@@ -172,7 +174,7 @@ def test_the_layouts_used_are_recorded(tmp_path, choice):
     cfg, defaults = train.parse_config(args)
     run_dir = os.path.join(tmp_path / "runs", train.run_name(cfg, defaults))
     assert "channels_last" not in os.path.basename(run_dir)  # speed and rounding only: not in the run name
-    expected = utils.layout_names(utils.pass_layouts(choice, "cpu", "cnn"))
+    expected = precision.layout_names(precision.pass_layouts(choice, "cpu", "cnn"))
     config = json.load(open(os.path.join(run_dir, "config.json")))
     final = json.load(open(os.path.join(run_dir, "final.json")))
     assert config["channels_last"] == choice and config["layouts"] == expected
@@ -196,9 +198,9 @@ def test_channels_last_evaluation_matches_contiguous_within_rounding():
     eps = 16 / 255
     results = {}
     for cl in (False, True):
-        copy = utils.set_layout(models.build_model("cnn", 10, (1, 8, 8), 2, 8), cl).eval()
+        copy = precision.set_layout(models.build_model("cnn", 10, (1, 8, 8), 2, 8), cl).eval()
         copy.load_state_dict(model.state_dict())
-        assert utils.input_layout(copy) == (torch.channels_last if cl else torch.contiguous_format)
+        assert precision.input_layout(copy) == (torch.channels_last if cl else torch.contiguous_format)
         results[cl] = utils.seeded_robust_accuracy(copy, batches, eps, 10, 2, seed=0)
     n = results[False].n_eval
     assert results[False].clean_acc == results[True].clean_acc == 1.0
@@ -301,7 +303,7 @@ def test_periodic_evaluation_in_another_layout_than_training(tmp_path, monkeypat
     periodic evaluation runs on a converted copy (through the Autocast wrapper under --half_prec) and
     leaves the training model's layout alone; the run's metrics equal a run with both passes contiguous
     up to the rounding of the evaluation layout."""
-    monkeypatch.setitem(utils.LAYOUTS, ("cpu", "cnn"), {"train": False, "eval": True})
+    monkeypatch.setitem(precision.LAYOUTS, ("cpu", "cnn"), {"train": False, "eval": True})
     args = (TINY + ["--attack", "fgsm", "--n_layers", "2", "--n_filters_cnn", "4"]
             + (["--half_prec"] if half_prec else []))
     runs = {}

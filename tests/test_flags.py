@@ -20,6 +20,7 @@ import eval as eval_py
 import gpu_check
 import launch
 import models
+import precision
 import rundir
 import train
 import utils
@@ -379,7 +380,7 @@ def test_the_cause_names_a_driver_too_old_for_the_build_with_both_versions(monke
     without_cuda(monkeypatch, "13.0", "The NVIDIA driver on your system is too old (found version 12080). "
                                       "Please update your GPU driver")
     with pytest.raises(ValueError) as exc:
-        utils.resolve_device("cuda")
+        precision.resolve_device("cuda")
     message = str(exc.value)
     assert "driver is too old" in message and "CUDA 12.8" in message and "CUDA 13.0" in message
     assert "\n" not in message
@@ -393,11 +394,11 @@ def test_the_cause_names_a_driver_too_old_for_the_build_with_both_versions(monke
 ])
 def test_the_cause_of_other_failures(monkeypatch, build, init_error, fragment):
     without_cuda(monkeypatch, build, init_error)
-    problem = utils.cuda_problem()
+    problem = precision.cuda_problem()
     assert fragment in problem and "\n" not in problem
     with pytest.raises(ValueError):
-        utils.resolve_device("cuda:0")
-    assert utils.resolve_device("auto") == torch.device("cpu")
+        precision.resolve_device("cuda:0")
+    assert precision.resolve_device("auto") == torch.device("cpu")
 
 
 @NO_CUDA

@@ -12,6 +12,7 @@ import torch
 
 import config
 import gpu_check
+import precision
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,7 +62,7 @@ def cut_double_backward(monkeypatch) -> None:
     real = utils.input_grad
 
     def input_grad(model, x, y, delta, *, clamp_rule=None, create_graph=False):
-        if isinstance(model, utils.Autocast):
+        if isinstance(model, precision.Autocast):
             create_graph = False
         return real(model, x, y, delta, clamp_rule=clamp_rule, create_graph=create_graph)
     monkeypatch.setattr(utils, "input_grad", input_grad)

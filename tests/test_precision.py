@@ -107,8 +107,8 @@ def test_fp16_scaled_input_gradients_keep_confident_examples(confident):
     model, x, y = confident
     zero = torch.zeros_like(x)
     g32, _ = utils.input_grad(model, x, y, zero)
-    unscaled, _ = utils.input_grad(utils.Autocast(model, "cpu", torch.float16, scale_input_grads=False), x, y, zero)
-    scaled, _ = utils.input_grad(utils.Autocast(model, "cpu", torch.float16), x, y, zero)
+    unscaled, _ = utils.input_grad(precision.Autocast(model, "cpu", torch.float16, scale_input_grads=False), x, y, zero)
+    scaled, _ = utils.input_grad(precision.Autocast(model, "cpu", torch.float16), x, y, zero)
     assert _all_zero_examples(g32) == 0
     assert _all_zero_examples(unscaled) > 0  # e^-20 is below fp16's smallest number
     assert _all_zero_examples(scaled) == 0
@@ -121,10 +121,10 @@ def test_fp16_scaled_input_gradients_keep_confident_examples(confident):
 def test_scale_follows_the_training_grad_scaler(confident):
     model = confident[0]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    fwd = utils.Autocast(model, "cpu", torch.float16, scaler=scaler)
+    fwd = precision.Autocast(model, "cpu", torch.float16, scaler=scaler)
     assert float(fwd.input_grad_scale(32, CPU)) == 2.0 ** 10 / 32
-    assert utils.Autocast(model, "cpu", torch.float16).input_grad_scale(32, CPU) == 2.0 ** 16 / 32
-    assert utils.Autocast(model, "cpu", torch.bfloat16, scaler=scaler).input_grad_scale(32, CPU) is None
+    assert precision.Autocast(model, "cpu", torch.float16).input_grad_scale(32, CPU) == 2.0 ** 16 / 32
+    assert precision.Autocast(model, "cpu", torch.bfloat16, scaler=scaler).input_grad_scale(32, CPU) is None
 
 
 def test_fp16_overflow_is_redone_in_fp32(confident):
@@ -132,7 +132,7 @@ def test_fp16_overflow_is_redone_in_fp32(confident):
     delta = torch.zeros_like(x)
     g32, logits32 = utils.input_grad(model, x, y, delta)
     huge = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)  # the scaled loss overflows fp16
-    g, logits = utils.input_grad(utils.Autocast(model, "cpu", torch.float16, scaler=huge), x, y, delta)
+    g, logits = utils.input_grad(precision.Autocast(model, "cpu", torch.float16, scaler=huge), x, y, delta)
     assert torch.equal(g, g32) and torch.equal(logits, logits32)
 
 
@@ -141,7 +141,7 @@ def test_fp32_and_bf16_input_gradients_are_bit_identical_to_the_unscaled_formula
                                                                                  create_graph):
     model, x, y = confident
     delta = utils.uniform_delta(x, 0.1)
-    for fwd in (model, utils.Autocast(model, "cpu", torch.bfloat16)):
+    for fwd in (model, precision.Autocast(model, "cpu", torch.bfloat16)):
         grad, _ = utils.input_grad(fwd, x, y, delta.clone(), clamp_rule=clamp_rule, create_graph=create_graph)
         d = delta.clone().requires_grad_(True)
         inputs = x + d if clamp_rule is None else utils.box_clamp(x + d, clamp_rule)
@@ -261,15 +261,15 @@ def test_half_prec_dtype_picks_the_autocast_dtype_and_the_grad_scaler():
         assert precision.half_prec_dtype(cfg, CPU) == dtype
         fwd = precision.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu"))
         assert fwd.dtype == dtype and fwd.scale_input_grads == (dtype == torch.float16)
-    assert utils.autocast_dtype("cuda") == torch.float16
+    assert precision.autocast_dtype("cuda") == torch.float16
     cfg, _ = train.parse_config(TINY)
     assert precision.forward_model(cfg, nn.Linear(2, 2), CPU, torch.amp.GradScaler("cpu")).__class__ is nn.Linear
 
 
 def test_tf32_is_off_unless_asked():
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    utils.to_device(nn.Linear(2, 2), CPU)
+    precision.to_device(nn.Linear(2, 2), CPU)
     assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
-    utils.to_device(nn.Linear(2, 2), CPU, tf32=True)
+    precision.to_device(nn.Linear(2, 2), CPU, tf32=True)
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
-    utils.set_tf32(False)
+    precision.set_tf32(False)

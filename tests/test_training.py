@@ -395,16 +395,16 @@ def test_lr_peak_default_is_the_papers_floor_of_two_fifths():
         top = epochs * 2 // 5
         for t in np.linspace(0, epochs, 37):
             expected = float(np.interp(t, [0, top, epochs], [0, 0.2, 0]))
-            assert utils.lr_at(t, "cyclic", 0.2, epochs) == expected
-            assert utils.lr_at(t, "cyclic", 0.2, epochs, 0.4) == expected
+            assert train.lr_at(t, "cyclic", 0.2, epochs) == expected
+            assert train.lr_at(t, "cyclic", 0.2, epochs, 0.4) == expected
 
 
 def test_lr_peak_half_peaks_at_mid_training():
     for epochs in (2, 10, 30):
-        assert utils.lr_at(epochs / 2, "cyclic", 0.2, epochs, 0.5) == pytest.approx(0.2)
-        assert utils.lr_at(epochs / 2 - 0.25, "cyclic", 0.2, epochs, 0.5) < 0.2
-        assert utils.lr_at(epochs / 2 + 0.25, "cyclic", 0.2, epochs, 0.5) < 0.2
-    assert utils.lr_at(7, "cyclic", 1.0, 15, 0.5) == 1.0  # floor(7.5): ZeroGrad's epochs // 2
+        assert train.lr_at(epochs / 2, "cyclic", 0.2, epochs, 0.5) == pytest.approx(0.2)
+        assert train.lr_at(epochs / 2 - 0.25, "cyclic", 0.2, epochs, 0.5) < 0.2
+        assert train.lr_at(epochs / 2 + 0.25, "cyclic", 0.2, epochs, 0.5) < 0.2
+    assert train.lr_at(7, "cyclic", 1.0, 15, 0.5) == 1.0  # floor(7.5): ZeroGrad's epochs // 2
 
 
 # --------------------------------------------------------------------------------- normalisation
@@ -829,17 +829,17 @@ def test_an_overflowing_fp16_pass_is_counted_once_and_the_count_resets():
     model = models.build_model("cnn", 10, (1, 8, 8))
     x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
     huge = torch.amp.GradScaler("cpu", init_scale=2.0 ** 60)
-    fwd = utils.Autocast(model, "cpu", torch.float16, scaler=huge)
+    fwd = precision.Autocast(model, "cpu", torch.float16, scaler=huge)
     utils.input_grad(fwd, x, y, torch.zeros_like(x))
-    assert utils.take_fp32_redos(fwd) == 1 and utils.take_fp32_redos(fwd) == 0
-    utils.input_grad(utils.Autocast(model, "cpu", torch.float16), x, y, torch.zeros_like(x))
-    assert utils.take_fp32_redos(model) == 0  # not a wrapper: nothing to count
+    assert precision.take_fp32_redos(fwd) == 1 and precision.take_fp32_redos(fwd) == 0
+    utils.input_grad(precision.Autocast(model, "cpu", torch.float16), x, y, torch.zeros_like(x))
+    assert precision.take_fp32_redos(model) == 0  # not a wrapper: nothing to count
 
 
 def test_metrics_count_the_fp16_passes_redone_in_fp32_since_the_last_record(tmp_path, monkeypatch):
     """Every scaled pass overflows (a scale of 1e30): each record must count exactly the scaled passes
     (training and periodic evaluation) made since the previous record."""
-    monkeypatch.setattr(utils.Autocast, "input_grad_scale", lambda self, b, device: torch.tensor(1e30))
+    monkeypatch.setattr(precision.Autocast, "input_grad_scale", lambda self, b, device: torch.tensor(1e30))
     scaled, at_record = [0], []
     summed = utils._summed_ce_grad
 
