@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import submitit
 
+import lease
 import rundir
 
 REPO = os.path.dirname(os.path.abspath(__file__))
@@ -283,11 +284,11 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self) -> int:
         from config import EXIT_LOCKED
-        from rundir import LEASE_SECONDS
+        from lease import LEASE_SECONDS
         rc = run_command(self.argv, self.log_path, started=self._started)
         if self.requeues > 0 and rc == EXIT_LOCKED:
             # The previous attempt may have died without freeing the lock (a node failure): its lease
-            # runs out within rundir.LEASE_SECONDS; keep trying until then.
+            # runs out within lease.LEASE_SECONDS; keep trying until then.
             deadline = time.time() + LEASE_SECONDS + 60
             while rc == EXIT_LOCKED and time.time() < deadline:
                 time.sleep(30)
@@ -449,7 +450,7 @@ def run_state(task: Task) -> tuple[str, str]:
         if not foreign:
             return "finished", ""
         final, damage = None, foreign
-    owner = rundir.live_lock_owner(run_dir) if run_dir else None
+    owner = lease.live_lock_owner(run_dir) if run_dir else None
     if owner is not None:
         return "in progress", owner.describe()
     if damage:

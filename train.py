@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 import data
 import eval as evaluation
+import lease
 import methods
 import models
 import precision
@@ -459,7 +460,7 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
             if os.path.exists(final_path) and not cfg.overwrite:
                 return evaluation.add_autoattack(cfg, run_dir, device, prog="train.py")
             return run(cfg, name, device, loaders or data.load_run_data(cfg, device))
-    except (rundir.RunLocked, rundir.RunDirError, rundir.LockLost, OSError, KeyboardInterrupt) as exc:
+    except (lease.RunLocked, rundir.RunDirError, lease.LockLost, OSError, KeyboardInterrupt) as exc:
         return rundir.stopped_with(exc, "train.py", run_dir)
 
 

@@ -1,4 +1,4 @@
-"""Attacks, the box clamp, robust accuracy, cosines, the periodic evaluation (utils.py) and the learning rate (train.py).
+"""Attacks, the box clamp, robust accuracy, cosines, the periodic evaluation (utils.py), the learning rate (train.py).
 
 The box-clamp gradient rule, the learning-rate schedules, the FGSM step, the periodic and the final
 evaluation. CPU only, small CNNs on 8x8 digits.

@@ -26,6 +26,7 @@ import torch
 import config
 import eval as eval_py
 import launch
+import lease
 import report
 import rundir
 import train
@@ -204,7 +205,7 @@ def test_23_sigterm_to_launch_stops_its_children_and_waits_for_them(tmp_path):
         deadline = time.time() + 120
         while not all(os.path.exists(p) for p in locks) and time.time() < deadline:
             time.sleep(0.1)
-        children = [rundir.read_lock(p)[0].pid for p in locks]
+        children = [lease.read_lock(p)[0].pid for p in locks]
         assert sweep.poll() is None
         sweep.send_signal(signal.SIGTERM)
         _, err = sweep.communicate(timeout=120)
@@ -243,7 +244,7 @@ def test_sigkill_mid_epoch_then_rerun_on_another_node_gives_the_uninterrupted_re
     stale = {"host": "node-a17", "pid": 4242, "since": "2026-01-01T00:00:00Z", "pid_ns": None}
     with open(os.path.join(run_dir, ".lock"), "w") as f:
         json.dump(stale, f)
-    os.utime(os.path.join(run_dir, ".lock"), (time.time() - rundir.LEASE_SECONDS - 60,) * 2)
+    os.utime(os.path.join(run_dir, ".lock"), (time.time() - lease.LEASE_SECONDS - 60,) * 2)
     resumed = cli("train.py", *RUN, "--out_dir", tmp_path / "cut")  # in-process: one thread, as the killed run
     assert resumed.code == 0, resumed.err
     assert "resuming" in resumed.out
@@ -298,9 +299,9 @@ def test_a_second_launch_during_a_run_exits_3_and_touches_nothing(tmp_path, cli)
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path):
-    first, second = rundir.RunLock(str(tmp_path)), rundir.RunLock(str(tmp_path))
+    first, second = lease.RunLock(str(tmp_path)), lease.RunLock(str(tmp_path))
     first.acquire()
-    with pytest.raises(rundir.RunLocked, match=str(os.getpid())):
+    with pytest.raises(lease.RunLocked, match=str(os.getpid())):
         second.acquire()
     assert os.listdir(tmp_path) == [".lock"]  # no temporary file left behind
     first.release()
@@ -326,7 +327,7 @@ def test_recent_lock_naming_another_host_exits_3_and_writes_nothing(tmp_path, ca
     args = TINY + ["--out_dir", str(tmp_path)]
     cfg, defaults = config.parse_config(args)
     run_dir = os.path.join(str(tmp_path), rundir.run_name(cfg, defaults))
-    lock = write_lock(run_dir, "node-a17", 4242, age_s=rundir.LEASE_SECONDS - 30)
+    lock = write_lock(run_dir, "node-a17", 4242, age_s=lease.LEASE_SECONDS - 30)
     before = open(lock).read()
     assert train.main(args) == 3
     err = capsys.readouterr().err
@@ -335,38 +336,38 @@ def test_recent_lock_naming_another_host_exits_3_and_writes_nothing(tmp_path, ca
 
 
 def test_lock_names_its_holder_is_refreshed_and_released(tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir, "LEASE_SECONDS", 0.5)  # refreshed every 0.1 s
-    lock = rundir.RunLock(str(tmp_path))
+    monkeypatch.setattr(lease, "LEASE_SECONDS", 0.5)  # refreshed every 0.1 s
+    lock = lease.RunLock(str(tmp_path))
     lock.acquire()
     try:
-        owner, _ = rundir.read_lock(lock.path)
+        owner, _ = lease.read_lock(lock.path)
         assert (owner.host, owner.pid, owner.since[:2]) == (os.uname().nodename, os.getpid(), "20")
         os.utime(lock.path, (0, 0))  # as if last refreshed in 1970
         time.sleep(0.4)
         assert time.time() - os.stat(lock.path).st_mtime < 0.3  # the heartbeat refreshed it
-        with pytest.raises(rundir.RunLocked, match=f"pid {os.getpid()} on "):
-            rundir.RunLock(str(tmp_path)).acquire()
-        assert rundir.live_lock_owner(str(tmp_path)).pid == os.getpid()
+        with pytest.raises(lease.RunLocked, match=f"pid {os.getpid()} on "):
+            lease.RunLock(str(tmp_path)).acquire()
+        assert lease.live_lock_owner(str(tmp_path)).pid == os.getpid()
     finally:
         lock.release()
     assert os.listdir(tmp_path) == []
-    assert rundir.live_lock_owner(str(tmp_path)) is None
+    assert lease.live_lock_owner(str(tmp_path)) is None
 
 
 @pytest.mark.parametrize("content", ["", "{half a lock", '{"host": "node-a17"}'])
 def test_an_unreadable_lock_is_never_taken_for_a_live_one(tmp_path, content):
     with open(tmp_path / ".lock", "w") as f:
         f.write(content)  # fresh mtime, but names no holder
-    lock = rundir.RunLock(str(tmp_path))
+    lock = lease.RunLock(str(tmp_path))
     lock.acquire()
-    assert rundir.read_lock(lock.path)[0].pid == os.getpid()
+    assert lease.read_lock(lock.path)[0].pid == os.getpid()
     lock.release()
 
 
 def test_a_lock_taken_over_meanwhile_is_put_back_and_a_lost_lock_is_reported(tmp_path, monkeypatch):
     # Two contenders saw the same stale lock; the first replaced it. The second's rename-aside then
     # catches the first's fresh lock: it must link it back, not remove it.
-    holder = rundir.RunLock(str(tmp_path))
+    holder = lease.RunLock(str(tmp_path))
     holder.acquire()
     inode = os.stat(holder.path).st_ino
     holder._set_aside(inode + 1, holder.path + ".stale.test")  # judged stale: a lock with another inode
@@ -374,15 +375,15 @@ def test_a_lock_taken_over_meanwhile_is_put_back_and_a_lost_lock_is_reported(tmp
     holder.release()
     assert os.listdir(tmp_path) == []
 
-    monkeypatch.setattr(rundir, "LEASE_SECONDS", 0.25)
+    monkeypatch.setattr(lease, "LEASE_SECONDS", 0.25)
     lost = threading.Event()
-    lock = rundir.RunLock(str(tmp_path), on_lost=lost.set)
+    lock = lease.RunLock(str(tmp_path), on_lost=lost.set)
     lock.acquire()
     os.remove(lock.path)  # another process judged it stale and took over
     write_lock(str(tmp_path), "node-a17", 4242, age_s=0)
     assert lost.wait(5) and not lock.held
     lock.release()
-    assert rundir.read_lock(lock.path)[0].host == "node-a17"  # the new holder's lock is left alone
+    assert lease.read_lock(lock.path)[0].host == "node-a17"  # the new holder's lock is left alone
 
 
 # ----------------------------------------------------------------------------------------- file modes
@@ -447,7 +448,7 @@ def test_a_job_stopped_by_submitit_is_requeued_and_finishes_from_resume_pt(tmp_p
         deadline = time.time() + 240
         while not os.path.exists(os.path.join(run_dir, rundir.RESUME_FILE)) and time.time() < deadline:
             time.sleep(0.01)
-        child = rundir.read_lock(os.path.join(run_dir, ".lock"))[0].pid
+        child = lease.read_lock(os.path.join(run_dir, ".lock"))[0].pid
         os.kill(child, signal.SIGSTOP)  # frozen mid-run, so the stop lands before it ends
         os.kill(_parent_pid(child), signal.SIGUSR2)  # what Slurm sends submitit's job before its time limit
         output, _ = sweep.communicate(timeout=240)
@@ -527,13 +528,13 @@ def test_1_a_deleted_lock_stops_the_run_at_its_next_write_exit_3(tmp_path, cli, 
 
 
 def test_1_a_lock_deleted_while_no_write_happens_is_noticed_by_the_refreshing_thread(tmp_path, monkeypatch):
-    monkeypatch.setattr(rundir, "LEASE_SECONDS", 0.25)  # refreshed every 0.05 s
-    with pytest.raises(rundir.LockLost, match="no longer this process's"), \
+    monkeypatch.setattr(lease, "LEASE_SECONDS", 0.25)  # refreshed every 0.05 s
+    with pytest.raises(lease.LockLost, match="no longer this process's"), \
             rundir.exclusive_run(str(tmp_path), "train.py"):
         os.remove(os.path.join(tmp_path, ".lock"))
         time.sleep(5)  # the refreshing thread stops this through SIGTERM, long before the end
-    with pytest.raises(rundir.LockLost):  # and confirm() of a lock lost that way fails too
-        lock = rundir.RunLock(str(tmp_path))
+    with pytest.raises(lease.LockLost):  # and confirm() of a lock lost that way fails too
+        lock = lease.RunLock(str(tmp_path))
         lock.acquire()
         os.remove(lock.path)
         try:
@@ -694,7 +695,7 @@ def test_14_permission_denied_at_lock_time_is_one_line_exit_2(tmp_path, cli, mon
         if ".lock" in os.path.basename(str(path)):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return open(path, *args, **kwargs)
-    monkeypatch.setattr(rundir, "open", denied, raising=False)
+    monkeypatch.setattr(lease, "open", denied, raising=False)
     line = refused_leaving_all_as_it_was(cli, tmp_path, before)
     assert line.startswith(f"train.py: error: cannot write {run_dir} (owner ")
     assert not [n for n in os.listdir(run_dir) if n.startswith(".lock")]
@@ -754,7 +755,7 @@ def test_20_a_full_disk_at_lock_time_leaves_no_lock_file_and_relaunch_resumes(tm
 
         def __exit__(self, *exc):
             self.file.close()
-    monkeypatch.setattr(rundir, "open", lambda path, *a, **k: FullDisk(path) if ".lock" in str(path)
+    monkeypatch.setattr(lease, "open", lambda path, *a, **k: FullDisk(path) if ".lock" in str(path)
                         else open(path, *a, **k), raising=False)
     proc = cli("train.py", *RUN, "--out_dir", tmp_path)
     assert proc.code == 1

@@ -22,9 +22,9 @@ import pytest
 import torch
 
 import config
+import lease
 import methods
 import report
-import rundir
 import utils
 from tests.fixtures import ProcessState
 
@@ -69,7 +69,7 @@ def environment_names(source: str) -> list[str]:
 
 
 def test_training_code_reads_no_test_environment_variable():
-    for name in ("train.py", "utils.py", "rundir.py", "config.py"):
+    for name in ("train.py", "utils.py", "precision.py", "rundir.py", "lease.py", "config.py"):
         with open(os.path.join(ROOT, name)) as f:
             names = environment_names(f.read())
         assert not [n for n in names if "TEST" in n.upper()], (name, names)
@@ -136,7 +136,7 @@ OUTPUT_FILES = {"report.md", "lemma2.md"}
 # paths under this repository's folders are checked.
 OTHER_CODE_PAGES = {"later_methods.md"}
 FOLDERS = ("docs/", "sh/", "recipes/", "tests/", ".ci/")
-MODULES = ("analysis", "autoattack_eval", "bench", "config", "data", "eval", "gpu_check", "launch", "methods",
+MODULES = ("analysis", "autoattack_eval", "bench", "config", "data", "eval", "gpu_check", "launch", "lease", "methods",
            "models", "precision", "report", "rundir", "sweep_cost", "train", "utils")
 PATH_RE = re.compile(r"@?((?:\.?[\w-]+/)*(?:[\w.-]+\.(?:py|sh|args|md|ini|toml)|requirements[\w-]*\.txt)"
                      r"|(?:docs|sh|recipes|tests|\.ci)/[\w./-]*)")
@@ -421,7 +421,7 @@ def test_the_guard_names_and_restores_each_kind_of_leaked_state(tmp_path, monkey
     os.chdir(tmp_path)
     os.environ["FASTLANE_HARNESS_CHECK"] = "1"
     old_umask = os.umask(0o077)
-    lock = rundir.RunLock(str(tmp_path))
+    lock = lease.RunLock(str(tmp_path))
     lock.acquire()  # its refreshing thread keeps running: not released
     try:
         leaked = before.restore()
