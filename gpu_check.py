@@ -52,19 +52,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import bench
 import data
 import methods
 import models
 import precision
 import rundir
+import timing
 import train
 import utils
 from config import OneLineParser
 
 EXIT_FAILED = 1
 PARTS = ("agreement", "underflow", "cost", "real_run")
-N_CLASSES = bench.N_CLASSES
+N_CLASSES = timing.N_CLASSES
 
 # Thresholds of the agreement part (fp16 against fp32 on the same weights, batch and eta). float16
 # keeps 11 significant bits: each rounding is a relative error of at most 2^-11 = 5e-4, and on the
@@ -168,22 +168,22 @@ def cos(a: torch.Tensor, b: torch.Tensor) -> float:
 def config_for(model_name: str, method: str, batch_size: int, device: torch.device, half: bool,
                extra: tuple[str, ...] = ()) -> train.Config:
     """train.py's Config of a method; half: --half_prec with float16 (the paper's apex O1 dtype)."""
-    return bench.method_config(model_name, method, batch_size, str(device), half_prec=half,
+    return timing.method_config(model_name, method, batch_size, str(device), half_prec=half,
                                half_prec_dtype="float16" if half else "auto", extra=extra)
 
 
 def scaler_for(cfg: train.Config, device: torch.device) -> torch.amp.GradScaler:
-    return bench.make_scaler(cfg, device)
+    return precision.make_scaler(cfg, device)
 
 
 def build(model_name: str, device: torch.device, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return precision.to_device(models.build_model(model_name, N_CLASSES, bench.INPUT_SHAPES[model_name]), device)
+    return precision.to_device(models.build_model(model_name, N_CLASSES, timing.INPUT_SHAPES[model_name]), device)
 
 
 def synthetic_batch(model_name: str, batch_size: int, device: torch.device, seed: int = 0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x = torch.rand(batch_size, *bench.INPUT_SHAPES[model_name], generator=gen)
+    x = torch.rand(batch_size, *timing.INPUT_SHAPES[model_name], generator=gen)
     y = torch.randint(0, N_CLASSES, (batch_size,), generator=gen)
     return x.to(device), y.to(device)
 
@@ -322,7 +322,7 @@ def part_underflow(sizes: Sizes, device: torch.device) -> dict:
 
 # --------------------------------------------------------------------------------------- 3. cost
 def memory_reset(device: torch.device) -> None:
-    bench.synchronize(device)
+    timing.synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -346,7 +346,7 @@ def epoch_cost(model_name: str, method: str, sizes: Sizes, device: torch.device)
     held on the device and cropped and flipped there, after untimed warm-up steps (cuDNN autotuning);
     steps skipped by the GradScaler and fp16 passes redone in fp32 are counted."""
     torch.manual_seed(0)
-    shape = bench.INPUT_SHAPES[model_name]
+    shape = timing.INPUT_SHAPES[model_name]
     cfg = config_for(model_name, method, sizes.cost_batch, device, half=True)
     batches = data.Batches(synthetic_split(sizes.cost_images, shape), sizes.cost_batch, shuffle=True,
                            drop_last=True, crop_padding=4, hflip=True, device=device, store_on_device=True,
@@ -370,14 +370,14 @@ def epoch_cost(model_name: str, method: str, sizes: Sizes, device: torch.device)
         train.train_step(fwd, opt, scaler, x, y, cfg, st, stats, update=True)
         skipped += st.skipped
         steps += 1
-    bench.synchronize(device)
+    timing.synchronize(device)
     seconds = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:  # the per-epoch resume.pt (weights, optimiser, scaler)
         state = {"model": model.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}
         save_start = time.perf_counter()
         rundir.atomic_torch_save(state, os.path.join(tmp, rundir.RESUME_FILE))
         save_s = time.perf_counter() - save_start
-    return {"method": bench.METHODS[method][0], "flags": bench.METHODS[method][1], "n_images": sizes.cost_images,
+    return {"method": timing.METHODS[method][0], "flags": timing.METHODS[method][1], "n_images": sizes.cost_images,
             "batch_size": sizes.cost_batch, "steps": steps, "seconds_per_epoch": seconds,
             "images_per_s": steps * sizes.cost_batch / seconds, **memory_peaks(device),
             "skipped_steps": int(skipped), "fp32_redone_passes": precision.take_fp32_redos(fwd),
@@ -388,7 +388,7 @@ def periodic_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict:
     """One periodic evaluation as train.py makes it under --half_prec with GradAlign (float16, fp32
     BatchNorm): the test subset at the sweep's evaluation batch, the training subset at its training
     batch; timed after one untimed run (cuDNN autotuning), with its peak memory."""
-    shape = bench.INPUT_SHAPES[model_name]
+    shape = timing.INPUT_SHAPES[model_name]
     cfg = config_for(model_name, "gradalign", sizes.cost_batch, device, half=True,
                      extra=("--n_eval_every_k_iter", str(sizes.periodic_points),
                             "--batch_size_eval", str(sizes.final_batch)))
@@ -402,7 +402,7 @@ def periodic_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict:
     memory_reset(device)
     start = time.perf_counter()
     train.periodic_evaluation(model, fwd, loaders, cfg)
-    bench.synchronize(device)
+    timing.synchronize(device)
     return {"n_points": sizes.periodic_points, "batch_size_eval": cfg.batch_size_eval,
             "seconds": time.perf_counter() - start, **memory_peaks(device)}
 
@@ -412,7 +412,7 @@ def final_eval_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict
     synthetic points whose labels are the model's own predictions at eps 0: no example is ever fooled, so every restart
     attacks every point at the full batch (the most passes, and no new batch size to autotune). One
     restart is timed after an untimed one; a full evaluation is 10 of them plus cos_x_eta's passes."""
-    shape = bench.INPUT_SHAPES[model_name]
+    shape = timing.INPUT_SHAPES[model_name]
     model = build(model_name, device).float().eval()
     x = torch.rand(sizes.final_points, *shape, device=device)
     with torch.no_grad():
@@ -422,12 +422,12 @@ def final_eval_cost(model_name: str, sizes: Sizes, device: torch.device) -> dict
     memory_reset(device)
     start = time.perf_counter()
     result = utils.seeded_robust_accuracy(model, batches, 0.0, sizes.final_steps, 1, seed=0)
-    bench.synchronize(device)
+    timing.synchronize(device)
     restart_s = time.perf_counter() - start
     peaks = memory_peaks(device)
     start = time.perf_counter()
     utils.cos_x_eta(model, batches, 8 / 255, "zero")
-    bench.synchronize(device)
+    timing.synchronize(device)
     cos_s = time.perf_counter() - start
     n_iters, n_restarts = 50, 10
     per_step = restart_s / sizes.final_steps
@@ -531,7 +531,7 @@ def part_real_run(sizes: Sizes, device: torch.device, cpu_reference: str | None)
 
 # ------------------------------------------------------------------------------------------- main
 def environment(device: torch.device) -> dict:
-    env = bench.environment(device)
+    env = timing.environment(device)
     if device.type == "cuda":
         _, total = torch.cuda.mem_get_info(device)
         env.update(cuda_build=torch.version.cuda, cudnn=torch.backends.cudnn.version(),

@@ -1,20 +1,19 @@
 """bench.py end to end at --quick sizes: every method timed for both models, the evaluation's cost
-and accuracies in range, bench.json written (CPU; a CUDA variant where a GPU is present). The GPU
-check is gpu_check.py (tests/test_gpu_check.py)."""
+and accuracies in range, bench.json written (CPU; a CUDA variant where a GPU is present); its flags
+checked before any timing. The GPU check is gpu_check.py (tests/test_gpu_check.py), the comparison
+with the authors' code authors_compare.py (tests/test_authors_compare.py)."""
 from __future__ import annotations
 
 import json
 import math
-import shutil
-import sys
+import os
 
 import pytest
 import torch
 
 import autoattack_eval
 import bench
-import models
-import utils
+import timing
 
 
 def run_quick(tmp_path, device: str, *extra: str) -> dict:
@@ -50,9 +49,7 @@ def check_report(report: dict, device: str) -> None:
         assert set(lay["chosen"]) == {"train", "eval"}
         assert set(lay["chosen"].values()) <= {"contiguous", "channels_last"}
         assert lay["chosen_eval_batch_size"] in report["settings"]["eval_batch_candidates"][model_name]
-    for ref in report["versus_reference"].values():  # ours beside the authors' on the same model and points
-        assert ref["pgd_speedup"] > 0 and ref["gradalign_speedup"] > 0
-        assert 0 <= ref["robust_acc_ours"] <= ref["robust_acc_theirs"] + 1e-9  # no-restart-fools rule: never weaker
+    assert "versus_reference" not in report  # authors_compare.py's
 
 
 @pytest.mark.slow
@@ -98,87 +95,39 @@ def test_wrn28_10_has_sizes_and_a_cifar_config_for_every_method():
     s = bench.parse_settings(["--quick", "--models", "wrn28_10", "--device", "cpu"])
     assert s.models == ("wrn28_10",) and s.batch_sizes["wrn28_10"] == 2 and s.evals["wrn28_10"].n_eval == 2
     for method in bench.METHODS:
-        cfg = bench.method_config("wrn28_10", method, 2, s.device)
+        cfg = timing.method_config("wrn28_10", method, 2, s.device)
         assert (cfg.model, cfg.dataset) == ("wrn28_10", "cifar10")
 
 
-AUTHORS_UTILS = '''import apex.amp as amp  # the authors' file imports apex at the top, as this stand-in does
-
-import bench
-
-
-def rob_acc(batches, model, eps, pgd_alpha, opt, half_prec, attack_iters, n_restarts, rs=True, linf_proj=True,
-            l2_grad_update=False, corner=False, print_fosc=False, verbose=False, cuda=True):
-    assert opt is None and not half_prec and not cuda and abs(pgd_alpha - eps / 4) < 1e-12
-    acc = bench.reference_pgd_accuracy(model, batches, eps, attack_iters, n_restarts)
-    return {wrong}, 0.0, None
-'''
-
-
-@pytest.mark.parametrize("wrong", [False, True])
-def test_reference_part_on_a_finished_run_beside_the_authors_code(tmp_path, tiny_run, capsys, wrong):
-    """--run attacks a finished run's weights on the points of its final evaluation (ours repeats final.json's
-    robust accuracy); --authors_code imports a checkout's utils.py (apex not installed) and times its rob_acc
-    beside the restatement, saying whether the two robust accuracies agree. Here the checkout is a stand-in
-    with the authors' signature that runs the restatement (or returns a wrong accuracy)."""
-    run = tiny_run("--attack", "fgsm")
-    authors = tmp_path / "authors"
-    authors.mkdir()
-    (authors / "utils.py").write_text(AUTHORS_UTILS.format(wrong="1.5" if wrong else "acc"))
-    report = run_quick(tmp_path, "cpu", "--parts", "reference", "--run", run.run_dir, "--authors_code", str(authors))
-    assert list(report["versus_reference"]) == ["cnn"]
-    r = report["versus_reference"]["cnn"]
-    final = run.final
-    assert (r["n_eval"], r["n_iters"], r["n_restarts"]) == (final["n_eval"], final["attack_iters"], final["n_restarts"])
-    assert r["seed"] == run.config["seed"] and r["eps"] == pytest.approx(run.config["eps"] / 255)
-    assert r["robust_acc_ours"] == r["robust_acc_final_json"] == final["last"]["pgd_acc"]
-    assert r["robust_acc_ours"] <= r["robust_acc_theirs"]
-    assert r["restatement_agrees"] is (not wrong)
-    assert r["pgd_s_authors_code"] > 0 and r["pgd_speedup_authors_code"] > 0
-    assert "apex" not in sys.modules  # the stand-in is gone once the file is imported
-    assert ("DISAGREES" in capsys.readouterr().out) is wrong
+@pytest.mark.parametrize("argv, message", [
+    (["--budget_s", "-5"], "--budget_s must be a finite number of seconds >= 0 (got -5; 0: no limit)"),
+    (["--budget_s", "nan"], "--budget_s must be a finite number of seconds >= 0"),
+    (["--threads", "-1"], "--threads must be in [0, "),
+    (["--threads", "100000"], "--threads must be in [0, "),
+    (["--repeats", "0"], "--batch_size and --repeats must be >= 1"),
+    (["--repeats", "1000000"], f"--repeats must be at most {timing.MAX_REPEATS}"),
+    (["--out", "nodir/x/b.json"], "the folder "),
+    (["--parts", "reference"], "its own tool now: python authors_compare.py"),
+    (["--run", "runs/x"], "its own tool now: python authors_compare.py"),
+])
+def test_unbounded_values_and_an_unwritable_out_are_refused_before_any_timing(tmp_path, monkeypatch, cli, argv,
+                                                                               message):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(timing, "time_interleaved", lambda *a, **k: pytest.fail("timed before the check"))
+    r = cli("bench.py", "--quick", "--device", "cpu", *argv)
+    assert r.code == 2 and len(r.err_lines) == 1 and message in r.err, r.err
+    assert "Traceback" not in r.err and os.listdir(tmp_path) == []  # nothing written
 
 
-def test_run_and_authors_code_are_checked_before_any_timing(tmp_path, finished, cli):
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    no_rob_acc = tmp_path / "other"
-    no_rob_acc.mkdir()
-    (no_rob_acc / "utils.py").write_text("x = 1\n")
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "utils.py").write_text("import module_that_is_not_there\n")
-    damaged = tmp_path / "damaged"
-    shutil.copytree(finished, damaged)
-    (damaged / "final.json").write_text('{"last": {}}')
-    out = tmp_path / "b.json"
-    common = ["--quick", "--device", "cpu", "--out", out]
-    cases = {("--parts", "steps", "--run", finished): "add reference to --parts",
-             ("--parts", "reference", "--run", empty): "not a finished train.py run",
-             ("--parts", "reference", "--authors_code", empty): "no utils.py there",
-             ("--parts", "reference", "--authors_code", no_rob_acc): "has no rob_acc",
-             ("--parts", "reference", "--authors_code", broken): "importing its utils.py failed: ModuleNotFoundError",
-             ("--parts", "reference", "--run", damaged): "final.json is damaged"}
-    for argv, message in cases.items():
-        r = cli("bench.py", *common, *argv)
-        assert r.code == 2 and len(r.err_lines) == 1 and message in r.err, (argv, r.err)
-        assert not out.exists()
-
-
-def test_the_restated_authors_evaluation_does_their_work():
-    """reference_pgd_accuracy costs what the authors' rob_acc costs: its backward also fills every weight's
-    gradient (their loss.backward()), and it attacks every example in every restart from the seeded draws that
-    ours takes, so that with the same seed it is never stronger than ours."""
-    torch.manual_seed(0)
-    model = models.build_model("cnn", 10, (1, 8, 8), 1, 8).eval()
-    x = torch.rand(40, 1, 8, 8)
-    with torch.no_grad():
-        y = model(x).argmax(1)
-    calls = []
-    model.register_forward_pre_hook(lambda _m, inputs: calls.append(len(inputs[0])))
-    torch.manual_seed(0)
-    theirs = bench.reference_pgd_accuracy(model, [(x, y)], 16 / 255, 5, 3)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    assert calls == [40] * (3 * (5 + 1) + 1)  # 5 steps and a loss per restart, the final forward: full batches
-    ours = utils.seeded_robust_accuracy(model.requires_grad_(False), [(x, y)], 16 / 255, 5, 3, seed=0)
-    assert ours.pgd_acc <= theirs
+def test_out_problem_names_each_unwritable_place(tmp_path):
+    missing = tmp_path / "nodir" / "x" / "b.json"
+    assert timing.out_problem(str(missing)) == (
+        f"--out {missing}: the folder {missing.parent} does not exist; create it (mkdir -p {missing.parent}) or "
+        "pick another --out")
+    assert "is a folder" in timing.out_problem(str(tmp_path))
+    assert timing.out_problem(str(tmp_path / "b.json")) is None
+    locked = tmp_path / "ro"
+    locked.mkdir(mode=0o500)
+    if os.access(locked, os.W_OK):  # root writes anywhere
+        pytest.skip("this user can write a read-only folder")
+    assert "permission denied" in timing.out_problem(str(locked / "b.json"))

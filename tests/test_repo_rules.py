@@ -136,8 +136,8 @@ OUTPUT_FILES = {"report.md", "lemma2.md"}
 # paths under this repository's folders are checked.
 OTHER_CODE_PAGES = {"later_methods.md"}
 FOLDERS = ("docs/", "sh/", "recipes/", "tests/", ".ci/")
-MODULES = ("analysis", "autoattack_eval", "bench", "config", "data", "eval", "gpu_check", "launch", "lease", "methods",
-           "models", "precision", "report", "rundir", "sweep_cost", "train", "utils")
+MODULES = ("analysis", "authors_compare", "autoattack_eval", "bench", "config", "data", "eval", "gpu_check", "launch",
+           "lease", "methods", "models", "precision", "report", "rundir", "sweep_cost", "timing", "train", "utils")
 PATH_RE = re.compile(r"@?((?:\.?[\w-]+/)*(?:[\w.-]+\.(?:py|sh|args|md|ini|toml)|requirements[\w-]*\.txt)"
                      r"|(?:docs|sh|recipes|tests|\.ci)/[\w./-]*)")
 

@@ -194,8 +194,8 @@ def test_importing_runs_nothing(tmp_path):
 
 
 def test_passes_per_step_agree_with_bench():
-    import bench  # imports torch: only in this test
-    for label, flags, passes in bench.METHODS.values():
+    import timing  # imports torch: only in this test
+    for label, flags, passes in timing.METHODS.values():
         assert report.passes_per_step(config_of(flags)) == passes, label
         assert report.method_name(config_of(flags)) == label
     assert report.passes_per_step(config_of(["--attack=pgd", "--pgd_train_n_iters=7"])) == "7+f+1"
