@@ -1,0 +1,152 @@
+"""The house's layout: which module may import which (every import of the repo's own modules, at the
+top or inside a function), with no circles and no import running back up: the parts never import
+eval.py, train.py, timing.py or a tool, and no tool imports another. README.md's drawing shows the
+same layers. Each check is a function of a graph, so the tests also show that it can fail.
+"""
+from __future__ import annotations
+
+import ast
+import glob
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Layers, lowest first: a module imports only modules of lower layers, or (among the parts only)
+# parts that do not import it back.
+LAYERS = {
+    "parts": ("precision", "lease", "models", "data", "autoattack_eval", "utils", "methods", "config", "rundir"),
+    "evaluation": ("eval",),
+    "trainer": ("train",),
+    "tool kit": ("timing",),
+    "tools": ("bench", "authors_compare", "gpu_check", "report", "launch", "analysis", "sweep_cost"),
+}
+# Which module may import which: the table every import must keep to.
+ALLOWED = {
+    "precision": set(), "lease": set(), "models": set(), "data": set(), "autoattack_eval": set(),
+    "utils": {"precision"},
+    "methods": {"utils"},
+    "config": {"methods", "utils", "data", "models", "autoattack_eval"},
+    "rundir": {"config", "lease"},
+    "eval": {"autoattack_eval", "config", "data", "models", "precision", "rundir", "utils"},
+    "train": {"config", "data", "eval", "lease", "methods", "models", "precision", "rundir", "utils"},
+    "timing": {"config", "data", "methods", "models", "precision", "train"},
+    "bench": {"autoattack_eval", "config", "data", "models", "precision", "rundir", "timing", "train", "utils"},
+    "authors_compare": {"config", "data", "eval", "models", "precision", "rundir", "timing", "train", "utils"},
+    "gpu_check": {"config", "data", "methods", "models", "precision", "rundir", "timing", "train", "utils"},
+    "report": {"config", "methods", "rundir"},
+    "launch": {"config", "lease", "rundir"},
+    "analysis": {"data", "models", "rundir", "utils"},
+    "sweep_cost": {"config", "data", "methods"},
+}
+# Names re-exported for one release from the module they moved out of, imported on first use inside
+# that module's __getattr__ (and nowhere else in it): utils.lr_at (now train.lr_at) and bench.py's
+# comparison with the authors' code (now authors_compare.py).
+ONE_RELEASE = {("utils", "train"), ("bench", "authors_compare")}
+
+
+def repo_modules() -> list[str]:
+    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def imports_of(source: str, modules: set[str]) -> dict[str, set[str]]:
+    """{imported repo module: the names of the functions it is imported in ("" for module level)}."""
+    found: dict[str, set[str]] = {}
+
+    def visit(node: ast.AST, where: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            names = []
+            if isinstance(child, ast.Import):
+                names = [a.name.split(".")[0] for a in child.names]
+            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module:
+                names = [child.module.split(".")[0]]
+            for name in names:
+                if name in modules:
+                    found.setdefault(name, set()).add(where)
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and not where else where
+            visit(child, inner)
+    visit(ast.parse(source), "")
+    return found
+
+
+def graph() -> dict[str, dict[str, set[str]]]:
+    modules = set(repo_modules())
+    return {m: imports_of(open(os.path.join(ROOT, f"{m}.py")).read(), modules) for m in modules}
+
+
+def problems(edges: dict[str, dict[str, set[str]]], allowed: dict[str, set[str]], layers: dict[str, tuple],
+             one_release: set[tuple[str, str]]) -> list[str]:
+    """Every way the import graph breaks the table, the layers or the one-release rule; [] when it keeps them."""
+    layer = {m: i for i, members in enumerate(layers.values()) for m in members}
+    parts = set(next(iter(layers.values())))
+    found = [f"{m} is in no layer" for m in edges if m not in layer] + [
+        f"{m} is in no row of the table" for m in edges if m not in allowed]
+    for m, targets in edges.items():
+        for t, where in targets.items():
+            if (m, t) in one_release:
+                if where != {"__getattr__"}:
+                    found.append(f"{m} imports {t} outside its one-release __getattr__ ({sorted(where)})")
+                continue
+            if t not in allowed.get(m, set()):
+                found.append(f"{m} imports {t}, which the table does not allow")
+    for m, targets in allowed.items():
+        for t in targets:
+            if m in layer and t in layer and layer[t] > layer[m]:
+                found.append(f"{m} -> {t} runs back up")
+            elif m in layer and t in layer and layer[t] == layer[m] and m not in parts:
+                found.append(f"{m} -> {t} joins two modules of one layer above the parts")
+    found += [f"circle: {' -> '.join(c)}" for c in circles(allowed)]
+    return found
+
+
+def circles(allowed: dict[str, set[str]]) -> list[list[str]]:
+    """The import circles of the table (depth-first search; each reported once, from where it was found)."""
+    seen, stack, out = set(), [], []
+
+    def walk(m: str) -> None:
+        if m in stack:
+            out.append(stack[stack.index(m):] + [m])
+            return
+        if m in seen:
+            return
+        seen.add(m)
+        stack.append(m)
+        for t in sorted(allowed.get(m, ())):
+            walk(t)
+        stack.pop()
+    for m in sorted(allowed):
+        walk(m)
+    return out
+
+
+def test_every_import_keeps_to_the_table_and_the_layers():
+    edges = graph()
+    assert set(edges) == set(ALLOWED), "a new module needs a row in ALLOWED and a place in LAYERS"
+    assert problems(edges, ALLOWED, LAYERS, ONE_RELEASE) == []
+
+
+def test_gpu_check_and_the_parts_import_no_tool():
+    edges = graph()
+    assert "bench" not in edges["gpu_check"]
+    tools = set(LAYERS["tools"]) | {"train", "eval", "timing"}
+    assert {m: sorted(set(edges[m]) & tools) for m in LAYERS["parts"] if set(edges[m]) & tools} == {
+        "utils": ["train"]}  # only the one-release utils.lr_at, inside __getattr__
+
+
+def test_the_checks_fail_on_what_they_guard_against():
+    layers = {"parts": ("a", "b"), "tools": ("t", "u")}
+    allowed = {"a": set(), "b": {"a"}, "t": {"a", "b"}, "u": {"a"}}
+    fine = {"a": {}, "b": {"a": {""}}, "t": {"a": {""}, "b": {"main"}}, "u": {}}
+    assert problems(fine, allowed, layers, set()) == []
+    assert problems({**fine, "u": {"b": {""}}}, allowed, layers, set()) == [
+        "u imports b, which the table does not allow"]
+    assert problems(fine, {**allowed, "a": {"t"}}, layers, set()) == [
+        "a -> t runs back up", "circle: a -> t -> a", "circle: a -> t -> b -> a"]
+    assert problems(fine, {**allowed, "u": {"t"}}, layers, set()) == ["u -> t joins two modules of one layer above "
+                                                                       "the parts"]
+    assert problems(fine, {**allowed, "a": {"b"}}, layers, set()) == ["circle: a -> b -> a"]
+    lazy = {**fine, "a": {"t": {"__getattr__"}}}
+    assert problems(lazy, allowed, layers, {("a", "t")}) == []
+    assert problems({**fine, "a": {"t": {""}}}, allowed, layers, {("a", "t")}) == [
+        "a imports t outside its one-release __getattr__ ([''])"]
+    source = "import os\nimport a\n\ndef f():\n    from b import x\n    def g():\n        import t\n"
+    assert imports_of(source, {"a", "b", "t"}) == {"a": {""}, "b": {"f"}, "t": {"f"}}
