@@ -14,6 +14,7 @@ eps is in [0, 1] image units; images are (B, C, H, W) in [0, 1]. The caller puts
 mode and fp32, as for utils.robust_accuracy; the library never switches the model's mode here, and
 the global random state is the same before and after a call. An example counts as robust only if it
 is classified correctly clean and at the (eps-ball- and box-projected) point of every attack.
+It is apart from utils.py's attacks only because torchattacks is an optional extra; eval.py drives both.
 """
 from __future__ import annotations
 

@@ -21,6 +21,10 @@ example; it needs the optional extra `pip install --no-deps -r requirements-aa.t
 Also the evaluation code of train.py's runs: final_evaluation (final.json's numbers) and
 add_autoattack (AutoAttack added to a finished run's final.json; `train.py --final_autoattack` on a
 finished run calls it).
+
+This file is evaluation's driver (checkpoints, the final evaluation, the command line); the attack loops
+that produce every robust accuracy are utils.py's (robust_accuracy, attack_accuracy), beside the PGD
+they share with training, and autoattack_eval.py adapts the optional torchattacks library.
 """
 from __future__ import annotations
 
