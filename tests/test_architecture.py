@@ -6,6 +6,7 @@ same layers. Each check is a function of a graph, so the tests also show that it
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import os
 
@@ -68,6 +69,7 @@ def imports_of(source: str, modules: set[str]) -> dict[str, set[str]]:
     return found
 
 
+@functools.cache
 def graph() -> dict[str, dict[str, set[str]]]:
     modules = set(repo_modules())
     return {m: imports_of(open(os.path.join(ROOT, f"{m}.py")).read(), modules) for m in modules}
