@@ -110,7 +110,7 @@ class PreActResNet18Final(nn.Module):
 
     shortcut_of_act False: N-FGSM's network (the shortcut convolution takes the block's raw input);
     True: Rice et al.'s, which ZeroGrad's and ELLE's code train (it takes relu(bn1(x))). Keys conv1.*,
-    layer{1..4}.{0,1}.*, bn.* and linear.*: 122 in all, those of the authors' classes. Input
+    layer{1..4}.{0,1}.*, bn.* and linear.*: 107 in all, those of the authors' classes. Input
     (B, 3, S, S) with 25 <= S <= 56 (32 in practice).
     """
 
