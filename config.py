@@ -96,8 +96,9 @@ class Config:
     attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai")
     n_layers: int = flag(1, "conv layers of --model cnn (the authors always used 1)", short="nl")
     n_filters_cnn: int = flag(16, "filters of --model cnn", short="nf")
-    wrn_depth: int = flag(28, "depth 6n + 4 of the wide networks (ZeroGrad's WideResNet: 34)", short="wrnd")
-    wrn_width: int = flag(10, "width factor of the wide networks", short="wrnw")
+    wrn_depth: int = flag(28, "depth 6n + 4 of the wide networks (ZeroGrad's WideResNet: 34)", short="wrnd",
+                          record_default=False)
+    wrn_width: int = flag(10, "width factor of the wide networks", short="wrnw", record_default=False)
     eval_iter_freq: int = flag(200, "iterations between periodic evaluations", short="eif")
     n_eval_every_k_iter: int = flag(256, "size of the periodic-evaluation subsets", short="nek")
     n_final_eval: int = flag(-1, "first test points of the final evaluation (-1: all)", short="nfe", compare=False)
@@ -125,10 +126,11 @@ class Config:
     zerograd_q: float = flag(0.0, "ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM "
                              "gradient before the sign (0: off; the paper's 0.35); needs --attack fgsm", short="zq")
     multigrad_samples: int = flag(0, "MultiGrad: input gradients at this many random starts vote on each "
-                                  "coordinate's sign (0: off; the paper's 3); needs --attack fgsm", short="mgs")
+                                  "coordinate's sign (0: off; the paper's 3); needs --attack fgsm", short="mgs",
+                                  record_default=False)
     multigrad_agree: int = flag(-1, "MultiGrad: how many of the s samples' signs must agree for a coordinate to "
                                 "move (its authors' threshold t: it moves where |sum of the s signs| >= 2t - s; -1: "
-                                "t = s, all of them, the paper's)", short="mga")
+                                "t = s, all of them, the paper's)", short="mga", record_default=False)
     elle_lambda: float = flag(0.0, "ELLE's lambda on the local-linearity error (0: off); with --elle_adaptive it is "
                               "ELLE-A's lambda_max", short="elle")
     elle_adaptive: bool = flag(False, "ELLE-A: lambda starts at 0, jumps to --elle_lambda when the error spikes, "
