@@ -400,11 +400,13 @@ def _alias_pairs(model: nn.Module) -> dict[str, str]:
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Strictly loads a state_dict of the authors' code or of this repo.
 
-    Accepts DataParallel's 'module.' prefix and state_dicts without the alias keys (they are filled
-    from the tensors they alias). Raises CheckpointError naming the missing, unexpected or
-    mis-shaped keys.
+    Accepts DataParallel's 'module.' prefix, the '0.' prefix of a model wrapped in nn.Sequential (ELLE's
+    code saves its network so) and state_dicts without the alias keys (they are filled from the
+    tensors they alias). Raises CheckpointError naming the missing, unexpected or mis-shaped keys.
     """
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if state and all(k.startswith("0.") for k in state):
+        state = {k.removeprefix("0."): v for k, v in state.items()}
     for alias, original in _alias_pairs(model).items():
         if alias not in state and original in state:
             state[alias] = state[original]
@@ -434,7 +436,7 @@ def _few(items: list[str], k: int = 4) -> str:
 def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
     """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the authors')
     give entry `which`; a bare state_dict holds one set of weights, read as 'last' ('best' is an
-    error). Raises CheckpointError (one line) for an unreadable file, other pickled objects (never
+    error), as does the 'model' entry of ELLE's checkpoints ({'model': ..., 'epoch': ...}). Raises CheckpointError (one line) for an unreadable file, other pickled objects (never
     loaded: train.py's resume.pt is one) and weights holding NaN or inf."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -454,6 +456,8 @@ def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
         if which not in obj:
             raise CheckpointError(f"{path} has no '{which}' weights (it has {', '.join(sorted(obj))})")
         obj = obj[which]
+    elif isinstance(obj.get("model"), dict) and which == "last":
+        obj = obj["model"]
     elif which != "last":
         raise CheckpointError(f"{path} is a bare state_dict (one set of weights, no '{which}'); "
                               "evaluate it without --early_stopped_model")

@@ -424,3 +424,16 @@ def test_one_epoch_under_each_own_protocol_does_not_diverge(method, dataset, tmp
     with open(tmp_path / "runs" / run_dir / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     assert all(math.isfinite(r["train_loss"]) for r in rows if r.get("train_loss") is not None)
+
+
+def test_elles_checkpoint_format_loads_strictly(tmp_path):
+    net = trained_statistics(RefPreActResNet18(10, project_activated=True))
+    path = tmp_path / "val_best.pt"  # ELLE's train.py saves {'model': ..., 'val_best', 'epoch'}, keys '0.*'
+    torch.save({"model": {f"0.{k}": v for k, v in net.state_dict().items()}, "val_best": 0.4, "epoch": 29}, path)
+    ours = models.build_model("resnet18_rice", 10, (3, 32, 32))
+    models.load_state(ours, models.read_checkpoint(str(path)))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(x), net(x))
+    with pytest.raises(models.CheckpointError, match="no 'best'"):
+        models.read_checkpoint(str(path), "best")
