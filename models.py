@@ -436,8 +436,9 @@ def _few(items: list[str], k: int = 4) -> str:
 def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
     """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the authors')
     give entry `which`; a bare state_dict holds one set of weights, read as 'last' ('best' is an
-    error), as does the 'model' entry of ELLE's checkpoints ({'model': ..., 'epoch': ...}). Raises CheckpointError (one line) for an unreadable file, other pickled objects (never
-    loaded: train.py's resume.pt is one) and weights holding NaN or inf."""
+    error), as does the 'model' entry of ELLE's checkpoints ({'model': ..., 'epoch': ...}). Raises
+    CheckpointError (one line) for an unreadable file, other pickled objects (never loaded: train.py's
+    resume.pt is one) and weights holding NaN or inf."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
