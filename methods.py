@@ -1,6 +1,7 @@
 """The training methods, one registry entry each: the paper's (arXiv 2007.02617: FGSM, FGSM-RS,
-GradAlign, Free-AT, PGD-K) and the later fast adversarial training methods (N-FGSM, ZeroGrad, ELLE,
-ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all read REGISTRY.
+GradAlign, Free-AT, PGD-K) and the later fast adversarial training methods (N-FGSM, ZeroGrad,
+MultiGrad, ELLE, ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all
+read REGISTRY.
 
     python methods.py list [--paper | --all]                                   # the sweeps' method names
     python methods.py flags gradalign --eps 8 --dataset cifar10
@@ -14,9 +15,9 @@ step calls. A perturbation (the attack a step trains on) and a regulariser (a te
 combine: FGSM-RS + GradAlign is two entries. Flags come as --flag=value words; eps is in 1/255 units.
 Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
 --lr_max); the digits demos set their own. A method of a later paper also carries that paper's
-protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward), which
-train.py applies with --protocol own. torch is imported only by the functions that train, so
-report.py and the shell scripts (which call this once per sweep) start fast.
+protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward, the
+network, the augmentation), which train.py applies with --protocol own. torch is imported only by the
+functions that train, so report.py and the shell scripts (which call this once per sweep) start fast.
 """
 from __future__ import annotations
 
@@ -407,7 +408,8 @@ FGSM_ZERO = ("--attack=fgsm", "--attack_init=zero")
 # In the order of the sweeps' method lists (`methods.py list`); selection takes the first match.
 # Later methods carry their papers' settings per dataset (and model) and their papers' protocols
 # (own=); their recipes keep this paper's schedule (their papers also train 30 epochs at lr_max 0.2 on
-# CIFAR), except where their scripts set another (ZeroGrad on SVHN). docs/later_methods.md.
+# CIFAR), except where their scripts set another (ZeroGrad and MultiGrad on SVHN; N-FGSM on SVHN, whose
+# code trains its default 30 epochs there). docs/later_methods.md.
 _ENTRIES = [
     Method("fgsm", "FGSM", "2", attack="fgsm", when=lambda c: c.attack_init == "zero" and _one_fgsm_step(c),
            perturb=perturb_fgsm, recipes={"fgsm": Recipe(FGSM_ZERO, paper=True)}),
