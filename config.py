@@ -70,7 +70,11 @@ class Config:
     their names, defaults and meaning."""
     # --- the fixed parts of the run name: dataset_model_attack_init_eps_lambda_..._seed
     dataset: str = flag("cifar10", "digits is the offline one", lead=True, choices=_listed("data", "DATASETS", True))
-    model: str = flag("resnet18", "PreAct ResNet-18 or the small CNN", lead=True, choices=_listed("models", "MODELS"))
+    model: str = flag(None, "resnet18: the GradAlign authors' PreAct ResNet-18 (default; under --protocol own the "
+                      "method's authors' network: resnet18_nfgsm for N-FGSM, resnet18_rice for ZeroGrad, MultiGrad and "
+                      "ELLE); wrn28_10, wrn28_10_nfgsm: the wide networks (--wrn_depth, --wrn_width); cnn, cnn_bn: "
+                      "the small CNNs (docs/later_methods.md names each source)", lead=True,
+                      choices=_listed("models", "MODELS"))
     attack: str = flag("fgsm", "training attack (Free-AT: fgsm with --minibatch_replay>1; nfgsm: N-FGSM, trains "
                        "outside the eps-ball)", lead=True, choices=ATTACKS)
     attack_init: str = flag("random", "start of FGSM/PGD training", lead=True, choices=("zero", "random"))
@@ -92,6 +96,9 @@ class Config:
     attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai")
     n_layers: int = flag(1, "conv layers of --model cnn (the authors always used 1)", short="nl")
     n_filters_cnn: int = flag(16, "filters of --model cnn", short="nf")
+    wrn_depth: int = flag(28, "depth 6n + 4 of the wide networks (ZeroGrad's WideResNet: 34)", short="wrnd",
+                          record_default=False)
+    wrn_width: int = flag(10, "width factor of the wide networks", short="wrnw", record_default=False)
     eval_iter_freq: int = flag(200, "iterations between periodic evaluations", short="eif")
     n_eval_every_k_iter: int = flag(256, "size of the periodic-evaluation subsets", short="nek")
     n_final_eval: int = flag(-1, "first test points of the final evaluation (-1: all)", short="nfe", compare=False)
@@ -118,6 +125,12 @@ class Config:
                                    short="nk")
     zerograd_q: float = flag(0.0, "ZeroGrad: zero this fraction (the smallest |values|) of each example's FGSM "
                              "gradient before the sign (0: off; the paper's 0.35); needs --attack fgsm", short="zq")
+    multigrad_samples: int = flag(0, "MultiGrad: input gradients at this many random starts vote on each "
+                                  "coordinate's sign (0: off; the paper's 3); needs --attack fgsm", short="mgs",
+                                  record_default=False)
+    multigrad_agree: int = flag(-1, "MultiGrad: how many of the s samples' signs must agree for a coordinate to "
+                                "move (its authors' threshold t: it moves where |sum of the s signs| >= 2t - s; -1: "
+                                "t = s, all of them, the paper's)", short="mga", record_default=False)
     elle_lambda: float = flag(0.0, "ELLE's lambda on the local-linearity error (0: off); with --elle_adaptive it is "
                               "ELLE-A's lambda_max", short="elle")
     elle_adaptive: bool = flag(False, "ELLE-A: lambda starts at 0, jumps to --elle_lambda when the error spikes, "
@@ -140,6 +153,10 @@ class Config:
     normalize: str = flag(None, "input normalisation inside the model, per channel (default none, this paper's; "
                           "the CIFAR statistics for N-FGSM and ZeroGrad under their own protocols)", short="norm",
                           choices=_listed("models", "NORMALIZATIONS"), record_default=False)
+    augment: str = flag(None, "training augmentation: dataset = the dataset's crop and flips (default, this paper's); "
+                        "reflect = a reflect-padded crop and flips, rotate = the crop and flips then a rotation of "
+                        "U[-15, 15] degrees, none (ZeroGrad's CIFAR-10, CIFAR-100 and SVHN under its own protocol)",
+                        short="aug", choices=_listed("data", "AUGMENTATIONS"), record_default=False)
     clean_forward: bool = flag(None, "end each training step with a clean forward in train mode (BatchNorm "
                                "statistics only), as ELLE's code (default: off, or the protocol's)", short="cleanfwd",
                                action=argparse.BooleanOptionalAction, record_default=False)
@@ -258,6 +275,7 @@ def check_flags(cfg: Config) -> str | None:
 
     import autoattack_eval
     import data
+    import models
     for name, value in dataclasses.asdict(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             return f"--{name} must be a finite number (got {value})"
@@ -294,6 +312,19 @@ def check_flags(cfg: Config) -> str | None:
         (0 <= cfg.zerograd_q < 1, f"--zerograd_q must be in [0, 1) (got {cfg.zerograd_q:g}); the paper uses 0.35"),
         (cfg.zerograd_q == 0 or (cfg.attack == "fgsm" and cfg.minibatch_replay == 1),
          "--zerograd_q needs --attack fgsm without --minibatch_replay (ZeroGrad filters the FGSM step)"),
+        (cfg.multigrad_samples >= 0,
+         f"--multigrad_samples must be >= 0 (got {cfg.multigrad_samples}); the paper uses 3"),
+        (cfg.multigrad_samples == 0 or (cfg.attack == "fgsm" and cfg.minibatch_replay == 1 and cfg.zerograd_q == 0),
+         "--multigrad_samples needs --attack fgsm without --minibatch_replay or --zerograd_q (MultiGrad replaces "
+         "the FGSM step)"),
+        (cfg.multigrad_agree == -1 or (cfg.multigrad_samples > 0 and 1 <= cfg.multigrad_agree <= cfg.multigrad_samples),
+         (f"--multigrad_agree must be -1 or in [1, --multigrad_samples] with --multigrad_samples > 0 (got "
+          f"{cfg.multigrad_agree} of {cfg.multigrad_samples})")),
+        (cfg.model in models.WIDE_MODELS or (cfg.wrn_depth, cfg.wrn_width) == (28, 10),
+         f"--wrn_depth and --wrn_width set a wide network: use them with --model {' or '.join(models.WIDE_MODELS)}"),
+        (cfg.wrn_depth >= 10 and (cfg.wrn_depth - 4) % 6 == 0 and cfg.wrn_width >= 1,
+         (f"--wrn_depth must be 6n + 4 >= 10 and --wrn_width >= 1 (got {cfg.wrn_depth}, {cfg.wrn_width}); "
+          "e.g. 28 or 34, and 10")),
         (cfg.elle_lambda >= 0, f"--elle_lambda must be >= 0 (got {cfg.elle_lambda:g})"),
         (not cfg.elle_adaptive or cfg.elle_lambda > 0,
          "--elle_adaptive needs --elle_lambda > 0 (ELLE-A's lambda_max; the paper uses 4000)"),

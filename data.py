@@ -3,7 +3,8 @@
 Images are kept as uint8 (N, C, H, W) tensors and turned into float32 in [0, 1] batch by batch
 (x = images / scale). Augmentation (zero-padded random crop, horizontal flip) runs on whole batches
 with torch ops: the same distribution as torchvision's RandomCrop(H, padding=p) followed by
-RandomHorizontalFlip(0.5), without PIL or worker processes.
+RandomHorizontalFlip(0.5), without PIL or worker processes. --augment picks another pipeline
+(AUGMENTATIONS): ZeroGrad's reflect-padded crops, its CIFAR-100 rotations, or none.
 """
 from __future__ import annotations
 
@@ -36,6 +37,11 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar10_binary_gs": DatasetInfo(2, (1, 32, 32), 4, True, 10000),
     "digits": DatasetInfo(10, (1, 8, 8), 0, False, 1400),
 }
+# --augment: the training pipeline. dataset: the dataset's own (DATASETS: the crop padding and flips
+# of this paper's code); reflect: the same crop out of a reflect-padded image (ZeroGrad's CIFAR-10);
+# rotate: crop and flip, then a rotation by U[-15, 15] degrees (ZeroGrad's CIFAR-100); none.
+AUGMENTATIONS = ("dataset", "reflect", "rotate", "none")
+ROTATION_DEGREES = 15.0
 BINARY_CLASSES = (4, 8)  # deer -> 0, ship -> 1
 N_DIGITS_TRAIN = 1400    # the first 1400 of scikit-learn's 1797 digits; the last 397 are the test split
 
@@ -230,11 +236,13 @@ def load_split(name: str, data_dir: str, train: bool, download: bool = False) ->
 def check_model_input(model_name: str, shape: tuple[int, int, int]) -> None:
     """Raises ValueError when the architecture cannot take images of this (C, H, W) shape.
 
-    resnet18 (PreAct, avg_pool2d(4) before a 512-input linear layer) needs 3 channels and a square
-    side in 25..56 (a 4..7 final feature map); wrn28_10 (two stride-2 stages, avg_pool2d(8) before
-    its linear layer) 3 channels and a square side in 29..60 (an 8..15 final map); cnn takes any shape.
+    The PreAct ResNet-18s (avg_pool2d(4) before a 512-input linear layer) need 3 channels and a square
+    side in 25..56 (a 4..7 final feature map); the wide networks (two stride-2 stages, avg_pool2d(8)
+    before their linear layer) 3 channels and a square side in 29..60 (an 8..15 final map); cnn takes
+    any shape.
     """
-    sides = {"resnet18": (25, 56), "wrn28_10": (29, 60)}
+    sides = {"resnet18": (25, 56), "resnet18_nfgsm": (25, 56), "resnet18_rice": (25, 56), "wrn28_10": (29, 60),
+             "wrn28_10_nfgsm": (29, 60)}
     if model_name not in sides:
         return
     channels, height, width = shape
@@ -250,7 +258,9 @@ class Batches:
     """Batches (x, y) of a Split: x float32 (B, C, H, W) in [0, 1] and y int64 (B,), on `device`.
 
     shuffle: a new permutation per pass (per __iter__), from `generator`; drop_last: only whole batches;
-    n: only the first n examples (None or -1: all); crop_padding / hflip: augmentation per example.
+    n: only the first n examples (None or -1: all); crop_padding / hflip / rotate: augmentation per
+    example (rotate: degrees of a rotation U[-rotate, rotate] after the crop and flip; 0: none);
+    pad_mode: how the crop pads ("constant": zeros, "reflect").
     store_on_device: the uint8 dataset is moved once to `device` (a GPU-resident dataset) and batches are
     drawn and augmented there. Otherwise it stays on the CPU; each uint8 batch is gathered there, pinned
     (CUDA) and copied without blocking, then converted and augmented on `device`.
@@ -260,7 +270,8 @@ class Batches:
 
     def __init__(self, split: Split, batch_size: int, *, shuffle: bool, drop_last: bool, crop_padding: int = 0,
                  hflip: bool = False, n: int | None = None, device: str | torch.device = "cpu",
-                 store_on_device: bool = False, generator: torch.Generator | None = None):
+                 store_on_device: bool = False, generator: torch.Generator | None = None,
+                 pad_mode: str = "constant", rotate: float = 0.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, not {batch_size}")
         self.device = torch.device(device)
@@ -271,6 +282,7 @@ class Batches:
         self.scale, self.batch_size = split.scale, batch_size
         self.shuffle, self.drop_last = shuffle, drop_last
         self.crop_padding, self.hflip = crop_padding, hflip
+        self.pad_mode, self.rotate = pad_mode, rotate
         if generator is None:
             generator = torch.Generator(device=home).manual_seed(torch.initial_seed())
         if generator.device.type != home.type:
@@ -293,30 +305,36 @@ class Batches:
         for start in range(0, len(self) * bs, bs):
             idx = order[start:start + bs]
             x, y = self.images[idx], self.labels[idx]
-            offsets = flips = None  # drawn where the data live, always in this order
+            offsets = flips = angles = None  # drawn where the data live, always in this order
             if self.crop_padding:
                 offsets = torch.randint(0, 2 * self.crop_padding + 1, (2, len(y)), generator=gen, device=home)
             if self.hflip:
                 flips = torch.rand(len(y), generator=gen, device=home) < 0.5
+            if self.rotate:
+                angles = (torch.rand(len(y), generator=gen, device=home) * 2 - 1) * self.rotate
             if self.transfer:
                 x, y = self._to_device(x), self._to_device(y)
                 offsets = None if offsets is None else self._to_device(offsets)
                 flips = None if flips is None else self._to_device(flips)
+                angles = None if angles is None else self._to_device(angles)
             x = x.float() / self.scale
             if offsets is not None:
-                x = batch_crop(x, self.crop_padding, offsets)
+                x = batch_crop(x, self.crop_padding, offsets, self.pad_mode)
             if flips is not None:
                 x = batch_flip_lr(x, flips)
+            if angles is not None:
+                x = batch_rotate(x, angles)
             yield x, y
 
 
-def batch_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Tensor:
-    """Crops each image of x (B, C, H, W) out of its zero-padded copy (padding p on every side).
+def batch_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor, mode: str = "constant") -> torch.Tensor:
+    """Crops each image of x (B, C, H, W) out of its padded copy (padding p on every side; mode
+    "constant": zeros, "reflect": mirrored without repeating the edge, as numpy's pad mode 'reflect').
 
     offsets: int64 (2, B) in [0, 2p], rows then columns; offset p is the original image.
     """
     b, c, h, w = x.shape
-    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding), mode=mode)
     rows = (offsets[0][:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (B, 1, H, 1)
     cols = (offsets[1][:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (B, 1, 1, W)
     batch = torch.arange(b, device=x.device)[:, None, None, None]
@@ -327,6 +345,36 @@ def batch_crop(x: torch.Tensor, padding: int, offsets: torch.Tensor) -> torch.Te
 def batch_flip_lr(x: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """Flips left-right the images of x (B, C, H, W) where the bool mask flips (B,) is True."""
     return torch.where(flips[:, None, None, None], x.flip(3), x)
+
+
+def batch_rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """Rotates each image of x (B, C, H, W) about its centre by angles (B,) degrees, as torchvision's
+    RandomRotation does by default: nearest-neighbour sampling at the pixel centres, the same size,
+    zeros where the rotated image leaves the frame. (A pixel centre that falls exactly between two
+    source pixels may round to the other one than PIL's.)"""
+    theta = angles.to(x.dtype) * (torch.pi / 180.0)
+    cos, sin = torch.cos(theta), torch.sin(theta)
+    h, w = x.shape[-2:]
+    # the inverse map from output to input coordinates in affine_grid's [-1, 1] units, with the
+    # aspect ratio taken into account so that non-square images rotate rigidly
+    row0 = torch.stack([cos, -sin * h / w, torch.zeros_like(cos)], dim=1)
+    row1 = torch.stack([sin * w / h, cos, torch.zeros_like(cos)], dim=1)
+    grid = torch.nn.functional.affine_grid(torch.stack([row0, row1], dim=1), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+
+
+def augmentation(name: str, info: DatasetInfo) -> dict:
+    """Batches' augmentation arguments for --augment `name` (AUGMENTATIONS) on a dataset."""
+    if name not in AUGMENTATIONS:
+        raise ValueError(f"unknown --augment '{name}': choose one of {', '.join(AUGMENTATIONS)}")
+    if name == "none":
+        return {"crop_padding": 0, "hflip": False}
+    plain = {"crop_padding": info.crop_padding, "hflip": info.hflip}
+    if name == "reflect":
+        return {**plain, "pad_mode": "reflect"}
+    if name == "rotate":
+        return {**plain, "rotate": ROTATION_DEGREES}
+    return plain
 
 
 # ------------------------------------------------------------------------------ one run's loaders
@@ -346,6 +394,7 @@ def load_run_data(cfg, device: torch.device) -> RunData:
     (DataMissingError if absent) and checks the sizes the flags ask for."""
     info = DATASETS[cfg.dataset]
     check_model_input(cfg.model, info.shape)
+    augment = augmentation(cfg.augment, info)
     train_split = load_split(cfg.dataset, cfg.data_dir, train=True, download=cfg.download)
     test_split = load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
     if cfg.n_final_eval > len(test_split):
@@ -362,8 +411,7 @@ def load_run_data(cfg, device: torch.device) -> RunData:
     n_final = None if cfg.n_final_eval < 0 else cfg.n_final_eval
     return RunData(
         info=info,
-        train=batches(train_split, cfg.batch_size, shuffle=True, drop_last=True, crop_padding=info.crop_padding,
-                      hflip=info.hflip, generator=generator),
+        train=batches(train_split, cfg.batch_size, shuffle=True, drop_last=True, generator=generator, **augment),
         train_subset=batches(train_split, cfg.batch_size, shuffle=False, drop_last=True, n=cfg.n_eval_every_k_iter),
         test_subset=batches(test_split, cfg.batch_size_eval, shuffle=False, drop_last=False,
                             n=cfg.n_eval_every_k_iter),

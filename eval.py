@@ -6,7 +6,7 @@
 Loads this repo's model.pth, the authors' released {'last', 'best'} files and bare state_dicts
 (--early_stopped_model picks 'best'). --model_path is a file, or a name under models/ as the
 authors' eval.py looked it up (models/<name>.pth). The dataset, architecture, input normalisation
-and eps (--dataset, --model, --n_layers, --n_filters_cnn, --normalize, --eps) come from the
+and eps (--dataset, --model, --n_layers, --n_filters_cnn, --wrn_depth, --wrn_width, --normalize, --eps) come from the
 config.json that train.py wrote beside the checkpoint; flags given explicitly override it, and files
 without one (the authors') need the flags (else train.py's defaults, eps 8). eps is in 1/255 units;
 the PGD step is eps/4. An example counts as robust only if no restart fools it. Weights holding NaN
@@ -47,7 +47,7 @@ from config import EXIT_OK, EXIT_USAGE, OneLineParser
 
 # The settings eval.py takes from config.json beside the checkpoint when their flags are not given
 # (FROM_RUN_VALID says what a value there must be).
-FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "normalize", "eps")
+FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "wrn_depth", "wrn_width", "normalize", "eps")
 # train.py's settings that eval.py takes too, declared in config.py.
 SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "data_dir",
           "download")
@@ -81,6 +81,9 @@ FROM_RUN_VALID = {
     "model": (lambda v: v in models.MODELS, f"not one of {', '.join(models.MODELS)}"),
     "n_layers": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
     "n_filters_cnn": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
+    "wrn_depth": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 10 and (v - 4) % 6 == 0,
+                  "not a whole number 6n + 4 >= 10"),
+    "wrn_width": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "not a whole number >= 1"),
     "normalize": (lambda v: v in models.NORMALIZATIONS, f"not one of {', '.join(models.NORMALIZATIONS)}"),
     "eps": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 255,
             "not a number in [0, 255]"),
@@ -155,7 +158,7 @@ def evaluate(args) -> dict:
     data.check_model_input(args.model, info.shape)
     state = models.read_checkpoint(path, "best" if args.early_stopped_model else "last")
     model = models.build_model(args.model, info.n_classes, info.shape, args.n_layers, args.n_filters_cnn,
-                               args.normalize)
+                               args.normalize, args.wrn_depth, args.wrn_width)
     models.load_state(model, state)
     eval_layout = precision.pass_layouts(args.channels_last, device.type, args.model)["eval"]
     model = precision.to_device(model, device, channels_last=eval_layout).eval()
@@ -245,7 +248,7 @@ def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.p
         n = len(split) if cfg.n_final_eval < 0 else cfg.n_final_eval
         batches = data.Batches(split, cfg.batch_size_eval, shuffle=False, drop_last=False, n=n, device=device)
         model = models.build_model(cfg.model, info.n_classes, info.shape, cfg.n_layers, cfg.n_filters_cnn,
-                                   cfg.normalize)
+                                   cfg.normalize, cfg.wrn_depth, cfg.wrn_width)
         layout = precision.pass_layouts(cfg.channels_last, device.type, cfg.model)["eval"]
         model = precision.to_device(model, device, channels_last=layout).float().eval()
         for key in ("last", "best"):

@@ -1,6 +1,7 @@
 """The training methods, one registry entry each: the paper's (arXiv 2007.02617: FGSM, FGSM-RS,
-GradAlign, Free-AT, PGD-K) and the later fast adversarial training methods (N-FGSM, ZeroGrad, ELLE,
-ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all read REGISTRY.
+GradAlign, Free-AT, PGD-K) and the later fast adversarial training methods (N-FGSM, ZeroGrad,
+MultiGrad, ELLE, ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all
+read REGISTRY.
 
     python methods.py list [--paper | --all]                                   # the sweeps' method names
     python methods.py flags gradalign --eps 8 --dataset cifar10
@@ -14,9 +15,9 @@ step calls. A perturbation (the attack a step trains on) and a regulariser (a te
 combine: FGSM-RS + GradAlign is two entries. Flags come as --flag=value words; eps is in 1/255 units.
 Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
 --lr_max); the digits demos set their own. A method of a later paper also carries that paper's
-protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward), which
-train.py applies with --protocol own. torch is imported only by the functions that train, so
-report.py and the shell scripts (which call this once per sweep) start fast.
+protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward, the
+network, the augmentation), which train.py applies with --protocol own. torch is imported only by the
+functions that train, so report.py and the shell scripts (which call this once per sweep) start fast.
 """
 from __future__ import annotations
 
@@ -52,28 +53,40 @@ SCHEDULES = {"cifar10": Schedule(30, "0.2", "0.30", 96, "0.04"),
 class Protocol:
     """How a paper trains, beyond its method's flags: where the cyclic learning rate peaks (a fraction
     of training: --lr_peak), whether it trains in half precision (this paper's sweeps do: --half_prec),
-    the input normalisation inside the model (--normalize: models.NORMALIZATIONS) and whether each step
-    ends with a clean forward in train mode, which only updates BatchNorm's statistics (--clean_forward)."""
+    the input normalisation inside the model (--normalize: models.NORMALIZATIONS), whether each step
+    ends with a clean forward in train mode, which only updates BatchNorm's statistics (--clean_forward),
+    the network (--model: models.MODELS) and the training augmentation (--augment: data.AUGMENTATIONS)."""
     lr_peak: float = 0.4
     half_prec: bool = True
     normalize: str = "none"
     clean_forward: bool = False
+    model: str = "resnet18"
+    augment: str = "dataset"
 
     def settings(self) -> dict[str, Any]:
         """The train.py settings it fills in when they are not given (precision is checked, not set)."""
-        return {"lr_peak": self.lr_peak, "normalize": self.normalize, "clean_forward": self.clean_forward}
+        return {"lr_peak": self.lr_peak, "normalize": self.normalize, "clean_forward": self.clean_forward,
+                "model": self.model, "augment": self.augment}
 
 
-PAPER = Protocol()  # this paper's: the peak at 2/5, fp16 (the sweeps' --half_prec), no normalisation
-# The later methods' own protocols, from their official scripts: fp32 everywhere; on CIFAR the cyclic
-# schedule peaks at mid-training, on SVHN at 2/5. A dataset its authors did not train on gets the
-# CIFAR-10 protocol without normalisation (own_protocol).
-NFGSM_OWN = {"cifar10": Protocol(0.5, False, "cifar10"), "cifar100": Protocol(0.5, False, "cifar100"),
-             "svhn": Protocol(0.4, False, "svhn")}
-ZEROGRAD_OWN = {"cifar10": Protocol(0.5, False, "cifar10"), "cifar100": Protocol(0.5, False, "cifar100"),
-                "svhn": Protocol(0.4, False, "half")}
-ELLE_OWN = {"cifar10": Protocol(0.5, False, clean_forward=True), "cifar100": Protocol(0.5, False, clean_forward=True),
-            "svhn": Protocol(0.4, False, clean_forward=True)}
+PAPER = Protocol()  # this paper's: the peak at 2/5, fp16 (the sweeps' --half_prec), no normalisation,
+# the GradAlign authors' PreAct ResNet-18 and the dataset's crops and flips
+# The later methods' own protocols, from their official code (docs/later_methods.md gives the lines):
+# fp32 everywhere; on CIFAR the cyclic schedule peaks at mid-training, on SVHN at 2/5; N-FGSM's PreAct
+# ResNet-18 (a final BatchNorm + ReLU) for N-FGSM, Rice et al.'s (also the shortcut of relu(bn1(x)))
+# for ZeroGrad, MultiGrad and ELLE; ZeroGrad's code pads its CIFAR-10 crops by reflection, rotates its
+# CIFAR-100 images and does not augment SVHN. A dataset its authors did not train on gets the CIFAR-10
+# protocol without normalisation and with the dataset's augmentation (own_protocol).
+NF, RICE = "resnet18_nfgsm", "resnet18_rice"
+NFGSM_OWN = {"cifar10": Protocol(0.5, False, "cifar10", model=NF),
+             "cifar100": Protocol(0.5, False, "cifar100", model=NF),
+             "svhn": Protocol(0.4, False, "svhn", model=NF)}
+ZEROGRAD_OWN = {"cifar10": Protocol(0.5, False, "cifar10", model=RICE, augment="reflect"),
+                "cifar100": Protocol(0.5, False, "cifar100", model=RICE, augment="rotate"),
+                "svhn": Protocol(0.4, False, "half", model=RICE, augment="none")}
+ELLE_OWN = {"cifar10": Protocol(0.5, False, clean_forward=True, model=RICE),
+            "cifar100": Protocol(0.5, False, clean_forward=True, model=RICE),
+            "svhn": Protocol(0.4, False, clean_forward=True, model=RICE)}
 
 
 def gradalign_lambda(dataset: str, eps: float) -> str:
@@ -104,10 +117,10 @@ def elle_lambda(eps: float) -> str:
 
 def nfgsm_noise_mult(eps: float, dataset: str, model: str) -> str:
     """N-FGSM's k in its authors' scripts: 2, except 3 on SVHN at eps 12 and 4 for WideResNet-28-10 on
-    CIFAR-10 at eps 16."""
+    CIFAR-10 at eps 16 (either wide network of models.py)."""
     if dataset == "svhn" and eps == 12:
         return "3"
-    if dataset == "cifar10" and model == "wrn28_10" and eps == 16:
+    if dataset == "cifar10" and model.startswith("wrn") and eps == 16:
         return "4"
     return "2"
 
@@ -256,6 +269,17 @@ def perturb_zerograd(model, x, y, cfg, st) -> Perturbation:
     return Perturbation(delta, grad, start, None)
 
 
+def perturb_multigrad(model, x, y, cfg, st) -> Perturbation:
+    """MultiGrad: --multigrad_samples input gradients at uniform starts vote on the sign of each
+    coordinate; one step of fgsm_alpha * eps (clipped to eps) from zero where enough agree."""
+    import utils
+    eps = cfg.eps_frac
+    agree = cfg.multigrad_samples if cfg.multigrad_agree == -1 else cfg.multigrad_agree
+    delta, grad, start = utils.multigrad_attack(model, x, y, eps, st.warm * cfg.fgsm_alpha * eps,
+                                                cfg.multigrad_samples, agree, create_graph=st.grad1_graph)
+    return Perturbation(delta, grad, start, None)
+
+
 def perturb_nfgsm(model, x, y, cfg, st) -> Perturbation:
     """N-FGSM: noise of k eps, one step of fgsm_alpha * eps, box-clamped only (outside the eps-ball);
     SVHN warms eps."""
@@ -354,8 +378,8 @@ def _gradalign_label(cfg, base: str) -> str:
 
 
 def _one_fgsm_step(cfg) -> bool:
-    """Plain FGSM(-RS): no batch replay, no gradient filter."""
-    return cfg.minibatch_replay == 1 and cfg.zerograd_q == 0
+    """Plain FGSM(-RS): no batch replay, no gradient filter, no vote."""
+    return cfg.minibatch_replay == 1 and cfg.zerograd_q == 0 and cfg.multigrad_samples == 0
 
 
 def _pgd_label(suffix: str) -> Callable[[Any], str]:
@@ -384,7 +408,8 @@ FGSM_ZERO = ("--attack=fgsm", "--attack_init=zero")
 # In the order of the sweeps' method lists (`methods.py list`); selection takes the first match.
 # Later methods carry their papers' settings per dataset (and model) and their papers' protocols
 # (own=); their recipes keep this paper's schedule (their papers also train 30 epochs at lr_max 0.2 on
-# CIFAR), except where their scripts set another (ZeroGrad on SVHN). docs/later_methods.md.
+# CIFAR), except where their scripts set another (ZeroGrad and MultiGrad on SVHN; N-FGSM on SVHN, whose
+# code trains its default 30 epochs there). docs/later_methods.md.
 _ENTRIES = [
     Method("fgsm", "FGSM", "2", attack="fgsm", when=lambda c: c.attack_init == "zero" and _one_fgsm_step(c),
            perturb=perturb_fgsm, recipes={"fgsm": Recipe(FGSM_ZERO, paper=True)}),
@@ -411,12 +436,18 @@ _ENTRIES = [
            else f"N-FGSM (k={c.nfgsm_noise_mult:g}, alpha={c.fgsm_alpha:g})", "2", attack="nfgsm",
            perturb=perturb_nfgsm, defaults={"fgsm_alpha": 1.0}, own=NFGSM_OWN,
            recipes={"nfgsm": Recipe(("--attack=nfgsm", "--fgsm_alpha=1.0"), lambda eps, dataset, model: [
-               f"--nfgsm_noise_mult={nfgsm_noise_mult(eps, dataset, model)}"])}),
+               f"--nfgsm_noise_mult={nfgsm_noise_mult(eps, dataset, model)}"],
+               schedules={"svhn": (30, "0.05")})}),  # its code's default epochs on SVHN (docs/later_methods.md)
     Method("zerograd", "ZeroGrad", "2", attack="fgsm", when=lambda c: c.zerograd_q > 0, perturb=perturb_zerograd,
            own=ZEROGRAD_OWN,
            recipes={"zerograd": Recipe(("--attack=fgsm", "--attack_init=random", "--fgsm_alpha=2.0"),
                                        lambda eps, dataset, model: [f"--zerograd_q={ZEROGRAD_Q.get(dataset, '0.35')}"],
                                        schedules={"svhn": (15, "0.01")})}),
+    # MultiGrad (ZeroGrad's paper): 3 random starts vote, step 2 eps clipped to eps; SVHN as ZeroGrad's
+    Method("multigrad", "MultiGrad", lambda c: f"{c.multigrad_samples}+1", attack="fgsm",
+           when=lambda c: c.multigrad_samples > 0, perturb=perturb_multigrad, own=ZEROGRAD_OWN,
+           recipes={"multigrad": Recipe(("--attack=fgsm", "--attack_init=random", "--fgsm_alpha=2.0",
+                                         "--multigrad_samples=3"), schedules={"svhn": (15, "0.01")})}),
     Method("elle", lambda c, base: "ELLE" if base == "FGSM" else f"{base} + ELLE", {"2": "2+3"},
            when=lambda c: c.elle_lambda > 0 and not c.elle_adaptive, regularise=regularise_elle, own=ELLE_OWN,
            recipes={"elle": Recipe((*FGSM_ZERO, "--fgsm_alpha=1.0"),
@@ -442,7 +473,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in _ENTRIES}
 # Row order of report.py's tables: the paper's methods, plain training first, and FGSM-RS + GradAlign;
 # then the later methods. Labels not here follow alphabetically.
 ROW_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradAlign", "Free-AT (m=8)",
-             "PGD-2", "PGD-10", "N-FGSM", "ZeroGrad", "ELLE", "ELLE-A", "FGSM + GradAlign (FD)"]
+             "PGD-2", "PGD-10", "N-FGSM", "ZeroGrad", "MultiGrad", "ELLE", "ELLE-A", "FGSM + GradAlign (FD)"]
 
 
 def register(method: Method) -> Method:
@@ -505,7 +536,7 @@ def own_protocol(cfg, dataset: str) -> Protocol | None:
     on, their CIFAR-10 protocol without normalisation."""
     for m in reversed(select(cfg)):
         if m is not None and m.own:
-            return m.own.get(dataset) or dataclasses.replace(m.own["cifar10"], normalize="none")
+            return m.own.get(dataset) or dataclasses.replace(m.own["cifar10"], normalize="none", augment="dataset")
     return None
 
 
@@ -556,21 +587,23 @@ def recipes() -> dict[str, Recipe]:
 PROTOCOLS = ("paper", "own")
 
 
-def flags(method: str, eps: float, dataset: str, model: str = "resnet18", protocol: str = "paper") -> list[str]:
-    """The train.py flags of a recipe at eps on dataset for model (schedule included where the dataset
-    has one). protocol own: then the words of the method's own protocol, precision included
-    (--protocol=own for a later method, which trains in fp32; --half_prec for this paper's methods),
-    for a sweep whose common flags leave the precision out."""
+def flags(method: str, eps: float, dataset: str, model: str | None = None, protocol: str = "paper") -> list[str]:
+    """The train.py flags of a recipe at eps on dataset (schedule included where the dataset has one)
+    for model (None: the protocol's, this paper's resnet18 under paper). protocol own: then the words of
+    the method's own protocol, precision included (--protocol=own and its authors' network, --model=...,
+    for a later method, which trains in fp32; --half_prec for this paper's methods), for a sweep whose
+    common flags leave the precision out. An explicit model is named under own too."""
     table = recipes()
     if method not in table:
         raise ValueError(f"unknown method '{method}': choose from {', '.join(table)}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol '{protocol}': choose from {', '.join(PROTOCOLS)}")
-    words = table[method].flags(eps, dataset, model)
+    owner = next(m for m in REGISTRY.values() if method in m.recipes)
+    own = (owner.own.get(dataset, owner.own["cifar10"]) if owner.own else PAPER) if protocol == "own" else PAPER
+    words = table[method].flags(eps, dataset, model or own.model)
     if protocol == "own":
-        owner = next(m for m in REGISTRY.values() if method in m.recipes)
-        own = owner.own.get(dataset, owner.own["cifar10"]) if owner.own else PAPER
-        words += (["--protocol=own"] if owner.own else []) + (["--half_prec"] if own.half_prec else [])
+        words += (["--protocol=own", f"--model={model or own.model}"] if owner.own else []) + (
+            ["--half_prec"] if own.half_prec else [])
     return words
 
 
@@ -596,7 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         q.add_argument("--dataset", required=True)
         q.add_argument("--eps", required=True, help=eps_help)
     for q in (one, grid):
-        q.add_argument("--model", default="resnet18", help="the model (N-FGSM's k depends on it)")
+        q.add_argument("--model", default=None, help="the model (N-FGSM's k depends on it; default: the "
+                       "protocol's, resnet18 under paper)")
         q.add_argument("--protocol", default="paper", choices=PROTOCOLS,
                        help="own: add the words of each method's own protocol, precision included")
     args = p.parse_args(argv)

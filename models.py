@@ -1,5 +1,6 @@
 """The two architectures of the paper (arXiv 2007.02617), with the state_dict keys of the authors' code,
-the WideResNet-28-10 of the later methods' code, and a small BatchNorm CNN for the digits demo.
+the later methods' networks with the state_dict keys of their authors' classes (docs/later_methods.md
+names each source file), and a small BatchNorm CNN for the digits demo.
 
 Every model takes images of shape (B, C, H, W) with values in [0, 1] and returns logits (B, n_classes).
 The paper's two register an alias submodule `model_preact_hl1` that points at their first layers,
@@ -15,7 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODELS = ("resnet18", "cnn", "cnn_bn", "wrn28_10")
+MODELS = ("resnet18", "cnn", "cnn_bn", "wrn28_10", "resnet18_nfgsm", "resnet18_rice", "wrn28_10_nfgsm")
+# the wide networks: --wrn_depth and --wrn_width set their depth and width (28 and 10 by default)
+WIDE_MODELS = ("wrn28_10", "wrn28_10_nfgsm")
+# the later methods' networks, which keep PyTorch's default initialisation as their authors' code does
+DEFAULT_INIT_MODELS = ("resnet18_nfgsm", "resnet18_rice", "wrn28_10_nfgsm")
 
 # Input normalisations (--normalize): per-channel (mean, std) of inputs in [0, 1]. none is the paper's.
 # cifar10: the CIFAR-10 training set's, as N-FGSM's and ZeroGrad's code; cifar100: N-FGSM's CIFAR-100
@@ -49,10 +54,14 @@ def identity_normalize(channels: int) -> Normalize:
 
 
 class PreActBlock(nn.Module):
-    """bn1 -> relu -> conv1 -> bn2 -> relu -> conv2, plus a shortcut of the block's raw input."""
+    """bn1 -> relu -> conv1 -> bn2 -> relu -> conv2, plus a shortcut: of the block's raw input (the
+    GradAlign and N-FGSM authors' block), or with shortcut_of_act of relu(bn1(x)) (He et al.'s
+    pre-activation block, as in Rice et al.'s code that ZeroGrad and ELLE use). Where the shape is
+    unchanged the shortcut is x itself in both."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, shortcut_of_act: bool = False):
         super().__init__()
+        self.shortcut_of_act = shortcut_of_act
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
@@ -61,11 +70,12 @@ class PreActBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(F.relu(self.bn1(x)))
-        out = self.conv2(F.relu(self.bn2(out)))
-        # The authors' shortcut takes the block input x, not relu(bn1(x)) as in He et al.
-        shortcut = self.shortcut(x) if hasattr(self, "shortcut") else x
-        return out + shortcut
+        act = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(act))))
+        if not hasattr(self, "shortcut"):
+            return out + x
+        # The GradAlign authors' shortcut takes the block input x, not relu(bn1(x)) as in He et al.
+        return out + self.shortcut(act if self.shortcut_of_act else x)
 
 
 class PreActResNet18(nn.Module):
@@ -91,6 +101,36 @@ class PreActResNet18(nn.Module):
         out = self.conv1(self.normalize(x))
         out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
         out = F.avg_pool2d(out, 4)
+        return self.linear(out.flatten(1))
+
+
+class PreActResNet18Final(nn.Module):
+    """The later methods' PreAct ResNet-18: the paper's stages, then a final BatchNorm + ReLU before
+    avg_pool2d(4) and linear 512 -> n_classes, and PyTorch's default initialisation.
+
+    shortcut_of_act False: N-FGSM's network (the shortcut convolution takes the block's raw input);
+    True: Rice et al.'s, which ZeroGrad's and ELLE's code train (it takes relu(bn1(x))). Keys conv1.*,
+    layer{1..4}.{0,1}.*, bn.* and linear.*: 107 in all, those of the authors' classes. Input
+    (B, 3, S, S) with 25 <= S <= 56 (32 in practice).
+    """
+
+    def __init__(self, n_classes: int = 10, shortcut_of_act: bool = False):
+        super().__init__()
+        self.normalize = identity_normalize(3)
+        self.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        widths, strides, in_planes = (64, 128, 256, 512), (1, 2, 2, 2), 64
+        for i, (width, stride) in enumerate(zip(widths, strides), start=1):
+            blocks = [PreActBlock(in_planes, width, stride, shortcut_of_act),
+                      PreActBlock(width, width, 1, shortcut_of_act)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            in_planes = width
+        self.bn = nn.BatchNorm2d(512)
+        self.linear = nn.Linear(512, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = F.avg_pool2d(F.relu(self.bn(out)), 4)
         return self.linear(out.flatten(1))
 
 
@@ -193,9 +233,7 @@ class WideResNet(nn.Module):
 
     def __init__(self, n_classes: int = 10, depth: int = 28, width: int = 10):
         super().__init__()
-        if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
-            raise ValueError(f"a WideResNet needs depth 6n + 4 >= 10 and width >= 1 (got {depth}, {width})")
-        n_blocks = (depth - 4) // 6
+        n_blocks = _wide_blocks(depth, width)
         widths = (16 * width, 32 * width, 64 * width)
         self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=False)
         self.block1 = WideGroup(n_blocks, 16, widths[0], 1)
@@ -209,6 +247,65 @@ class WideResNet(nn.Module):
         out = self.block3(self.block2(self.block1(self.conv1(self.normalize(x)))))
         out = F.avg_pool2d(F.relu(self.bn1(out)), 8)
         return self.fc(out.flatten(1))
+
+
+class WideBlockNF(nn.Module):
+    """N-FGSM's wide block: bn1 -> relu -> conv1 (3x3, bias) -> dropout -> bn2 -> relu -> conv2 (3x3,
+    stride, bias), plus a shortcut of the block's raw input: a 1x1 conv with bias (shortcut.0) where the
+    width or the stride changes, else x itself."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, padding=1, bias=True)
+        self.dropout = nn.Dropout(p=dropout)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.dropout(self.conv1(F.relu(self.bn1(x))))
+        return self.conv2(F.relu(self.bn2(out))) + self.shortcut(x)
+
+
+class WideResNetNF(nn.Module):
+    """N-FGSM's WideResNet-depth-width: conv1 (3x3, 3 -> 16, bias), three stages layer{1,2,3} of
+    (depth - 4) / 6 WideBlockNF of widths 16, 32 and 64 times `width` (the stride on the first block's
+    second conv), then BatchNorm (bn1, momentum 0.9: its running statistics are 90% the last batch's),
+    ReLU, avg_pool2d(8) and linear. Dropout 0.3 after each block's first conv, active in train mode
+    (so in the training attacks too). PyTorch's default initialisation. Keys conv1.*, layer{1,2,3}.<i>.*,
+    bn1.*, linear.*. Input (B, 3, S, S) with 29 <= S <= 60 (32 in practice).
+    """
+
+    def __init__(self, n_classes: int = 10, depth: int = 28, width: int = 10, dropout: float = 0.3):
+        super().__init__()
+        n_blocks = _wide_blocks(depth, width)
+        widths = (16 * width, 32 * width, 64 * width)
+        self.normalize = identity_normalize(3)
+        self.conv1 = nn.Conv2d(3, 16, kernel_size=3, stride=1, padding=1, bias=True)
+        in_planes = 16
+        for i, (planes, stride) in enumerate(zip(widths, (1, 2, 2)), start=1):
+            blocks = [WideBlockNF(in_planes if j == 0 else planes, planes, stride if j == 0 else 1, dropout)
+                      for j in range(n_blocks)]
+            setattr(self, f"layer{i}", nn.Sequential(*blocks))
+            in_planes = planes
+        self.bn1 = nn.BatchNorm2d(widths[2], momentum=0.9)
+        self.linear = nn.Linear(widths[2], n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer3(self.layer2(self.layer1(self.conv1(self.normalize(x)))))
+        out = F.avg_pool2d(F.relu(self.bn1(out)), 8)
+        return self.linear(out.flatten(1))
+
+
+def _wide_blocks(depth: int, width: int) -> int:
+    """Blocks per stage of a WideResNet-depth-width; ValueError unless depth = 6n + 4 >= 10, width >= 1."""
+    if depth < 10 or (depth - 4) % 6 != 0 or width < 1:
+        raise ValueError(f"a WideResNet needs depth 6n + 4 >= 10 and width >= 1 (got {depth}, {width}): "
+                         "set --wrn_depth (e.g. 28 or 34) and --wrn_width (e.g. 10)")
+    return (depth - 4) // 6
 
 
 def init_weights(module: nn.Module) -> None:
@@ -231,24 +328,32 @@ def init_weights(module: nn.Module) -> None:
 
 
 def build_model(name: str, n_classes: int, shape_in: tuple[int, int, int],
-                n_layers: int = 1, n_filters_cnn: int = 16, normalize: str = "none") -> nn.Module:
-    """A freshly initialised model (the authors' init, including its second pass over the aliases),
-    whose first module normalises its input by NORMALIZATIONS[normalize].
+                n_layers: int = 1, n_filters_cnn: int = 16, normalize: str = "none",
+                wrn_depth: int = 28, wrn_width: int = 10) -> nn.Module:
+    """A freshly initialised model whose first module normalises its input by NORMALIZATIONS[normalize].
 
-    wrn28_10 gets the same init: its convolutions and BatchNorms as in the later methods' official code, its
-    linear layer N(0, sqrt(2 / in_features)) where theirs keeps PyTorch's default (bias 0 in both).
+    The paper's models and wrn28_10 get the GradAlign authors' init (including its second pass over
+    the aliases); wrn28_10's convolutions and BatchNorms are then as in ELLE's and ZeroGrad's code, its
+    linear layer N(0, sqrt(2 / in_features)) where theirs keeps PyTorch's default (bias 0 in both). The
+    later methods' networks (DEFAULT_INIT_MODELS) keep PyTorch's default init, as their authors' code.
+    wrn_depth, wrn_width: of the wide models (WIDE_MODELS) only.
     """
     if name == "resnet18":
         model = PreActResNet18(n_classes)
+    elif name in ("resnet18_nfgsm", "resnet18_rice"):
+        model = PreActResNet18Final(n_classes, shortcut_of_act=name == "resnet18_rice")
     elif name == "wrn28_10":
-        model = WideResNet(n_classes, depth=28, width=10)
+        model = WideResNet(n_classes, depth=wrn_depth, width=wrn_width)
+    elif name == "wrn28_10_nfgsm":
+        model = WideResNetNF(n_classes, depth=wrn_depth, width=wrn_width)
     elif name == "cnn":
         model = CNN(n_classes, shape_in, n_conv=n_layers, n_filters=n_filters_cnn)
     elif name == "cnn_bn":
         model = CNNBN(n_classes, shape_in, n_conv=n_layers, n_filters=n_filters_cnn)
     else:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
-    model.apply(init_weights)
+    if name not in DEFAULT_INIT_MODELS:
+        model.apply(init_weights)
     set_normalization(model, normalize)
     return model
 
@@ -295,11 +400,13 @@ def _alias_pairs(model: nn.Module) -> dict[str, str]:
 def load_state(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
     """Strictly loads a state_dict of the authors' code or of this repo.
 
-    Accepts DataParallel's 'module.' prefix and state_dicts without the alias keys (they are filled
-    from the tensors they alias). Raises CheckpointError naming the missing, unexpected or
-    mis-shaped keys.
+    Accepts DataParallel's 'module.' prefix, the '0.' prefix of a model wrapped in nn.Sequential (ELLE's
+    code saves its network so) and state_dicts without the alias keys (they are filled from the
+    tensors they alias). Raises CheckpointError naming the missing, unexpected or mis-shaped keys.
     """
     state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    if state and all(k.startswith("0.") for k in state):
+        state = {k.removeprefix("0."): v for k, v in state.items()}
     for alias, original in _alias_pairs(model).items():
         if alias not in state and original in state:
             state[alias] = state[original]
@@ -329,8 +436,9 @@ def _few(items: list[str], k: int = 4) -> str:
 def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
     """The state_dict stored in a checkpoint file: {'last','best'} files (ours and the authors')
     give entry `which`; a bare state_dict holds one set of weights, read as 'last' ('best' is an
-    error). Raises CheckpointError (one line) for an unreadable file, other pickled objects (never
-    loaded: train.py's resume.pt is one) and weights holding NaN or inf."""
+    error), as does the 'model' entry of ELLE's checkpoints ({'model': ..., 'epoch': ...}). Raises
+    CheckpointError (one line) for an unreadable file, other pickled objects (never loaded: train.py's
+    resume.pt is one) and weights holding NaN or inf."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -349,6 +457,8 @@ def read_checkpoint(path: str, which: str = "last") -> dict[str, torch.Tensor]:
         if which not in obj:
             raise CheckpointError(f"{path} has no '{which}' weights (it has {', '.join(sorted(obj))})")
         obj = obj[which]
+    elif isinstance(obj.get("model"), dict) and which == "last":
+        obj = obj["model"]
     elif which != "last":
         raise CheckpointError(f"{path} is a bare state_dict (one set of weights, no '{which}'); "
                               "evaluate it without --early_stopped_model")

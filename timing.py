@@ -91,7 +91,7 @@ def add_flags(p: argparse.ArgumentParser, out_default: str) -> None:
     threads and the output file."""
     a = p.add_argument
     a("--device", default="auto", help="auto (cuda if available; the default), cpu, cuda or cuda:N")
-    a("--models", nargs="+", default=["cnn", "resnet18"], choices=models.MODELS, help="default: cnn resnet18")
+    a("--models", nargs="+", default=["cnn", "resnet18"], choices=list(INPUT_SHAPES), help="default: cnn resnet18")
     a("--batch_size", type=int, default=None,
       help="training batch of every model (default: cnn 128 / resnet18 32 / wrn28_10 4 on CPU, 512 / 128 / 128 "
            "on CUDA)")

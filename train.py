@@ -61,8 +61,8 @@ from rundir import RESUME_FILE, run_name
 
 # ====================================================================== model, optimiser, schedule
 def make_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """SGD(momentum 0.9) for resnet18 and wrn28_10, Adam with coupled L2 for the CNNs; on all parameters."""
-    if cfg.model in ("resnet18", "wrn28_10"):
+    """SGD(momentum 0.9) for the ResNets and WideResNets, Adam with coupled L2 for the CNNs; on all parameters."""
+    if cfg.model not in ("cnn", "cnn_bn"):
         return torch.optim.SGD(model.parameters(), lr=cfg.lr_max, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(model.parameters(), lr=cfg.lr_max, weight_decay=cfg.weight_decay)
 
@@ -356,7 +356,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         rundir.clear_outputs(run_dir)
     seed_everything(cfg.seed)
     model = models.build_model(cfg.model, loaders.info.n_classes, loaders.info.shape, cfg.n_layers,
-                               cfg.n_filters_cnn, cfg.normalize)
+                               cfg.n_filters_cnn, cfg.normalize, cfg.wrn_depth, cfg.wrn_width)
     layouts = precision.pass_layouts(cfg.channels_last, device.type, cfg.model)
     model = precision.to_device(model, device, tf32=cfg.tf32, channels_last=layouts["train"]).train()
     scaler = precision.make_scaler(cfg, device)

@@ -391,6 +391,35 @@ def nfgsm_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float,
     return torch.clamp(x + delta, 0.0, 1.0) - x, grad, eta
 
 
+def multigrad_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float, samples: int,
+                     agree: int, *, create_graph: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MultiGrad (Golgooni et al., arXiv 2103.15476, the second method of ZeroGrad's paper): FGSM steps
+    only along the coordinates whose gradient sign is stable around x.
+
+    Threat model: L-inf ball of radius eps (in [0, 1] units) intersected with the box [0, 1].
+    `samples` starts delta_i ~ U[-eps, eps]^d, each projected onto the box, and the input gradient g_i
+    at each (a separate train-mode forward per sample, no clamp in the graph, as the authors' default
+    sequential mode). The votes v = sum_i sign(g_i) keep a coordinate where |v| >= 2 agree - samples,
+    i.e. where at least `agree` of the signs agree (agree = samples: all of them), and zero it
+    elsewhere. The step starts from zero, not from the samples: delta = clip(step * sign(v), -eps,
+    eps) on the kept coordinates (so eps sign(v) when step >= eps) and 0 on the others, then projected
+    onto the box. x: (B, C, H, W); 1 <= agree <= samples.
+    Returns (delta, g_1, delta_1): the first sample's gradient and start (GradAlign's first gradient
+    and the run's gradient statistics); delta and delta_1 detached, g_1 too unless create_graph.
+    """
+    votes = torch.zeros_like(x)
+    first_grad = first_start = None
+    for i in range(samples):
+        start = torch.clamp(x + uniform_delta(x, eps), 0.0, 1.0) - x
+        grad, _ = input_grad(model, x, y, start, create_graph=create_graph and i == 0)
+        votes += torch.sign(grad.detach())
+        if i == 0:
+            first_grad, first_start = grad, start
+    kept = torch.where(votes.abs() < 2 * agree - samples, torch.zeros_like(votes), votes)
+    delta = torch.clamp(step * torch.sign(kept), -eps, eps)
+    return torch.clamp(x + delta, 0.0, 1.0) - x, first_grad, first_start
+
+
 def pgd_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, alpha: float,
                n_iters: int, *, random_start: bool, clamp_rule: str | None = None) -> torch.Tensor:
     """L-inf PGD: n_iters sign-ascent steps of size alpha on the cross-entropy, one restart.

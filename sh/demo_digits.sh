@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The paper and its successors in miniature on scikit-learn's 8x8 digits (offline, CPU): FGSM,
-# FGSM-RS, FGSM + GradAlign, PGD-10, N-FGSM, ZeroGrad, ELLE and ELLE-A with a single-layer CNN at
-# eps 76.5/255, seeds 5-9 (8 methods x 5 seeds = 40 runs), then report.py prints the tables (clean,
+# FGSM-RS, FGSM + GradAlign, PGD-10, N-FGSM, ZeroGrad, MultiGrad, ELLE and ELLE-A with a single-layer
+# CNN at eps 76.5/255, seeds 5-9 (9 methods x 5 seeds = 45 runs), then report.py prints the tables (clean,
 # PGD-50-10, cos_x_eta, cost per step) and draws the training curves of the first seed.
 # The shared recipe is recipes/digits_demo.args (chosen by sh/search_digits.sh on seeds 0-4, which
 # seeds 5-9 never saw: docs/search_digits.md); each method's flags come from methods.py's table.
 #
-# Env: SEEDS ("5 6 7 8 9"), EPS ("76.5", in 1/255 units), METHODS (all eight), JOBS (2),
+# Env: SEEDS ("5 6 7 8 9"), EPS ("76.5", in 1/255 units), METHODS (all nine), JOBS (2),
 # OUT (runs/demo_digits), REPORT (reports/demo_digits), DRY_RUN=1 prints the commands only.
 # Extra arguments go to every train.py, after the recipe and the method's flags (so they override both).
 set -euo pipefail
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 RECIPE=recipes/digits_demo.args
 SEEDS=${SEEDS:-"5 6 7 8 9"}
 EPS=${EPS:-"76.5"}
-METHODS=${METHODS:-"fgsm fgsm_rs gradalign pgd10 nfgsm zerograd elle elle_a"}
+METHODS=${METHODS:-"fgsm fgsm_rs gradalign pgd10 nfgsm zerograd multigrad elle elle_a"}
 JOBS=${JOBS:-2}
 OUT=${OUT:-runs/demo_digits}
 REPORT=${REPORT:-reports/demo_digits}

@@ -10,10 +10,11 @@
 # methods.py, e.g.
 #   METHODS="nfgsm elle_a zerograd" EPS="8 16" sh/exps_diff_eps_cifar10.sh --data_dir=/data
 # PROTOCOL=own runs each method under its own paper's protocol instead of this paper's (methods.py's
-# Protocol; docs/later_methods.md): the later methods with --protocol=own in fp32 (their schedule's
-# peak, input normalisation, ELLE's last clean forward), the paper's methods as above, --half_prec
-# included (their runs are the same runs, so they are skipped once done), e.g.
-#   PROTOCOL=own METHODS="nfgsm zerograd elle elle_a" DRY_RUN=1 sh/exps_diff_eps_cifar10.sh
+# Protocol; docs/later_methods.md): the later methods with --protocol=own in fp32 on their authors'
+# network (--model=...: their schedule's peak, input normalisation and augmentation, ELLE's last clean
+# forward), the paper's methods as above, --half_prec included (their runs are the same runs, so they
+# are skipped once done), e.g.
+#   PROTOCOL=own METHODS="nfgsm zerograd multigrad elle elle_a" DRY_RUN=1 sh/exps_diff_eps_cifar10.sh
 # The other variables are in sh/commands.sh.
 # Commands run from the repository root (relative paths in the flags are relative to it). Relaunching
 # skips finished runs: train.py exits at once when the run's final.json exists.

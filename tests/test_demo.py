@@ -24,7 +24,7 @@ def demo(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedPro
                           timeout=timeout)
 
 
-DEMO_METHODS = ("fgsm", "fgsm_rs", "gradalign", "pgd10", "nfgsm", "zerograd", "elle", "elle_a")
+DEMO_METHODS = ("fgsm", "fgsm_rs", "gradalign", "pgd10", "nfgsm", "zerograd", "multigrad", "elle", "elle_a")
 
 
 def test_dry_run_is_the_recipe_plus_each_methods_flags_on_seeds_5_to_9(monkeypatch):
@@ -32,7 +32,7 @@ def test_dry_run_is_the_recipe_plus_each_methods_flags_on_seeds_5_to_9(monkeypat
     out = demo({"DRY_RUN": "1"})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert len(lines) == 5 * len(DEMO_METHODS)  # seeds 5-9 (the confirmation seeds) x 8 methods
+    assert len(lines) == 5 * len(DEMO_METHODS)  # seeds 5-9 (the confirmation seeds) x 9 methods
     configs = [train.parse_config(shlex.split(line)[2:])[0] for line in lines]
     expected = [train.parse_config(["@recipes/digits_demo.args", "--out_dir=runs/demo_digits",
                                     *methods.flags(m, 76.5, "digits"), f"--seed={seed}"])[0]
@@ -40,7 +40,7 @@ def test_dry_run_is_the_recipe_plus_each_methods_flags_on_seeds_5_to_9(monkeypat
     assert configs == expected
     assert {(c.dataset, c.model, c.n_layers, c.n_filters_cnn, c.clamp_grad, c.eps) for c in configs} == {
         ("digits", "cnn", 1, 8, "half", 76.5)}
-    assert len({train.run_name(c, train.parse_config([])[1]) for c in configs}) == 40
+    assert len({train.run_name(c, train.parse_config([])[1]) for c in configs}) == 45
     out = demo({"DRY_RUN": "1", "SEEDS": "11 12", "METHODS": "fgsm"})
     assert [train.parse_config(shlex.split(line)[2:])[0].seed for line in out.stdout.splitlines()] == [11, 12]
     bad = demo({"DRY_RUN": "1", "METHODS": "fgsm nope"})

@@ -50,21 +50,27 @@ def test_defaults_leave_run_names_alone_and_each_new_setting_is_named():
 # What each later method's official script sets beyond its flags on CIFAR-10, restated from the
 # scripts: the cyclic schedule peaks at mid-training (up and down steps of half the iterations each, or
 # epochs // 2), no mixed precision, and N-FGSM and ZeroGrad normalise the inputs by the CIFAR-10 mean
-# and std; ELLE's loss ends with a clean forward at x in train mode, whose output is only logged.
+# and std; ELLE's loss ends with a clean forward at x in train mode, whose output is only logged. Each
+# trains its authors' PreAct ResNet-18 (N-FGSM's own; Rice et al.'s in ZeroGrad's and ELLE's code),
+# and ZeroGrad's code (MultiGrad's too) pads its CIFAR-10 crops by reflection.
+NF, RICE = {"model": "resnet18_nfgsm"}, {"model": "resnet18_rice"}
 OWN_CIFAR10 = {
-    "nfgsm": {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar10"},
-    "zerograd": {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar10"},
-    "elle": {"protocol": "own", "lr_peak": 0.5, "clean_forward": True},
-    "elle_a": {"protocol": "own", "lr_peak": 0.5, "clean_forward": True},
+    "nfgsm": {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar10", **NF},
+    "zerograd": {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar10", "augment": "reflect", **RICE},
+    "multigrad": {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar10", "augment": "reflect", **RICE},
+    "elle": {"protocol": "own", "lr_peak": 0.5, "clean_forward": True, **RICE},
+    "elle_a": {"protocol": "own", "lr_peak": 0.5, "clean_forward": True, **RICE},
 }
 # On SVHN their scripts peak at 2/5, as this paper; N-FGSM normalises by its SVHN statistics, ZeroGrad
-# by mean 0.5 and std 0.5. On CIFAR-100, N-FGSM and ZeroGrad use the CIFAR-100 statistics.
+# by mean 0.5 and std 0.5 and does not augment. On CIFAR-100, N-FGSM and ZeroGrad use the CIFAR-100
+# statistics, and ZeroGrad rotates the images.
 OWN_OTHER = {
-    ("nfgsm", "svhn"): {"protocol": "own", "normalize": "svhn"},
-    ("zerograd", "svhn"): {"protocol": "own", "normalize": "half"},
-    ("elle_a", "svhn"): {"protocol": "own", "clean_forward": True},
-    ("nfgsm", "cifar100"): {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar100"},
-    ("zerograd", "cifar100"): {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar100"},
+    ("nfgsm", "svhn"): {"protocol": "own", "normalize": "svhn", **NF},
+    ("zerograd", "svhn"): {"protocol": "own", "normalize": "half", "augment": "none", **RICE},
+    ("elle_a", "svhn"): {"protocol": "own", "clean_forward": True, **RICE},
+    ("nfgsm", "cifar100"): {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar100", **NF},
+    ("zerograd", "cifar100"): {"protocol": "own", "lr_peak": 0.5, "normalize": "cifar100", "augment": "rotate",
+                               **RICE},
 }
 PAPER_RECIPES = methods.recipes().keys() - OWN_CIFAR10.keys() - {"gradalign_fd"}
 
@@ -87,7 +93,8 @@ def test_own_protocol_changes_exactly_its_papers_settings_on_cifar10(recipe):
     own, own_name, own_record = resolved(flags + ["--protocol", "own"])
     assert changed(paper, own) == OWN_CIFAR10[recipe]
     assert changed(paper_record, own_record) == OWN_CIFAR10[recipe]  # config.json records them
-    assert own_name == paper_name.replace("_seed0", "_protoown_seed0")  # the rest comes with the protocol
+    # the rest comes with the protocol; the network leads the name
+    assert own_name == paper_name.replace("_seed0", "_protoown_seed0").replace("_resnet18_", f"_{own['model']}_")
     assert own["half_prec"] is False
 
 
@@ -143,7 +150,7 @@ def test_methods_cli_shows_the_wrn_setting_and_refuses_gradalign_on_cifar100(cli
 def test_own_protocol_words_carry_the_precision():
     assert methods.flags("fgsm", 8, "cifar10", protocol="own")[-1] == "--half_prec"
     own = methods.flags("elle_a", 8, "cifar10", protocol="own")
-    assert own[-1] == "--protocol=own" and "--half_prec" not in own
+    assert own[-2:] == ["--protocol=own", "--model=resnet18_rice"] and "--half_prec" not in own
 
 
 # ------------------------------------------------------------------------- a method from outside
@@ -208,10 +215,11 @@ def test_existing_commands_keep_their_names_and_config_without_a_method_field(tm
     assert rundir.run_name(cfg, defaults) == "cifar10_resnet18_fgsm_zero_eps8_lam0.2_seed0"
     assert "method" not in config.record(cfg)
     # the settings added since (method, the protocol's) are recorded only when not at their default
-    unrecorded = {"method", "lr_peak", "normalize", "clean_forward", "protocol"}
+    unrecorded = {"method", "lr_peak", "normalize", "clean_forward", "protocol", "augment", "wrn_depth", "wrn_width",
+                  "multigrad_samples", "multigrad_agree"}
     assert config.record(cfg) == {k: v for k, v in vars(config.build_parser().parse_args([
         "--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2"])).items()
-        if k not in unrecorded} | {"fgsm_alpha": 1.25}
+        if k not in unrecorded} | {"fgsm_alpha": 1.25, "model": "resnet18"}
 
 
 def test_method_must_agree_with_the_flags_of_a_method_that_has_them(capsys):

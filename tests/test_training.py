@@ -525,9 +525,11 @@ def test_cifar10_sweep_runs_either_protocol():
             cfg, defaults = config.parse_config(line.split()[2:])  # every command passes the checks
             names[protocol, cfg.attack if cfg.elle_lambda == 0 else "elle_a"] = rundir.run_name(cfg, defaults)
     assert names["own", "fgsm"] == names["paper", "fgsm"]  # the paper's method: the same run
-    for method in ("nfgsm", "elle_a"):  # fp32 instead of hp, and the protocol named before the seed
+    # fp32 instead of hp, the protocol named before the seed, and the authors' network after the dataset
+    for method, network in (("nfgsm", "resnet18_nfgsm"), ("elle_a", "resnet18_rice")):
         paper_parts = [p for p in names["paper", method].split("_") if p != "hp"]
-        assert names["own", method] == "_".join(paper_parts[:-1] + ["protoown", paper_parts[-1]])
+        own_name = "_".join(paper_parts[:-1] + ["protoown", paper_parts[-1]])
+        assert names["own", method] == own_name.replace("cifar10_resnet18_", f"cifar10_{network}_", 1)
     assert all("--half_prec" in line for line in paper)
     bad = subprocess.run(["bash", "sh/exps_diff_eps_cifar10.sh"], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "DRY_RUN": "1", "PROTOCOL": "ours"})
