@@ -120,7 +120,9 @@ def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_
     short = eval_json(capsys, "--model_path", ckpt, "--eps", "76")
     spelled_out = eval_json(capsys, "--model_path", ckpt, "--eps", "76", *architecture)
     assert short[0] == spelled_out[0] == 0
-    assert short[1] == spelled_out[1] and short[1]["n_eval"] == 256
+    provenance = ("settings_from", "written", "model_path")
+    assert drop(short[1], *provenance) == drop(spelled_out[1], *provenance)
+    assert (short[1]["n_eval"], short[1]["attack_iters"], short[1]["n_restarts"]) == (64, 10, 3)  # the run's
     # An explicit flag overrides config.json (here wrongly: the checkpoint has 3 filters).
     assert eval_json(capsys, "--model_path", ckpt, "--eps", "76", "--n_filters_cnn", "4")[0] == 2
     # A checkpoint without config.json beside it (as the authors' files) needs the flags.
@@ -128,8 +130,16 @@ def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_
     bare.parent.mkdir()
     bare.write_bytes(open(ckpt, "rb").read())
     assert eval_json(capsys, "--model_path", str(bare), "--eps", "76")[0] == 2
-    assert eval_json(capsys, "--model_path", str(bare), "--eps", "76", *architecture)[1] == {
-        **spelled_out[1], "model_path": str(bare)}
+    # ... and the settings of the run's final evaluation, to give its numbers
+    final_eval = ["--n_eval", "64", "--batch_size_eval", "64", "--attack_iters", "10", "--n_restarts", "3"]
+    code, alone = eval_json(capsys, "--model_path", str(bare), "--eps", "76", *architecture, *final_eval)
+    assert code == 0 and alone["written"] is None  # no run: nothing written
+    keep = ("clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "seed", "batch_size_eval")
+    assert {k: alone[k] for k in keep} == {k: short[1][k] for k in keep}
+
+
+def drop(result: dict, *keys: str) -> dict:
+    return {k: v for k, v in result.items() if k not in keys}
 
 
 def test_pass_layouts_on_off_auto():
