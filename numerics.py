@@ -1,6 +1,7 @@
 """What a run's numbers depend on besides its settings: the CPU thread count, the hardware, the torch
 and CUDA versions and the determinism switches. config.json records them under "numerics"
-(docs/reproducing.md says which of them change the numbers, and by how much).
+(docs/reproducing.md says which of them change the numbers, and by how much). torch is imported only
+by the functions that need it: report.py reads DECISIVE.
 
     with numerics.threads(cfg.threads):   # --threads: torch's intra-op thread count, restored after
         ...
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import platform
-
-import torch
 
 # The keys of describe() that change a number when they change (report.py marks a group of runs whose
 # records disagree in one of them); the others say where the run ran.
@@ -23,6 +22,7 @@ DECISIVE = ("threads", "device_type", "gpu", "torch", "cuda", "deterministic_alg
 def threads(count: int | None):
     """torch's intra-op CPU thread count set to count inside the block (None: left as it is), and put
     back after it, so an entry point called in a test process leaves that process as it found it."""
+    import torch
     before = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
@@ -44,9 +44,11 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def describe(device: torch.device) -> dict:
+def describe(device) -> dict:
     """The numerics in force now, for a run on device: thread counts, CPU model, the GPU's name and how
-    many GPUs torch sees, the torch, CUDA and cuDNN versions, and the determinism and TF32 switches."""
+    many GPUs torch sees, the torch, CUDA and cuDNN versions, and the determinism and TF32 switches.
+    device: a torch.device."""
+    import torch
     on_cuda = device.type == "cuda"
     cudnn = torch.backends.cudnn
     return {
