@@ -30,10 +30,14 @@ WANDB_ID_FILE = "wandb_run_id"
 WANDB_PROJECT = "fast-adversarial"  # W&B's project unless WANDB_PROJECT says otherwise
 
 
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
 def missing(kind: str | None) -> str | None:
     """The one-line error for --log_to kind when its package is not installed, else None (also for None)."""
     package = PACKAGES.get(kind)
-    if package is None or importlib.util.find_spec(package) is not None:
+    if package is None or installed(package):
         return None
     return f"--log_to {kind} needs the {package} package, an optional extra: run `{INSTALL}`"
 
@@ -106,7 +110,9 @@ class WandB(Tracker):
             rundir.atomic_write_bytes(id_path, run_id.encode())
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=name, id=run_id,
                               config=settings, resume="allow", mode=os.environ.get("WANDB_MODE", "offline"),
-                              dir=None if os.environ.get("WANDB_DIR") else run_dir, reinit="create_new")
+                              dir=None if os.environ.get("WANDB_DIR") else run_dir, reinit="create_new",
+                              # no copy of the console (train.py's last stdout line stays its JSON)
+                              settings=wandb.Settings(silent=True, console="off"))
         start = self.run.starting_step  # the step W&B resumes at (0 offline and for a new run)
         for record in rows:
             if record["iteration"] >= start:
@@ -119,7 +125,9 @@ class WandB(Tracker):
         self.run.summary.update(final_scalars(final))
 
     def close(self, failed: bool = False) -> None:
+        import wandb
         self.run.finish(exit_code=1 if failed else 0)
+        wandb.teardown()  # stops W&B's service process (and unsets WANDB_SERVICE, which points at it)
 
 
 def open_tracker(kind: str | None, run_dir: str, name: str, settings: dict, rows: list[dict]) -> Tracker:
