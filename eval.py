@@ -255,8 +255,10 @@ def provenance(args, changed: list[str]) -> str:
     """Where the settings came from, for the summary line."""
     if args.run:
         return "settings: the run's final evaluation" + (" but " + ", ".join(changed) if changed else "")
-    return ("no config.json beside the checkpoint: " + ", ".join(
-        f"{name} {getattr(args, name)} ({args.settings_from[name]})" for name in (*FROM_RUN, *FINAL_EVAL)))
+    said = {name: f"{name} {getattr(args, name)} ({args.settings_from[name]})" for name in (*FROM_RUN, *FINAL_EVAL)}
+    if args.threads is None:
+        said["threads"] = f"threads {torch.get_num_threads()} (torch's choice)"
+    return "no config.json beside the checkpoint: " + ", ".join(said.values())
 
 
 def eval_file_name(result: dict, args) -> str:
