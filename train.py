@@ -367,8 +367,10 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
         for warning in rundir.damaged_metrics_warning(run_dir):
             loop.log(warning)
-    loop.tracker = tracking.open_tracker(cfg.log_to, run_dir, name, record(cfg),
-                                         rundir.read_jsonl(os.path.join(run_dir, "metrics.jsonl")))
+    if cfg.log_to:  # the rows so far (a damaged line left out), which a resumed run's curves start with
+        rows = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))[0]
+        loop.tracker = tracking.open_tracker(cfg.log_to, run_dir, name, record(cfg),
+                                             [r for r in rows if isinstance(r.get("iteration"), int)])
     failed = True
     try:
         code = finish(loop, name, layouts)

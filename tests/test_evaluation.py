@@ -458,9 +458,11 @@ def test_eval_bad_cases_are_one_line_exit_2_nothing_written(finished, tmp_path, 
     assert snapshot(tmp_path) == before
 
 
-def test_config_json_records_the_numerics_and_eval_py_takes_the_runs_thread_count(tiny_run, tmp_path, cli):
+def test_config_json_records_the_numerics_and_eval_py_takes_the_runs_thread_count(tmp_path, cli):
     import torch
-    run_dir = copied_run(tiny_run, tmp_path, "--attack", "fgsm", "--threads", "2")
+
+    from tests.fixtures import run_train
+    run_dir = run_train(tmp_path, "--attack", "fgsm", "--threads", "2")  # not tiny_run: no name says the count
     recorded = json.load(open(os.path.join(run_dir, "config.json")))["numerics"]
     assert (recorded["threads"], recorded["device_type"], recorded["torch"]) == (2, "cpu", torch.__version__)
     assert recorded["cuda"] == torch.version.cuda and recorded["deterministic_algorithms"] is False
