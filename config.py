@@ -175,6 +175,11 @@ class Config:
                               unnamed="the memory layout: speed and rounding only, recorded as layouts in config.json")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", compare=False,
                        unnamed="the hardware, recorded as device_used in config.json")
+    # the CPU thread count changes how sums are split, so results agree across counts only to rounding
+    threads: int | None = flag(None, "torch's CPU threads (intra-op; default: torch's own choice, which "
+                               "OMP_NUM_THREADS sets); config.json records the count used", type=int, compare=False,
+                               unnamed="the CPU thread count: rounding only, recorded under numerics in config.json",
+                               record_default=False)
     data_dir: str = flag(_data_dir, "dataset folder (env DATA_DIR)", unnamed="where the dataset is read from",
                          compare=False)
     download: bool = flag(False, "download missing datasets through torchvision", compare=False,
@@ -186,6 +191,10 @@ class Config:
     final_autoattack: bool = flag(False, "final.json also gets standard AutoAttack accuracy (optional extra: "
                                   "requirements-aa.txt)", compare=False,
                                   unnamed="adds AutoAttack to final.json; training and the PGD numbers are the same")
+    log_to: str | None = flag(None, "also stream metrics.jsonl's rows and the final numbers to TensorBoard "
+                              "(run_dir/tensorboard) or W&B (offline unless WANDB_MODE says otherwise; optional "
+                              "extra: requirements-log.txt)", compare=False, choices=("tensorboard", "wandb"),
+                              unnamed="a copy of metrics.jsonl for a dashboard", record_default=False)
     fname: str = flag("plain_cifar10", "unused, kept for the authors' scripts", unnamed="unused", compare=False)
 
     @property
@@ -276,11 +285,13 @@ def check_flags(cfg: Config) -> str | None:
     import autoattack_eval
     import data
     import models
+    import tracking
     for name, value in dataclasses.asdict(cfg).items():
         if isinstance(value, float) and not math.isfinite(value):
             return f"--{name} must be a finite number (got {value})"
     checks = [
-        (0 <= cfg.seed < 2**32, f"--seed must be in [0, 2**32 - 1] (got {cfg.seed}): numpy's seeds are 32-bit"),
+        (seed_problem(cfg.seed) is None, seed_problem(cfg.seed)),
+        (threads_problem(cfg.threads) is None, threads_problem(cfg.threads)),
         (0 <= cfg.eps <= 255, f"--eps {cfg.eps:g} is outside [0, 255] (1/255 units: the paper uses 1..16)"),
         (cfg.fgsm_alpha > 0, f"--fgsm_alpha must be > 0 (got {cfg.fgsm_alpha:g}); the paper uses 1.0 or 1.25"),
         (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),
@@ -301,6 +312,7 @@ def check_flags(cfg: Config) -> str | None:
          "--minibatch_replay > 1 (Free-AT) needs --attack fgsm"),
         (cfg.half_prec or cfg.half_prec_dtype == "auto",
          f"--half_prec_dtype {cfg.half_prec_dtype} has no effect without --half_prec: add --half_prec or drop it"),
+        (tracking.missing(cfg.log_to) is None, tracking.missing(cfg.log_to)),
         (not cfg.final_autoattack or autoattack_eval.available(),
          f"--final_autoattack needs torchattacks, an optional extra: run `{autoattack_eval.INSTALL}`"),
         (not cfg.final_autoattack or data.DATASETS[cfg.dataset].n_classes >= autoattack_eval.MIN_CLASSES_DLR,
@@ -346,6 +358,20 @@ def check_flags(cfg: Config) -> str | None:
           "(or use --protocol paper)")),
     ]
     return next((message for ok, message in checks if not ok), None)
+
+
+def seed_problem(seed: int) -> str | None:
+    """--seed outside numpy's 32-bit seeds (train.py and eval.py)."""
+    if 0 <= seed < 2**32:
+        return None
+    return f"--seed must be in [0, 2**32 - 1] (got {seed}): numpy's seeds are 32-bit"
+
+
+def threads_problem(threads: int | None) -> str | None:
+    """--threads below 1 (train.py and eval.py; None leaves torch's own choice)."""
+    if threads is None or threads >= 1:
+        return None
+    return f"--threads must be >= 1 (got {threads}); leave it out for torch's own choice"
 
 
 def fd_half_problem(cfg: Config) -> str | None:

@@ -32,6 +32,7 @@ import numpy as np
 
 import config
 import methods
+import numerics
 import rundir
 
 STD_DDOF = 0  # population std over seeds, as numpy's np.std
@@ -43,7 +44,7 @@ METHOD_ORDER = methods.ROW_ORDER
 # config.json keys that do not change results (or are the group key / seed): the settings declared
 # compare=False in config.py, and what train.py records beside the settings. The others must agree in a group.
 NOT_COMPARED = {name for name, meta in config.FIELDS.items() if not meta["compare"]} | {
-    "run_name", "argv", "git_commit", "torch_version", "device_used", "final_pgd"}
+    "run_name", "argv", "git_commit", "torch_version", "device_used", "final_pgd", "numerics"}
 CSV_COLUMNS = ["dataset", "model", "method", "eps", "n_seeds", "seeds", "n_eval", "attack_iters", "n_restarts",
                "last_clean_mean", "last_clean_std", "last_pgd_mean", "last_pgd_std",
                "best_clean_mean", "best_clean_std", "best_pgd_mean", "best_pgd_std", "n_best",
@@ -64,6 +65,8 @@ class Run:
     final: dict | None
     damaged: str = ""
     mismatch: str = ""
+    evals: tuple[dict, ...] = ()  # eval.py's re-evaluations (evals/*.json), by file name
+    damaged_evals: tuple[str, ...] = ()  # the evals/ files skipped, with why
 
     @property
     def counted(self) -> bool:
@@ -144,7 +147,53 @@ def read_run(folder: str) -> Run:
         return Run(folder, settings, None, damaged=damage)
     if final is None:
         return Run(folder, settings, None)
-    return Run(folder, settings, final, mismatch=settings_mismatch(folder, settings, final))
+    evals, damaged_evals = read_evals(folder)
+    return Run(folder, settings, final, mismatch=settings_mismatch(folder, settings, final), evals=evals,
+               damaged_evals=damaged_evals)
+
+
+# What an eval.py result must hold to be shown: its fields and what each must be.
+EVAL_FIELDS = {"clean_acc": "a fraction", "pgd_acc": "a fraction", "eps": "a number", "n_eval": "a count",
+               "attack_iters": "a count", "n_restarts": "a count", "weights": "'last' or 'best'"}
+
+
+def eval_problem(result) -> str | None:
+    """Why an evals/ file is not eval.py's result (one phrase), or None."""
+    if not isinstance(result, dict):
+        return "not a JSON object"
+    for key, what in EVAL_FIELDS.items():
+        value = result.get(key)
+        if key == "weights":
+            ok = value in ("last", "best")
+        elif what == "a fraction":
+            ok = rundir._is_number(value) and 0 <= value <= 1
+        elif what == "a count":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        else:
+            ok = rundir._is_number(value)
+        if not ok:
+            return f"its {key} is not {what}"
+    return None
+
+
+def read_evals(run_dir: str) -> tuple[tuple[dict, ...], tuple[str, ...]]:
+    """(eval.py's results in run_dir/evals/, each with its file name as 'file'; the files skipped as
+    'path: why')."""
+    folder = os.path.join(run_dir, rundir.EVALS_DIR)
+    if not os.path.isdir(folder):
+        return (), ()
+    kept, skipped = [], []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json"):
+            continue  # an atomic write's temporary file, or something else
+        path = os.path.join(folder, name)
+        result = rundir.read_json(path)
+        problem = "unreadable or not whole JSON" if result is None else eval_problem(result)
+        if problem:
+            skipped.append(f"{path}: {problem}; rerun the eval.py command that wrote it, or remove the file")
+        else:
+            kept.append({**result, "file": name})
+    return tuple(kept), tuple(skipped)
 
 
 def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
@@ -232,6 +281,11 @@ def protocol_flags(runs: list[Run]) -> list[str]:
     n_aa = sum("aa_acc" in r.final["last"] for r in runs)
     if 0 < n_aa < len(runs):
         flags.append(f"AutoAttack evaluated in {n_aa} of {len(runs)} runs")
+    recorded = [r.config.get("numerics") if isinstance(r.config.get("numerics"), dict) else {} for r in runs]
+    numeric = [f"{key} {'/'.join(sorted({str(n[key]) for n in recorded if key in n}))}" for key in numerics.DECISIVE
+               if len({json.dumps(n[key]) for n in recorded if key in n}) > 1]
+    if numeric:
+        flags.append("ran under different numerics (rounding differs): " + ", ".join(numeric))
     return flags
 
 
@@ -366,7 +420,7 @@ def cost_table(part: list[dict], methods: list[str], eps_values: list[float], be
 
 
 def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | None = None,
-             not_counted: list[Run] = ()) -> str:
+             not_counted: list[Run] = (), evaluated: list[Run] = ()) -> str:
     """The report as Markdown: per dataset and model, tables of methods (rows) by eps (columns), and
     the robustness-vs-cost table; then the runs left out (unfinished, damaged, mismatched)."""
     out = ["# Results", "",
@@ -402,6 +456,7 @@ def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | N
         if masked:
             out += [f"Possible gradient masking (‡, PGD above AutoAttack by more than {GAP_FLAG:g} points):", "",
                     *masked, ""]
+    out += evals_table(evaluated)
     if skipped:
         out += ["## Skipped (no final.json)", "", *[f"- {name}" for name in skipped], ""]
     damaged = [f"- {r.name}: {r.damaged}" for r in not_counted if r.damaged]
@@ -413,9 +468,47 @@ def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | N
     return "\n".join(out)
 
 
+AA_KEYS = {"aa_acc": "AutoAttack", "apgd_ce_acc": "APGD-CE", "apgd_t_acc": "APGD-T"}  # eval.py --attack's fields
+
+
+def evals_table(runs: list[Run]) -> list[str]:
+    """eval.py's re-evaluations of each run (its evals/) beside final.json's numbers of the same weights:
+    robust accuracy at other eps, AutoAttack added later, 'best' against 'last'; then the evals/ files
+    skipped as damaged."""
+    pairs = [(run, result) for run in runs for result in run.evals]
+    lines = []
+    if pairs:
+        lines += ["## Re-evaluations (eval.py, each run's evals/)", "",
+                  "Accuracy in % of one run's saved weights; the last column is the run's own final evaluation "
+                  "of the same weights (final.json, at its eps and points; = when the re-evaluation repeats it "
+                  "and agrees).", "",
+                  "| run | weights | attack | eps | points | clean | robust | AutoAttack | final.json clean / robust |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+    for run, e in pairs:
+        attack = f"PGD-{e['attack_iters']}-{e['n_restarts']}" + (f" + {e['attack']}" if e.get("attack") else "")
+        extra = next((f"{100 * e[k]:.1f} ({name})" for k, name in AA_KEYS.items() if rundir._is_number(e.get(k))),
+                     "–")
+        own = run.final.get(e["weights"]) if run.final else None
+        if not isinstance(own, dict):
+            versus = "–"
+        elif e.get("final_json") is True:
+            versus = "="
+        else:
+            versus = (f"{100 * own['clean_acc']:.1f} / {100 * own['pgd_acc']:.1f} "
+                      f"(eps {fmt_eps(run.final['eps'])}, {run.final['n_eval']} points)")
+        lines.append(f"| {run.name} | {e['weights']} | {attack} | {fmt_eps(e['eps'])} | {e['n_eval']} | "
+                     f"{100 * e['clean_acc']:.1f} | {100 * e['pgd_acc']:.1f} | {extra} | {versus} |")
+    if pairs:
+        lines.append("")
+    damaged = [f"- {problem}" for run in runs for problem in run.damaged_evals]
+    if damaged:
+        lines += ["## Damaged re-evaluations (skipped)", "", *damaged, ""]
+    return lines
+
+
 def write_markdown(rows: list[dict], path: str, skipped: list[str] | None = None, bench: dict | None = None,
-                   not_counted: list[Run] = ()) -> str:
-    rundir.atomic_write_bytes(path, markdown(rows, skipped, bench, not_counted).encode())
+                   not_counted: list[Run] = (), evaluated: list[Run] = ()) -> str:
+    rundir.atomic_write_bytes(path, markdown(rows, skipped, bench, not_counted, evaluated).encode())
     return path
 
 
@@ -595,8 +688,12 @@ def write_report(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     if args.roots:
-        print(markdown(rows, skipped, bench, not_counted))
-        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped, bench, not_counted),
+        evaluated = [r for r in runs if r.evals or r.damaged_evals]
+        for run in evaluated:
+            for problem in run.damaged_evals:
+                print(f"report.py: warning: skipped {problem}", file=sys.stderr)
+        print(markdown(rows, skipped, bench, not_counted, evaluated))
+        written = [write_markdown(rows, os.path.join(args.out, "report.md"), skipped, bench, not_counted, evaluated),
                    write_csv(rows, os.path.join(args.out, "report.csv"))]
         written += plot_robust_vs_eps(rows, args.out)
         counted = sum(r.counted for r in runs)

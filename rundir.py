@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 RESUME_FILE = "resume.pt"
 OUTPUT_FILES = ("final.json", "model.pth", "metrics.jsonl", "log.txt", RESUME_FILE)
+EVALS_DIR = "evals"  # eval.py's re-evaluations of a run: evals/<what was evaluated>.json
 
 
 # ---------------------------------------------------------------------------------------- run names
@@ -401,6 +402,10 @@ def clear_outputs(run_dir: str) -> None:
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             os.remove(path)
+    evals = os.path.join(run_dir, EVALS_DIR)  # eval.py's re-evaluations of the weights being replaced
+    if os.path.isdir(evals):
+        import shutil
+        shutil.rmtree(evals)
 
 
 class RunLog:

@@ -51,8 +51,10 @@ import eval as evaluation
 import lease
 import methods
 import models
+import numerics
 import precision
 import rundir
+import tracking
 import utils
 from config import EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
 from precision import NonFiniteLoss, forward_model
@@ -231,6 +233,7 @@ class Loop:
     step: StepState = field(default_factory=StepState, metadata=FLAT)  # the methods' states
     loaders: data.RunData | None = None
     log: rundir.RunLog | None = None
+    tracker: tracking.Tracker = field(default_factory=tracking.Tracker)  # --log_to: a copy of metrics.jsonl
     best_state: dict | None = field(default=None, metadata=AS_VALUE)  # early stopping's 'best' weights
     best_acc: float = field(default=0.0, metadata=AS_VALUE)  # ... and their training-subset PGD accuracy
     next_epoch: int = field(default=0, metadata=AS_VALUE)
@@ -312,6 +315,7 @@ def train(loop: Loop) -> None:
                               "fp32_redone_passes": precision.take_fp32_redos(loop.fwd_model),
                               "train_minutes": loop.train_seconds / 60, "elapsed_s": time.time() - loop.start}
                     rundir.append_jsonl(metrics_path, record)
+                    loop.tracker.row(record)
                     loop.log(rundir.format_record(record))
                     loop.keep_if_best(record["train_pgd_acc"])
                     stats = Stats(device)
@@ -346,7 +350,8 @@ def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
                                  if cfg.half_prec else None),
         "layouts": precision.layout_names(precision.pass_layouts(cfg.channels_last, device.type, cfg.model)),
         "final_pgd": {"attack_iters": n_iters, "n_restarts": n_restarts,
-                      "restart_rule": "robust only if no restart fools it"}})
+                      "restart_rule": "robust only if no restart fools it"},
+        "numerics": numerics.describe(device)})
 
 
 def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> int:
@@ -372,12 +377,32 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
         loop.log(f"run {name} on {device}")
     else:
-        if rundir.read_config(run_dir) is None:
+        recorded = rundir.read_config(run_dir)
+        if recorded is None:
             write_run_config(cfg, name, device)
+        elif changed := numerics.differences(recorded.get("numerics"), numerics.describe(device)):
+            loop.log(f"warning: resuming under other numerics than config.json records: {', '.join(changed)}; "
+                     "the resumed epochs round differently")
         loop.restore(saved)
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
         for warning in rundir.damaged_metrics_warning(run_dir):
             loop.log(warning)
+    if cfg.log_to:  # the rows so far (a damaged line left out), which a resumed run's curves start with
+        rows = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))[0]
+        loop.tracker = tracking.open_tracker(cfg.log_to, run_dir, name, record(cfg),
+                                             [r for r in rows if isinstance(r.get("iteration"), int)])
+    failed = True
+    try:
+        code = finish(loop, name, layouts)
+        failed = code != EXIT_OK
+        return code
+    finally:
+        loop.tracker.close(failed=failed)
+
+
+def finish(loop: Loop, name: str, layouts: dict[str, bool]) -> int:
+    """Trains the rest of the run, saves model.pth, evaluates and writes final.json."""
+    cfg, model, run_dir, loaders = loop.cfg, loop.model, loop.run_dir, loop.loaders
     try:
         train(loop)
     except NonFiniteLoss as exc:
@@ -398,6 +423,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         final["autoattack"] = evaluation.autoattack_eval.describe("autoattack")
     rundir.atomic_write_json(os.path.join(run_dir, "final.json"), final)
     rundir.remove_resume_state(run_dir)
+    loop.tracker.final(final, loop.iteration - 1)
     for key in ("last", "best"):
         if key in final:
             loop.log(f"final ({key}): clean {final[key]['clean_acc']:.2%}, PGD-{n_iters}-{n_restarts} "
@@ -415,7 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     # an oversize write (ulimit -f) then fails with EFBIG and is reported, instead of killing the process
     previous_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
-        return _main(cfg, name, run_dir)
+        with numerics.threads(cfg.threads):
+            return _main(cfg, name, run_dir)
     finally:
         signal.signal(signal.SIGXFSZ, previous_xfsz)
 

@@ -121,7 +121,9 @@ def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_
     short = eval_json(capsys, "--model_path", ckpt, "--eps", "76")
     spelled_out = eval_json(capsys, "--model_path", ckpt, "--eps", "76", *architecture)
     assert short[0] == spelled_out[0] == 0
-    assert short[1] == spelled_out[1] and short[1]["n_eval"] == 256
+    provenance = ("settings_from", "written", "model_path")
+    assert drop(short[1], *provenance) == drop(spelled_out[1], *provenance)
+    assert (short[1]["n_eval"], short[1]["attack_iters"], short[1]["n_restarts"]) == (64, 10, 3)  # the run's
     # An explicit flag overrides config.json (here wrongly: the checkpoint has 3 filters).
     assert eval_json(capsys, "--model_path", ckpt, "--eps", "76", "--n_filters_cnn", "4")[0] == 2
     # A checkpoint without config.json beside it (as the authors' files) needs the flags.
@@ -129,8 +131,16 @@ def test_eval_py_reads_the_architecture_from_config_json(tmp_path, capsys, tiny_
     bare.parent.mkdir()
     bare.write_bytes(open(ckpt, "rb").read())
     assert eval_json(capsys, "--model_path", str(bare), "--eps", "76")[0] == 2
-    assert eval_json(capsys, "--model_path", str(bare), "--eps", "76", *architecture)[1] == {
-        **spelled_out[1], "model_path": str(bare)}
+    # ... and the settings of the run's final evaluation, to give its numbers
+    final_eval = ["--n_eval", "64", "--batch_size_eval", "64", "--attack_iters", "10", "--n_restarts", "3"]
+    code, alone = eval_json(capsys, "--model_path", str(bare), "--eps", "76", *architecture, *final_eval)
+    assert code == 0 and alone["written"] is None  # no run: nothing written
+    keep = ("clean_acc", "pgd_acc", "n_eval", "eps", "attack_iters", "n_restarts", "seed", "batch_size_eval")
+    assert {k: alone[k] for k in keep} == {k: short[1][k] for k in keep}
+
+
+def drop(result: dict, *keys: str) -> dict:
+    return {k: v for k, v in result.items() if k not in keys}
 
 
 def test_pass_layouts_on_off_auto():
@@ -358,3 +368,111 @@ def test_quick_layout_agreement_counts_differing_verdicts(tmp_path):
         gap = abs(r["robust_acc_contiguous"] - r["robust_acc_channels_last"]) * r["n_eval"]
         assert gap <= r["verdicts_differ"] + 1e-6
     assert report["layout_agreement"]["resnet18"]["clean_acc_contiguous"] == 1.0  # every example attacked
+
+
+# ------------------------------------------------------------- eval.py on a run: its final evaluation again
+def copied_run(tiny_run, tmp_path, *flags: str) -> str:
+    """A copy of a shared tiny run under tmp_path/runs (eval.py writes into a run's evals/)."""
+    source = tiny_run(*flags).run_dir
+    run_dir = str(tmp_path / "runs" / os.path.basename(source))
+    shutil.copytree(source, run_dir)
+    return run_dir
+
+
+def test_eval_on_a_run_gives_final_json_and_saves_into_evals_which_report_shows(tiny_run, tmp_path, cli):
+    run_dir = copied_run(tiny_run, tmp_path, "--attack", "fgsm", "--eval_early_stopped_model")
+    final = json.load(open(os.path.join(run_dir, "final.json")))
+    for target, weights, flags in ((os.path.join(run_dir, "model.pth"), "last", ()),
+                                   (run_dir, "best", ("--early_stopped_model",))):
+        proc = cli("eval.py", "--model_path", target, *flags)
+        result = json.loads(proc.out_lines[-1])
+        assert proc.code == 0, proc.err
+        assert (result["clean_acc"], result["pgd_acc"]) == (final[weights]["clean_acc"], final[weights]["pgd_acc"])
+        assert (result["n_eval"], result["attack_iters"], result["n_restarts"]) == (64, 10, 3)  # TINY's, --debug
+        assert result["final_json"] is True and result["changed"] == []
+        assert f"'{weights}' weights of {os.path.join(run_dir, 'model.pth')} = final.json; settings: the run's " \
+               "final evaluation; saved as" in one_line(proc.err)
+        saved = json.load(open(result["written"]))
+        assert os.path.dirname(result["written"]) == os.path.join(run_dir, "evals")
+        assert (saved["pgd_acc"], saved["weights"], saved["run_name"]) == (result["pgd_acc"], weights,
+                                                                          final["run_name"])
+    # another eps: the summary names the change; the file is named by what was evaluated
+    proc = cli("eval.py", "--model_path", run_dir, "--eps", "40")
+    result = json.loads(proc.out_lines[-1])
+    assert proc.code == 0 and result["final_json"] is None
+    assert "settings: the run's final evaluation but --eps 40 (the run: 76)" in one_line(proc.err)
+    assert sorted(os.listdir(os.path.join(run_dir, "evals"))) == [
+        "pgd-10-3_eps40_test64_last.json", "pgd-10-3_eps76_test64_best.json", "pgd-10-3_eps76_test64_last.json"]
+    # report.py shows the re-evaluations beside final.json's numbers; a damaged file is named and skipped
+    with open(os.path.join(run_dir, "evals", "torn.json"), "w") as f:
+        f.write('{"clean_acc": 0.5')
+    proc = cli("report.py", tmp_path / "runs", "--out", tmp_path / "report")
+    name = os.path.basename(run_dir)
+    own = f"{100 * final['last']['clean_acc']:.1f} / {100 * final['last']['pgd_acc']:.1f} (eps 76, 64 points)"
+    assert (f"| {name} | last | PGD-10-3 | 40 | 64 | {100 * result['clean_acc']:.1f} | "
+            f"{100 * result['pgd_acc']:.1f} | – | {own} |") in proc.out
+    assert f"| {name} | best | PGD-10-3 | 76 | 64 |" in proc.out and proc.out.count(f"| {name} |") == 3
+    torn = os.path.join(run_dir, "evals", "torn.json")
+    assert f"report.py: warning: skipped {torn}: unreadable or not whole JSON" in one_line(proc.err)
+    assert f"- {torn}: unreadable" in open(tmp_path / "report" / "report.md").read()
+    # --overwrite retrains the weights: their old re-evaluations go with them
+    import rundir
+    rundir.clear_outputs(run_dir)
+    assert not os.path.exists(os.path.join(run_dir, "evals"))
+
+
+def test_eval_out_writes_elsewhere_and_a_bare_checkpoint_says_where_each_setting_came_from(
+        finished, tmp_path, cli):
+    bare = tmp_path / "authors" / "model.pth"  # no config.json beside it
+    bare.parent.mkdir()
+    shutil.copy(os.path.join(finished, "model.pth"), bare)
+    proc = cli("eval.py", "--model_path", bare, "--dataset", "digits", "--model", "cnn", "--n_filters_cnn", "4",
+               "--n_eval", "8", "--device", "cpu", "--out", tmp_path / "here.json")
+    assert proc.code == 0 and json.loads(proc.out_lines[-1])["written"] == str(tmp_path / "here.json")
+    assert ("no config.json beside the checkpoint: dataset digits (--dataset), model cnn (--model), n_layers 1 "
+            "(default), n_filters_cnn 4 (--n_filters_cnn), normalize none (default), eps 8 (default), n_eval 8 "
+            "(--n_eval), batch_size_eval 1024 (default), seed 0 (default)") in one_line(proc.err)
+    assert json.load(open(tmp_path / "here.json"))["n_eval"] == 8 and os.listdir(bare.parent) == ["model.pth"]
+
+
+def test_eval_bad_cases_are_one_line_exit_2_nothing_written(finished, tmp_path, cli):
+    from tests.fixtures import snapshot
+    unfinished = tmp_path / "unfinished"  # a run directory without model.pth
+    unfinished.mkdir()
+    shutil.copy(os.path.join(finished, "config.json"), unfinished)
+    bare = tmp_path / "bare"  # weights without config.json: eval.py assumes train.py's default architecture
+    bare.mkdir()
+    shutil.copy(os.path.join(finished, "model.pth"), bare)
+    before = snapshot(tmp_path)
+    proc = cli("eval.py", "--model_path", unfinished)
+    assert proc.code == 2 and one_line(proc.err) == (
+        f"eval.py: error: {unfinished} is a folder without model.pth (an unfinished run?); give a run directory "
+        "that has finished, or the checkpoint file, as --model_path")
+    proc = cli("eval.py", "--model_path", bare / "model.pth", "--device", "cpu")
+    assert proc.code == 2 and one_line(proc.err).startswith("eval.py: error: checkpoint does not fit PreActResNet18")
+    assert one_line(proc.err).endswith("(no config.json beside the checkpoint, so eval.py assumed --dataset cifar10 "
+                                       "--model resnet18 --n_layers 1 --n_filters_cnn 16 --normalize none)")
+    proc = cli("eval.py", "--model_path", finished, "--seed=99999999999999999999")
+    assert proc.code == 2 and one_line(proc.err) == (
+        "eval.py: error: --seed must be in [0, 2**32 - 1] (got 99999999999999999999): numpy's seeds are 32-bit")
+    proc = cli("eval.py", "--model_path", finished, "--threads", "0")
+    assert proc.code == 2 and "--threads must be >= 1 (got 0)" in one_line(proc.err)
+    assert snapshot(tmp_path) == before
+
+
+def test_config_json_records_the_numerics_and_eval_py_takes_the_runs_thread_count(tmp_path, cli):
+    import torch
+
+    from tests.fixtures import run_train
+    run_dir = run_train(tmp_path, "--attack", "fgsm", "--threads", "2")  # not tiny_run: no name says the count
+    recorded = json.load(open(os.path.join(run_dir, "config.json")))["numerics"]
+    assert (recorded["threads"], recorded["device_type"], recorded["torch"]) == (2, "cpu", torch.__version__)
+    assert recorded["cuda"] == torch.version.cuda and recorded["deterministic_algorithms"] is False
+    assert torch.get_num_threads() == 1  # train.py put the test process's count back
+    proc = cli("eval.py", "--model_path", run_dir)
+    result = json.loads(proc.out_lines[-1])
+    assert result["threads_used"] == 2 and result["settings_from"]["threads"] == "config.json"
+    assert result["final_json"] is True and torch.get_num_threads() == 1
+    proc = cli("eval.py", "--model_path", run_dir, "--threads", "1")
+    assert "settings: the run's final evaluation but 1 threads (the run: 2)" in one_line(proc.err)
+    assert "pgd-10-3_eps76_test64_last_threads1.json" in os.listdir(os.path.join(run_dir, "evals"))

@@ -119,6 +119,19 @@ def test_flags_settings_that_differ_within_a_group(tmp_path):
         assert text in row["flags"]
 
 
+def test_flags_runs_of_a_group_that_ran_under_different_numerics(tmp_path):
+    for seed, threads in ((0, 1), (1, 1), (2, 4)):
+        run_dir = write_run(tmp_path, [*FGSM, f"--seed={seed}", *PAPER], final_of(0.8, 0.4))
+        with open(os.path.join(run_dir, "config.json")) as f:
+            settings = json.load(f)
+        settings["numerics"] = {"threads": threads, "device_type": "cpu", "cpu": f"cpu model {seed}"}
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(settings, f)
+    (row,) = report.aggregate(report.collect_runs([str(tmp_path)]))
+    # the CPU model says where a run ran; only what changes the rounding is flagged, and not as a setting
+    assert row["flags"] == "ran under different numerics (rounding differs): threads 1/4"
+
+
 @pytest.mark.parametrize(("argv", "name"), [
     (["--attack=fgsm", "--attack_init=zero"], "FGSM"),
     (["--attack=fgsm", "--attack_init=random"], "FGSM-RS"),

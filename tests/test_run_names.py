@@ -216,7 +216,7 @@ def test_existing_commands_keep_their_names_and_config_without_a_method_field(tm
     assert "method" not in config.record(cfg)
     # the settings added since (method, the protocol's) are recorded only when not at their default
     unrecorded = {"method", "lr_peak", "normalize", "clean_forward", "protocol", "augment", "wrn_depth", "wrn_width",
-                  "multigrad_samples", "multigrad_agree"}
+                  "multigrad_samples", "multigrad_agree", "threads", "log_to"}
     assert config.record(cfg) == {k: v for k, v in vars(config.build_parser().parse_args([
         "--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2"])).items()
         if k not in unrecorded} | {"fgsm_alpha": 1.25, "model": "resnet18"}
@@ -268,7 +268,9 @@ def test_eval_takes_the_shared_flags_from_the_same_declarations():
     for name in eval_py.SHARED:
         if name != "half_prec":  # eval.py says what --half_prec means for it
             assert actions[name].help.startswith(config.FIELDS[name]["help"]), name
-    assert actions["dataset"].default is None and actions["batch_size_eval"].default == 1024
+    # on a run, the run's final evaluation; on a bare checkpoint, eval.py's own defaults
+    assert actions["dataset"].default is None and actions["batch_size_eval"].default is None
+    assert eval_py.OWN_DEFAULTS["batch_size_eval"] == 1024 and actions["batch_size_eval"].help.endswith("else 1024)")
     assert actions["eps"].default is None and actions["eps"].type is float  # the run's eps, else 8
 
 
