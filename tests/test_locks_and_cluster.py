@@ -286,7 +286,8 @@ def test_a_second_launch_during_a_run_exits_3_and_touches_nothing(tmp_path, cli)
         while not os.path.exists(lock) and time.time() < deadline:
             time.sleep(0.1)
         assert first.poll() is None and os.path.exists(lock)
-        before = sorted(os.listdir(os.path.dirname(lock)))
+        # (an atomic write of the first run in flight may show its .tmp- file for a moment: not a file of the run)
+        before = sorted(n for n in os.listdir(os.path.dirname(lock)) if not n.startswith(".tmp-"))
         second = cli("train.py", *args)  # the same command, in this process
         assert first.poll() is None  # the first was still training the whole time
     finally:
