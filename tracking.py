@@ -105,9 +105,10 @@ class WandB(Tracker):
             with open(id_path) as f:
                 run_id = f.read().strip()
         else:  # a new run (or --overwrite): a new W&B run
-            import rundir
             run_id = secrets.token_hex(8)
-            rundir.atomic_write_bytes(id_path, run_id.encode())
+            with open(id_path + ".tmp", "w") as f:  # whole or absent: a torn id would start another W&B run
+                f.write(run_id)
+            os.replace(id_path + ".tmp", id_path)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=name, id=run_id,
                               config=settings, resume="allow", mode=os.environ.get("WANDB_MODE", "offline"),
                               dir=None if os.environ.get("WANDB_DIR") else run_dir, reinit="create_new",
