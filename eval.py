@@ -259,11 +259,19 @@ def compared_with_final(args, result: dict, changed: list[str], device) -> tuple
             f"{'other numerics: ' + ', '.join(why) if why else 'same settings and numerics'})"), False
 
 
+def shapes_the_model(args) -> set[str]:
+    """The settings worth naming for this architecture: every one, less the wide network's depth and
+    width for the other models."""
+    wide = ("wrn_depth", "wrn_width")
+    return {*FROM_RUN, *FINAL_EVAL} - (set() if args.model in models.WIDE_MODELS else set(wide))
+
+
 def provenance(args, changed: list[str]) -> str:
     """Where the settings came from, for the summary line."""
     if args.run:
         return "settings: the run's final evaluation" + (" but " + ", ".join(changed) if changed else "")
-    said = {name: f"{name} {getattr(args, name)} ({args.settings_from[name]})" for name in (*FROM_RUN, *FINAL_EVAL)}
+    said = {name: f"{name} {getattr(args, name)} ({args.settings_from[name]})" for name in (*FROM_RUN, *FINAL_EVAL)
+            if name in shapes_the_model(args)}
     if args.threads is None:
         said["threads"] = f"threads {torch.get_num_threads()} (torch's choice)"
     return "no config.json beside the checkpoint: " + ", ".join(said.values())
@@ -311,7 +319,8 @@ def evaluate(args) -> dict:
     except models.CheckpointError as exc:
         if args.run:
             raise
-        assumed = " ".join(f"--{n} {getattr(args, n)}" for n in FROM_RUN[:-1] if args.settings_from[n] == "default")
+        assumed = " ".join(f"--{n} {getattr(args, n)}" for n in FROM_RUN[:-1]
+                           if args.settings_from[n] == "default" and n in shapes_the_model(args))
         raise models.CheckpointError(f"{exc} (no config.json beside the checkpoint, so eval.py assumed "
                                      f"{assumed or 'the flags given'})") from None
     eval_layout = precision.pass_layouts(args.channels_last, device.type, args.model)["eval"]

@@ -15,7 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Layers, lowest first: a module imports only modules of lower layers, or (among the parts only)
 # parts that do not import it back.
 LAYERS = {
-    "parts": ("precision", "numerics", "tracking", "lease", "models", "data", "autoattack_eval", "utils", "methods", "config", "rundir"),
+    "parts": ("precision", "numerics", "tracking", "lease", "models", "data", "autoattack_eval", "utils", "methods",
+              "config", "rundir"),
     "evaluation": ("eval",),
     "trainer": ("train",),
     "tool kit": ("timing",),
@@ -23,13 +24,15 @@ LAYERS = {
 }
 # Which module may import which: the table every import must keep to.
 ALLOWED = {
-    "precision": set(), "numerics": set(), "tracking": set(), "lease": set(), "models": set(), "data": set(), "autoattack_eval": set(),
+    "precision": set(), "numerics": set(), "tracking": set(), "lease": set(), "models": set(), "data": set(),
+    "autoattack_eval": set(),
     "utils": {"precision"},
     "methods": {"utils"},
     "config": {"methods", "utils", "data", "models", "autoattack_eval", "tracking"},
     "rundir": {"config", "lease"},
     "eval": {"autoattack_eval", "config", "data", "models", "numerics", "precision", "rundir", "utils"},
-    "train": {"config", "data", "eval", "lease", "methods", "models", "numerics", "precision", "rundir", "tracking", "utils"},
+    "train": {"config", "data", "eval", "lease", "methods", "models", "numerics", "precision", "rundir", "tracking",
+              "utils"},
     "timing": {"config", "data", "methods", "models", "precision", "train"},
     "bench": {"autoattack_eval", "config", "data", "models", "precision", "rundir", "timing", "train", "utils"},
     "authors_compare": {"config", "data", "eval", "models", "precision", "rundir", "timing", "train", "utils"},

@@ -430,8 +430,7 @@ def test_eval_out_writes_elsewhere_and_a_bare_checkpoint_says_where_each_setting
                "--n_eval", "8", "--device", "cpu", "--out", tmp_path / "here.json")
     assert proc.code == 0 and json.loads(proc.out_lines[-1])["written"] == str(tmp_path / "here.json")
     assert ("no config.json beside the checkpoint: dataset digits (--dataset), model cnn (--model), n_layers 1 "
-            "(default), n_filters_cnn 4 (--n_filters_cnn), wrn_depth 28 (default), wrn_width 10 (default), normalize none "
-            "(default), eps 8 (default), n_eval 8 "
+            "(default), n_filters_cnn 4 (--n_filters_cnn), normalize none (default), eps 8 (default), n_eval 8 "
             "(--n_eval), batch_size_eval 1024 (default), seed 0 (default)") in one_line(proc.err)
     assert json.load(open(tmp_path / "here.json"))["n_eval"] == 8 and os.listdir(bare.parent) == ["model.pth"]
 

@@ -137,8 +137,8 @@ OUTPUT_FILES = {"report.md", "lemma2.md"}
 OTHER_CODE_PAGES = {"later_methods.md"}
 FOLDERS = ("docs/", "sh/", "recipes/", "tests/", ".ci/")
 MODULES = ("analysis", "authors_compare", "autoattack_eval", "bench", "config", "data", "eval", "gpu_check", "launch",
-           "lease", "methods", "models", "numerics", "precision", "report", "rundir", "sweep_cost", "timing", "tracking",
-           "train", "utils")
+           "lease", "methods", "models", "numerics", "precision", "report", "rundir", "sweep_cost", "timing",
+           "tracking", "train", "utils")
 PATH_RE = re.compile(r"@?((?:\.?[\w-]+/)*(?:[\w.-]+\.(?:py|sh|args|md|ini|toml)|requirements[\w-]*\.txt)"
                      r"|(?:docs|sh|recipes|tests|\.ci)/[\w./-]*)")
 
