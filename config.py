@@ -33,7 +33,7 @@ LEAD = "a fixed part of every run name"
 
 def flag(default, help: str, *, short: str | None = None, unnamed: str | None = None, lead: bool = False,
          compare: bool = True, type: Callable | None = None, choices=None, action=None,
-         record_default: bool = True) -> dataclasses.Field:
+         record_default: bool = True, minimum: tuple[int, str] | None = None) -> dataclasses.Field:
     """One setting: its flag --<field name> and how the run name and the report treat it.
 
     default: the parser's default (a zero-argument callable is read when the parser is built).
@@ -42,12 +42,15 @@ def flag(default, help: str, *, short: str | None = None, unnamed: str | None = 
     every run name. Exactly one of the three. compare=False: runs grouped in a report may differ
     in it. choices: a sequence, or a callable giving one (read from a module that imports torch).
     record_default=False: config.json leaves the setting out while it has its default.
+    minimum: (the smallest value the parser takes, why a smaller one measures nothing): every tool
+    that declares the flag (train.py, eval.py) refuses a smaller value in one line.
     """
     if (short is not None) + (unnamed is not None) + lead != 1:
         raise ValueError(f"flag '{help}': give exactly one of short=, unnamed=, lead=")
     return dataclasses.field(metadata={
         "default": default, "help": help, "short": short, "unnamed": LEAD if lead else unnamed, "compare": compare,
-        "type": type, "choices": choices, "action": action, "record_default": record_default})
+        "type": type, "choices": choices, "action": action, "record_default": record_default,
+        "minimum": minimum})
 
 
 def _listed(module: str, name: str, sort: bool = False) -> Callable[[], list[str]]:
@@ -87,9 +90,12 @@ class Config:
     fgsm_alpha: float = flag(None, "FGSM step as a multiple of eps (default 1.25; 1.0 for --attack nfgsm, as in "
                              "its paper)", short="fa", type=float)
     minibatch_replay: int = flag(1, "m of Free-AT: each batch is replayed m times", short="mr")
-    pgd_train_n_iters: int = flag(10, "PGD steps for --attack pgd training", short="pgdk")
+    pgd_train_n_iters: int = flag(10, "PGD steps for --attack pgd training", short="pgdk",
+                                  minimum=(1, "0 steps train on clean inputs; the paper uses 2 or 10"))
     pgd_alpha_train: float = flag(2.0, "PGD training step in 1/255 units", short="pgda")
-    attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai")
+    attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai",
+                             minimum=(1, "0 steps make the 'PGD' accuracy the clean one (train.py's early stopping "
+                                         "would pick its 'best' weights on it); give the default or more"))
     n_layers: int = flag(1, "conv layers of --model cnn (the authors always used 1)", short="nl")
     n_filters_cnn: int = flag(16, "filters of --model cnn", short="nf")
     eval_iter_freq: int = flag(200, "iterations between periodic evaluations", short="eif")
@@ -237,9 +243,22 @@ def add_flags(p: argparse.ArgumentParser, names, *, from_run: tuple[str, ...] = 
             kwargs["action"] = "store_true"
         elif meta["type"] is not None or isinstance(_default(name), (int, float)):
             kwargs["type"] = meta["type"] or type(_default(name))
+            if meta["minimum"] is not None:
+                kwargs["type"] = at_least(kwargs["type"], *meta["minimum"])
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         p.add_argument(f"--{name}", **kwargs)
+
+
+def at_least(kind: Callable, minimum, why: str) -> Callable:
+    """A parser type: kind(text), refused (one line: the bound and why) when below minimum."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {text}): {why}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +291,6 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
         (cfg.minibatch_replay >= 1, f"--minibatch_replay must be >= 1 (got {cfg.minibatch_replay})"),
         (cfg.eval_iter_freq >= 1, f"--eval_iter_freq must be >= 1 (got {cfg.eval_iter_freq})"),
-        (cfg.attack_iters >= 0 and cfg.pgd_train_n_iters >= 0, "PGD iteration counts must be >= 0"),
         (cfg.n_layers >= 1 and cfg.n_filters_cnn >= 1, "--n_layers and --n_filters_cnn must be >= 1"),
         (cfg.n_final_eval != 0, "--n_final_eval 0 evaluates nothing: give a positive number or -1 for all"),
         (cfg.n_eval_every_k_iter >= cfg.batch_size,

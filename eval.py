@@ -45,22 +45,21 @@ from config import EXIT_OK, EXIT_USAGE, OneLineParser
 FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "normalize", "eps")
 # train.py's settings that eval.py takes too, declared in config.py.
 SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "data_dir",
-          "download")
+          "download", "attack_iters")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="eval.py", description=__doc__.split("\n\n")[0],
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    config.add_flags(p, SHARED, from_run=FROM_RUN, defaults={"batch_size_eval": 1024},
+    config.add_flags(p, SHARED, from_run=FROM_RUN, defaults={"batch_size_eval": 1024, "attack_iters": 50},
                      helps={"half_prec": "PGD under autocast (fp16 on CUDA, bf16 on CPU); "
-                                         "--attack always runs in fp32"})
+                                         "--attack always runs in fp32", "attack_iters": "PGD steps (of eps/4)"})
     a = p.add_argument
     a("--model_path", required=True, help="checkpoint file, or a name under models/ (models/<name>.pth)")
     a("--set", default="test", choices=("train", "test"), help="which split's first --n_eval points")
     a("--n_eval", type=int, default=256, help="first points of the split (-1: all)")
     a("--n_hidden_fc", type=int, default=1024, help="unused, kept for the authors' command lines")
     a("--early_stopped_model", action="store_true", help="evaluate the 'best' weights of a {'last','best'} file")
-    a("--attack_iters", type=int, default=50, help="PGD steps (of eps/4)")
     a("--n_restarts", type=int, default=10, help="PGD random restarts")
     a("--attack_init", default="random", choices=("random", "zero"),
       help="PGD start: uniform in the eps-ball, or zero (then only one restart makes sense)")
@@ -125,7 +124,7 @@ def check_flags(args) -> str | None:
         (args.eps is None or 0 <= args.eps <= 255, f"--eps {args.eps or 0:g} is outside [0, 255] (1/255 units)"),
         (args.n_eval != 0 and args.n_eval >= -1, "--n_eval must be positive, or -1 for all points"),
         (args.batch_size_eval >= 1, "--batch_size_eval must be >= 1"),
-        (args.attack_iters >= 0 and args.n_restarts >= 1, "--attack_iters must be >= 0 and --n_restarts >= 1"),
+        (args.n_restarts >= 1, f"--n_restarts must be >= 1 (got {args.n_restarts}): each restart is one PGD run"),
         (args.attack_init == "random" or args.n_restarts == 1,
          (f"--n_restarts {args.n_restarts} without a random start repeats the same attack; "
           "use --attack_init random or --n_restarts 1")),

@@ -474,3 +474,25 @@ def test_13_21_a_seed_out_of_range_or_a_non_finite_number_is_one_line_exit_2(tmp
 
 def test_13_the_largest_seed_trains(tmp_path, cli):
     assert cli("train.py", *TINY, "--epochs", "0", "--seed", str(2**32 - 1), "--out_dir", tmp_path).code == 0
+
+
+# ------------------------------------------------------ counts that would measure nothing (issue 30)
+@pytest.mark.parametrize("tool, flags", [
+    ("train.py", ["--attack_iters", "0"]),
+    ("train.py", ["--attack", "pgd", "--pgd_train_n_iters", "0"]),
+    ("train.py", ["--attack_iters", "-2"]),
+    ("eval.py", ["--model_path", "model.pth", "--attack_iters", "0"]),
+])
+def test_zero_attack_steps_are_refused_in_one_line_exit_2(tmp_path, cli, tool, flags):
+    """0 PGD steps make the 'PGD' accuracy the clean one (and early stopping would pick on it)."""
+    args = [*TINY, "--out_dir", tmp_path / "runs"] if tool == "train.py" else ["--device", "cpu"]
+    proc = cli(tool, *args, *flags)
+    name = next(f for f in flags if f.endswith("_iters"))
+    assert proc.code == 2
+    assert f"argument {name}: must be >= 1 (got " in one_line(proc.err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_eval_refuses_zero_restarts(tmp_path, cli):
+    proc = cli("eval.py", "--model_path", tmp_path / "model.pth", "--n_restarts", "0")
+    assert proc.code == 2 and "--n_restarts must be >= 1 (got 0)" in one_line(proc.err)
