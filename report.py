@@ -319,6 +319,30 @@ def has_autoattack(rows: list[dict]) -> bool:
     return any(r.get("n_aa") for r in rows)
 
 
+# What --bench reads of bench.py's output (the rest of the file is not used here).
+BENCH_SHAPE = '{"steps": {MODEL: {"methods": {METHOD: {"label": TEXT, "units": NUMBER}}}}}'
+
+
+def bench_problem(bench) -> str | None:
+    """What keeps bench.py's output from giving units per step (not BENCH_SHAPE), or None."""
+    if not isinstance(bench, dict):
+        return f"a JSON {type(bench).__name__}, not an object"
+    if "steps" not in bench:
+        return "no 'steps': bench.py ran without --parts steps"
+    steps = bench["steps"]
+    if not isinstance(steps, dict):
+        return f"'steps' is a {type(steps).__name__}, not an object"
+    for model, part in steps.items():
+        entries = part.get("methods") if isinstance(part, dict) else None
+        if not isinstance(entries, dict):
+            return f"steps.{model} has no 'methods' object"
+        for method, entry in entries.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("label"), str)
+                    and rundir.is_number(entry.get("units"))):
+                return f"steps.{model}.methods.{method} has no text 'label' and number 'units'"
+    return None
+
+
 def bench_units(bench: dict | None, model: str) -> dict[str, float]:
     """Measured units per step of each method (by its name, spaces ignored) for this model from
     bench.py's bench.json (models cnn-LxF match bench's cnn); empty without one."""
@@ -561,8 +585,13 @@ def input_problem(args: argparse.Namespace) -> str | None:
             return f"--curves {run_dir}: no such run directory; give a folder written by train.py"
         if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
             return f"--curves {run_dir}: it has no metrics.jsonl; give a folder written by train.py"
-    if args.bench and not isinstance(rundir.read_json(args.bench), dict):
-        return f"--bench {args.bench}: not a readable JSON file; run python bench.py first"
+    if args.bench:
+        bench = rundir.read_json(args.bench)
+        if bench is None:
+            return f"--bench {args.bench}: not a readable JSON file; run python bench.py first"
+        problem = bench_problem(bench)
+        if problem:
+            return f"--bench {args.bench} is not bench.py's output ({problem}); it should be {BENCH_SHAPE}"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out {args.out} is a file, not a folder; give a folder"
     return None

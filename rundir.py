@@ -74,7 +74,7 @@ def settings_hash(cfg) -> str:
     named += [n for n in NAME_FIELDS if getattr(cfg, n) != defaults[n]]
 
     def exact(value) -> str:
-        return repr(float(value)) if _is_number(value) else repr(value)
+        return repr(float(value)) if is_number(value) else repr(value)
     text = "\n".join(f"{n}={exact(getattr(cfg, n))}" for n in named)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -228,7 +228,7 @@ def read_json(path: str) -> dict | None:
 DAMAGED_FIX = "relaunch its command with --overwrite to retrain the run"
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -238,11 +238,11 @@ def final_problem(final) -> str | None:
     with --eval_early_stopped_model)."""
     if not isinstance(final, dict):
         return f"it holds a JSON {type(final).__name__}, not an object"
-    if not _is_number(final.get("eps")):
+    if not is_number(final.get("eps")):
         return "it has no eps"
     for key in ("last", *(["best"] if "best" in final else [])):
         entry = final.get(key)
-        if not isinstance(entry, dict) or not all(_is_number(entry.get(m)) for m in ("clean_acc", "pgd_acc")):
+        if not isinstance(entry, dict) or not all(is_number(entry.get(m)) for m in ("clean_acc", "pgd_acc")):
             return f"it has no clean and PGD accuracy of the '{key}' weights"
     return None
 
