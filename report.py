@@ -4,10 +4,11 @@ Fig. 2/11 (training curves), from run directories written by train.py.
     python report.py runs/ [more roots] --out reports/ [--curves RUN_DIR ...] [--runs-glob 'cifar10_*']
 
 A run directory is any folder under a root holding config.json; runs without final.json (unfinished or
-failed) are listed as skipped. Runs are grouped by dataset, model, method and eps; each group's seeds
-give mean and std (population std, ddof=0) of the final clean and PGD accuracy, in percent, for the
-last and the early-stopped ('best') weights. Writes OUT/report.md, OUT/report.csv (one row per group),
-OUT/robust_vs_eps_<dataset>_<model>.png, and OUT/curves.png with --curves. Groups whose evaluation
+failed) are listed as skipped, and a final.json without config.json as damaged. Runs are grouped by
+dataset, model, method and eps; each group's seeds give mean and std (population std, ddof=0) of the
+final clean and PGD accuracy, in percent, for the last and the early-stopped ('best') weights. Writes
+OUT/report.md, OUT/report.csv (one row per group), OUT/robust_vs_eps_<dataset>_<model>.png, and
+OUT/curves.png with --curves. Groups whose evaluation
 protocol differs from the paper's (1000 test points, PGD-50-10, no --debug) or within the group are
 flagged with a dagger and explained under the tables. Runs trained with --final_autoattack add
 AutoAttack tables (accuracy, and PGD minus AutoAttack per method and eps, from the runs that have
@@ -131,6 +132,9 @@ def settings_mismatch(folder: str, settings: dict, final: dict) -> str:
 def read_run(folder: str) -> Run:
     """A run directory as report.py counts it (see Run)."""
     path = os.path.join(folder, "config.json")
+    if not os.path.lexists(path):  # collect_runs found its final.json
+        return Run(folder, {}, None, damaged=f"{path} is missing (final.json is there: the run finished, but its "
+                                             f"settings are unknown); restore config.json, or {rundir.DAMAGED_FIX}")
     try:
         with open(path, "rb") as f:
             settings = json.loads(f.read())
@@ -148,8 +152,9 @@ def read_run(folder: str) -> Run:
 
 
 def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
-    """Every folder under the roots (a root may itself be a run) that holds config.json and whose name
-    matches the glob pattern, sorted by path. A folder that cannot be listed is named on stderr."""
+    """Every folder under the roots (a root may itself be a run) that holds config.json or final.json (a
+    finished run that lost its config.json: damaged) and whose name matches the glob pattern, sorted by
+    path. A folder that cannot be listed is named on stderr."""
     def unlisted(exc: OSError) -> None:
         print(f"report.py: warning: cannot list {exc.filename} ({exc.strerror}); its runs are left out",
               file=sys.stderr)
@@ -157,7 +162,8 @@ def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
     runs = {}
     for root in roots:
         for folder, _, files in os.walk(root, onerror=unlisted):
-            if "config.json" in files and fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
+            is_run = "config.json" in files or "final.json" in files
+            if is_run and fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
                 runs[os.path.realpath(folder)] = read_run(folder)
     return sorted(runs.values(), key=lambda r: r.path)
 

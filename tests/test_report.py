@@ -225,6 +225,20 @@ def test_robustness_vs_cost_table(tmp_path):
     assert report.main([str(tmp_path / "runs"), "--out", str(out), "--bench", str(tmp_path / "missing.json")]) == 2
 
 
+def test_a_finished_run_without_config_json_is_listed_as_damaged_and_counted_in_the_summary(tmp_path, capsys):
+    kept = write_run(tmp_path / "runs", [*FGSM, *PAPER], final_of(0.8, 0.4))
+    lost = write_run(tmp_path / "runs", [*FGSM, *PAPER, "--seed=1"], final_of(0.7, 0.3))
+    os.remove(os.path.join(lost, "config.json"))
+    code = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 finished runs in 1 groups, 0 skipped, 1 not counted" in out
+    damaged = (tmp_path / "reports" / "report.md").read_text().split("## Damaged (not counted)")[1]
+    assert (f"- {os.path.basename(lost)}: {lost}/config.json is missing (final.json is there: the run finished, "
+            "but its settings are unknown); restore config.json, or relaunch its command with --overwrite") in damaged
+    assert os.path.basename(kept) not in damaged
+
+
 @pytest.mark.parametrize("bench, problem", [
     ({"steps": []}, "'steps' is a list, not an object"),
     ([], "a JSON list, not an object"),
