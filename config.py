@@ -6,7 +6,8 @@ Every perturbation size on the command line is in 1/255 units of inputs in [0, 1
 once (Config.eps_frac). No torch at import: report.py and launch.py read the declarations too.
 
 A command line may name argument files: `python train.py @recipes/x.args --seed 1` reads the flags
-of x.args (several per line, `#` starts a comment); flags after the file override it.
+of x.args (several per line, `#` starts a comment); flags after the file override it. An @file inside
+an argument file is read from that file's folder.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import dataclasses
 import importlib
 import os
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,18 +211,57 @@ def _default(name: str):
 
 
 # ------------------------------------------------------------------------------------------ parsers
+def arg_file_words(line: str) -> list[str]:
+    """The words of one line of an argument file: shell quoting, `#` starts a comment."""
+    return shlex.split(line, comments=True)
+
+
+def read_arg_files(words: list[str], chain: tuple[str, ...] = ()) -> list[str]:
+    """words with each @FILE replaced by the words of FILE (arg_file_words per line), recursively. A
+    relative @FILE inside an argument file is read from that file's folder (so a recipe works from any
+    working directory); one on the command line, from the working directory. chain: the files that
+    named this one. Raises ValueError (one line naming the file, the files that led there and the fix)."""
+    out = []
+    for word in words:
+        if not word.startswith("@"):
+            out.append(word)
+            continue
+        path = word[1:]
+        if chain and not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(chain[-1]), path)
+        named = "".join(f", named in {parent}" for parent in reversed(chain))
+        if os.path.realpath(path) in map(os.path.realpath, chain):
+            raise ValueError(f"the argument files name each other in a loop ({' -> '.join((*chain, path))}); "
+                             "remove the loop")
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            hint = " (an @file inside an argument file is read from that file's folder)" if chain else ""
+            raise ValueError(f"cannot read the argument file {path} ({getattr(exc, 'strerror', None) or exc})"
+                             f"{named}; check the path{hint}") from None
+        try:
+            inner = [w for line in lines for w in arg_file_words(line)]
+        except ValueError as exc:
+            raise ValueError(f"the argument file {path}{named}: {str(exc).lower()}; fix its quoting") from None
+        out += read_arg_files(inner, (*chain, path))
+    return out
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage block) and exits with code 2, and reads
-    argument files (@file: several flags per line, `#` comments)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(fromfile_prefix_chars="@", **kwargs)
+    argument files (@file, read_arg_files: several flags per line, `#` comments, nested files relative
+    to the file that names them)."""
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
-    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
-        return shlex.split(arg_line, comments=True)
+    def parse_known_args(self, args=None, namespace=None):
+        try:
+            words = read_arg_files(sys.argv[1:] if args is None else list(args))
+        except ValueError as exc:
+            self.error(str(exc))
+        return super().parse_known_args(words, namespace)
 
 
 def add_flags(p: argparse.ArgumentParser, names, *, from_run: tuple[str, ...] = (), defaults: dict | None = None,

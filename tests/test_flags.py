@@ -25,6 +25,7 @@ import train
 import utils
 from tests.fixtures import (
     FGSM_RUN,
+    ROOT,
     TINY,
     edit_json,
     eval_main,
@@ -223,6 +224,32 @@ def test_an_argument_file_gives_several_flags_per_line_with_comments_and_later_f
                     "--eps 8\n--grad_align_cos_lambda 0.5\n")
     cfg, _ = config.parse_config([f"@{path}", "--eps", "12"])
     assert (cfg.dataset, cfg.model, cfg.grad_align_cos_lambda, cfg.eps) == ("digits", "cnn", 0.5, 12)
+
+
+def test_a_nested_argument_file_is_read_from_the_folder_of_the_file_that_names_it(tmp_path, monkeypatch):
+    here, _ = config.parse_config(["@recipes/digits_gradalign.args"])
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recipe's @digits_demo.args is still found beside it
+    elsewhere, _ = config.parse_config([f"@{ROOT}/recipes/digits_gradalign.args"])
+    assert elsewhere == here and (here.dataset, here.grad_align_cos_lambda) == ("digits", 1)
+
+
+@pytest.mark.parametrize("case", ["missing", "loop", "quote"])
+def test_a_bad_nested_argument_file_names_the_chain_in_one_line(tmp_path, cli, case):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "outer.args").write_text("--eps 4\n@sub/inner.args\n")
+    inner = {"missing": "@nowhere.args\n", "loop": "@../outer.args\n", "quote": "--data_dir 'x\n"}[case]
+    (tmp_path / "sub" / "inner.args").write_text(inner)
+    proc = cli("train.py", f"@{tmp_path}/outer.args", "--out_dir", tmp_path / "runs")
+    outer, nested = f"{tmp_path}/outer.args", f"{tmp_path}/sub/inner.args"
+    expected = {
+        "missing": f"cannot read the argument file {tmp_path}/sub/nowhere.args (No such file or directory), named "
+                   f"in {nested}, named in {outer}; check the path (an @file inside an argument file is read from "
+                   "that file's folder)",
+        "loop": f"the argument files name each other in a loop ({outer} -> {nested} -> {tmp_path}/sub/../outer.args); "
+                "remove the loop",
+        "quote": f"the argument file {nested}, named in {outer}: no closing quotation; fix its quoting"}[case]
+    assert proc.code == 2 and one_line(proc.err) == f"train.py: error: {expected}"
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b'{"last": 1}', "truncated"])
