@@ -70,13 +70,18 @@ def settings_hash(cfg) -> str:
     from their --attack's default), numbers exact: stored in resume.pt and final.json, so state is
     never used by another run's settings. cfg: any object with train.py's settings as attributes."""
     defaults = config.defaults(str(cfg.attack))
-    named = [n for n, meta in config.FIELDS.items() if meta["unnamed"] == config.LEAD]
-    named += [n for n in NAME_FIELDS if getattr(cfg, n) != defaults[n]]
-
-    def exact(value) -> str:
-        return repr(float(value)) if is_number(value) else repr(value)
+    named = [n for n in NAMED if n not in NAME_FIELDS or getattr(cfg, n) != defaults[n]]
     text = "\n".join(f"{n}={exact(getattr(cfg, n))}" for n in named)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Every setting the run name encodes: the fixed parts, then those named when not their default.
+NAMED = [n for n, meta in config.FIELDS.items() if meta["unnamed"] == config.LEAD] + list(NAME_FIELDS)
+
+
+def exact(value) -> str:
+    """A setting's value with every digit (numbers as floats, so 8 and 8.0 agree)."""
+    return repr(float(value)) if is_number(value) else repr(value)
 
 
 def identity(cfg, name: str) -> dict:
@@ -400,6 +405,30 @@ def write_config(run_dir: str, settings: dict) -> None:
 def read_config(run_dir: str) -> dict | None:
     """The config.json of a run directory, or None if it has none (e.g. the authors' checkpoints)."""
     return read_json(os.path.join(run_dir, "config.json"))
+
+
+def config_problem(run_dir: str, cfg) -> str | None:
+    """How a finished run's config.json disagrees with the settings its name and final.json stand for
+    (cfg: the command's, whose identity() final.json matched), as one line with the fix; None when
+    they agree or there is no config.json (a run of the authors' code)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.lexists(path):
+        return None
+    fix = "restore config.json (its argv is the command) or relaunch with --overwrite to retrain"
+    settings = read_json(path)
+    if not isinstance(settings, dict):
+        return f"{path} is damaged (not a JSON object); {fix}"
+    try:
+        recorded = config.from_record(settings)
+        differ = [(n, getattr(recorded, n), getattr(cfg, n)) for n in NAMED
+                  if exact(getattr(recorded, n)) != exact(getattr(cfg, n))]
+    except (TypeError, ValueError) as exc:
+        return f"{path} is damaged ({exc}); {fix}"
+    if not differ:
+        return None
+    said = ", ".join(f"{n} {there!r}" if not is_number(there) else f"{n} {there:g}" for n, there, _ in differ)
+    run = ", ".join(f"{n} {here!r}" if not is_number(here) else f"{n} {here:g}" for n, _, here in differ)
+    return (f"{path} says {said}, but the run (its name and final.json) has {run}: config.json was edited; {fix}")
 
 
 def clear_outputs(run_dir: str) -> None:

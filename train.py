@@ -408,6 +408,8 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
         if cfg.overwrite:
             return False, None
         final, problem = rundir.finished_run(run_dir, rundir.identity(cfg, name))
+        if final is not None:
+            problem = rundir.config_problem(run_dir, cfg)  # a finished run is only as good as its record
         # AutoAttack is added by eval.py's add_autoattack
         return final is not None and not (cfg.final_autoattack and evaluation.lacks_autoattack(final_path)), problem
     finished, damage = done()

@@ -86,6 +86,29 @@ def test_3_report_does_not_file_a_run_whose_config_json_disagrees(finished, tmp_
     assert os.path.basename(renamed) not in report.markdown(report.aggregate(report.collect_runs([good])))
 
 
+@pytest.mark.parametrize("edit, said", [({"eps": 8.0}, "says eps 8, but the run (its name and final.json) has eps 76"),
+                                        ({"lr_max": 0.3, "seed": 2}, "says seed 2, lr_max 0.3, but the run (its name "
+                                                                     "and final.json) has seed 0, lr_max 0.01"),
+                                        (None, "is damaged (not a JSON object)")])
+def test_train_does_not_call_a_run_finished_when_its_config_json_disagrees(finished, tmp_path, cli, edit, said):
+    root = tmp_path / "runs"
+    run_dir = copy_run(finished, root)
+    assert cli("train.py", *TINY, *FGSM_RUN, "--out_dir", root).out.endswith("nothing to do; --overwrite retrains it\n")
+    if edit is None:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write("[]")
+    else:
+        edit_json(os.path.join(run_dir, "config.json"), **edit)
+    before = snapshot(root)
+    proc = cli("train.py", *TINY, *FGSM_RUN, "--out_dir", root)
+    assert proc.code == 2 and proc.out == ""
+    assert one_line(proc.err) == (f"train.py: error: {run_dir}/config.json {said}"
+                                  + (": config.json was edited" if edit else "")
+                                  + "; restore config.json (its argv is the command) or relaunch with --overwrite to "
+                                  "retrain")
+    assert snapshot(root) == before
+
+
 def write_final(run_dir: str, text: str) -> None:
     with open(os.path.join(run_dir, "final.json"), "w") as f:
         f.write(text)
