@@ -155,15 +155,18 @@ class Config:
                          "off); own: the method's own paper's (methods.py's Protocol: the peak, fp32, the "
                          "normalisation, a last clean forward) for the settings not given; the same as paper for "
                          "this paper's methods", short="proto", choices=methods.PROTOCOLS, record_default=False)
+    # the memory layout: speed, but another layout rounds differently, so on/off are named (clon, cloff);
+    # auto's layouts (per device type) are recorded in config.json and resume.pt, and a resume that would
+    # change them is refused
+    channels_last: str = flag("auto", "channels_last weights: auto = per pass (training, evaluation) as bench.py "
+                              "measured them (utils.LAYOUTS); on/off: every pass. Speed only, but another layout "
+                              "rounds differently", short="cl", compare=False,
+                              choices=_listed("utils", "LAYOUT_CHOICES"))
     # --- where files are, what to do with them, which machine: no number depends on these
     gpu: int = flag(0, "which GPU: same as --device cuda:N", unnamed="which card of a machine", compare=False)
     # cpu and cuda draw other random numbers and round differently, as two GPU models round differently,
     # which no name could tell apart; config.json records device_used. The name must also be known before
     # the device is: launch.py --status runs on a login node, a requeued job lands on any node.
-    channels_last: str = flag("auto", "channels_last weights: auto = per pass (training, evaluation) as bench.py "
-                              "measured them (utils.LAYOUTS); on/off: every pass. Speed only, but another layout "
-                              "rounds differently", compare=False, choices=_listed("utils", "LAYOUT_CHOICES"),
-                              unnamed="the memory layout: speed and rounding only, recorded as layouts in config.json")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", compare=False,
                        unnamed="the hardware, recorded as device_used in config.json")
     data_dir: str = flag(_data_dir, "dataset folder (env DATA_DIR)", unnamed="where the dataset is read from",

@@ -99,6 +99,13 @@ def identity_problem(path: str, saved: dict, expected: dict) -> str | None:
     if digest is not None and expected.get("settings_hash") is not None and digest != expected["settings_hash"]:
         return (f"{path} belongs to other settings of run {name} (settings_hash differs); remove it or "
                 "relaunch with --overwrite")
+    layouts = saved.get("layouts")
+    if layouts is not None and expected.get("layouts") is not None and layouts != expected["layouts"]:
+        def said(value: dict) -> str:
+            return ", ".join(f"{p} {v}" for p, v in value.items())
+        return (f"{path} was trained with the layouts {said(layouts)}, but --channels_last gives "
+                f"{said(expected['layouts'])} here (auto chooses per device type): resume it on the kind of "
+                "device that started it (config.json's device_used), or relaunch with --overwrite to start over")
     return None
 
 
@@ -766,7 +773,7 @@ def load_resume_state(run_dir: str, data_generator: torch.Generator, run: dict |
     problem = identity_problem(path, saved, run) if run else None
     if problem:
         raise RunDirError(problem)
-    for key in ("run_name", "settings_hash"):
+    for key in ("run_name", "settings_hash", "layouts"):
         saved.pop(key, None)
     set_rng_state(saved.pop("rng"), data_generator)
     truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), saved.pop("metrics_lines"))

@@ -304,7 +304,7 @@ def train(loop: Loop) -> None:
             loop.stop_clock()
             loop.next_epoch = epoch + 1
             rundir.save_resume_state(loop.run_dir, {**loop.resume_state(),
-                                                    **rundir.identity(cfg, os.path.basename(loop.run_dir))},
+                                                    **resume_identity(cfg, os.path.basename(loop.run_dir), device)},
                                      loaders.train.generator)
             loop.start_clock()
 
@@ -314,6 +314,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def resume_identity(cfg: Config, name: str, device: torch.device) -> dict:
+    """What ties resume.pt to its run: identity() and the layouts --channels_last gives on this device
+    (auto's differ between device types; a resume that would change them is refused)."""
+    layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
+    return {**rundir.identity(cfg, name), "layouts": utils.layout_names(layouts)}
 
 
 def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
@@ -346,7 +353,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
                 opt=make_optimizer(cfg, model), scaler=scaler, guard=precision.FiniteGuard(scaler.is_enabled(), device),
                 step=step, loaders=loaders, log=rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt")),
                 best_state=copy.deepcopy(model.state_dict()))
-    saved = rundir.load_resume_state(run_dir, loaders.train.generator, rundir.identity(cfg, name))
+    saved = rundir.load_resume_state(run_dir, loaders.train.generator, resume_identity(cfg, name, device))
     if saved is None:
         write_run_config(cfg, name, device)
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
