@@ -331,6 +331,7 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),
         (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay:g}); the paper uses 5e-4"),
         (cfg.epochs >= 0, f"--epochs must be >= 0 (got {cfg.epochs})"),
+        (steps_problem(cfg) is None, steps_problem(cfg)),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
         (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
         (cfg.minibatch_replay >= 1, f"--minibatch_replay must be >= 1 (got {cfg.minibatch_replay})"),
@@ -377,6 +378,24 @@ def check_flags(cfg: Config) -> str | None:
           "(or use --protocol paper)")),
     ]
     return next((message for ok, message in checks if not ok), None)
+
+
+# More training steps than any run could finish: at a millisecond a step (ten times the quick start's
+# pace, evaluations included) 10**9 steps train for 11 days; the paper's longest run has 30 x 390 + 1.
+MAX_TRAINING_STEPS = 10**9
+
+
+def steps_problem(cfg: Config) -> str | None:
+    """A run of more than MAX_TRAINING_STEPS steps (sweep_cost.training_steps), as one line; None otherwise
+    (a non-positive batch size or epoch count is left to its own check)."""
+    import sweep_cost
+    if cfg.batch_size < 1 or cfg.epochs < 0:
+        return None
+    steps = sweep_cost.training_steps(cfg)
+    if steps <= MAX_TRAINING_STEPS:
+        return None
+    return (f"--epochs {cfg.epochs} means {steps:.3g} training steps, more than any run could finish (10**9: 11 days "
+            "at 1 ms a step); give fewer epochs (the paper trains 30)")
 
 
 def fd_half_problem(cfg: Config) -> str | None:

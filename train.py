@@ -50,6 +50,7 @@ import methods
 import models
 import precision
 import rundir
+import sweep_cost
 import utils
 from config import EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
 from precision import NonFiniteLoss, forward_model
@@ -254,18 +255,47 @@ class Loop:
             self.best_state = copy.deepcopy(self.model.state_dict())
 
 
+def duration(seconds: float) -> str:
+    """4.2 s, 3.4 min, 2.1 h or 5.0 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def cost_line(cfg: Config, n_final: int) -> str:
+    """What the run will cost, said at its start (sweep_cost.py's count): training steps and their
+    passes, periodic evaluations, the final evaluation."""
+    cost = sweep_cost.run_cost(cfg)
+    n_attack, n_restarts = cfg.final_attack
+    weights = "last and best" if cfg.eval_early_stopped_model else "last"
+    return (f"cost: {cost['steps']} training steps (epoch 0's one, then {cfg.epochs} epochs) of {cost['passes']} "
+            f"forward+backward passes ({cost['label']}), {sweep_cost.periodic_evaluations(cfg)} periodic "
+            f"evaluations, then PGD-{n_attack}-{n_restarts} of the {weights} weights on {n_final} test points; "
+            "the time left is projected after the first epoch")
+
+
+def projection_line(epoch: int, seconds: float, epochs_left: int) -> str:
+    """The projected time left, from the wall time of this process's first epoch (evaluations included)."""
+    return (f"epoch {epoch} took {duration(seconds)}: about {duration(seconds * epochs_left)} for the {epochs_left} "
+            "epoch(s) left, then the final evaluation (projected from this epoch)")
+
+
 def train(loop: Loop) -> None:
     """Epochs loop.next_epoch..E (epoch 0: one iteration, no optimiser step), evaluating every
-    eval_iter_freq iterations and saving a resumable state at each epoch's end."""
+    eval_iter_freq iterations and saving a resumable state at each epoch's end; after the first whole
+    epoch of this process it logs the projected time left."""
     cfg, loaders, device = loop.cfg, loop.loaders, loop.guard.device
     metrics_path = os.path.join(loop.run_dir, "metrics.jsonl")
     n_iters = len(loaders.train)
     done = 0 if loop.next_epoch == 0 else 1 + (loop.next_epoch - 1) * n_iters
+    first_epoch = max(loop.next_epoch, 1)
     bar = tqdm(total=1 + cfg.epochs * n_iters, initial=done, desc="train", unit="it", dynamic_ncols=True,
                leave=False, disable=None)  # disable=None: no bar when stderr is not a terminal
     loop.start = loop.mark = time.time()
     with bar:
         for epoch in range(loop.next_epoch, cfg.epochs + 1):
+            epoch_start = time.time()
             stats = Stats(device)
             x_prev = y_prev = None
             for i, (x_drawn, y_drawn) in enumerate(loaders.train):
@@ -306,6 +336,8 @@ def train(loop: Loop) -> None:
             rundir.save_resume_state(loop.run_dir, {**loop.resume_state(),
                                                     **resume_identity(cfg, os.path.basename(loop.run_dir), device)},
                                      loaders.train.generator)
+            if epoch == first_epoch and epoch < cfg.epochs:  # this process's first whole epoch, more to come
+                loop.log(projection_line(epoch, time.time() - epoch_start, cfg.epochs - epoch))
             loop.start_clock()
 
 
@@ -365,6 +397,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
         for warning in rundir.damaged_metrics_warning(run_dir):
             loop.log(warning)
+    loop.log(cost_line(cfg, loaders.n_final))
     try:
         train(loop)
     except NonFiniteLoss as exc:

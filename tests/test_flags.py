@@ -523,3 +523,13 @@ def test_zero_attack_steps_are_refused_in_one_line_exit_2(tmp_path, cli, tool, f
 def test_eval_refuses_zero_restarts(tmp_path, cli):
     proc = cli("eval.py", "--model_path", tmp_path / "model.pth", "--n_restarts", "0")
     assert proc.code == 2 and "--n_restarts must be >= 1 (got 0)" in one_line(proc.err)
+
+
+def test_more_training_steps_than_any_run_could_finish_are_refused(tmp_path, cli):
+    proc = cli("train.py", *TINY, "--epochs", "100000000000", "--out_dir", tmp_path / "runs")
+    assert proc.code == 2
+    assert one_line(proc.err) == ("train.py: error: --epochs 100000000000 means 4e+11 training steps, more than any "
+                                  "run could finish (10**9: 11 days at 1 ms a step); give fewer epochs (the paper "
+                                  "trains 30)")
+    assert not (tmp_path / "runs").exists()
+    assert config.steps_problem(config.parse_config([*TINY, "--epochs", str((10**9 - 1) // 4)])[0]) is None  # the bound
