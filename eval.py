@@ -233,6 +233,10 @@ def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.p
     final_path = os.path.join(run_dir, "final.json")
     with open(final_path) as f:
         final = json.load(f)
+    if not os.path.isfile(os.path.join(run_dir, "model.pth")):  # before any data is read
+        print(f"{prog}: error: cannot add AutoAttack: {run_dir}/model.pth is missing (final.json is there); restore "
+              "it, or rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
     info = data.DATASETS[cfg.dataset]
     try:
         split = data.load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)
