@@ -55,7 +55,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 EXIT_MARK = "[launch.py] exit "  # the log line after each attempt: EXIT_MARK + the exit code
 STOP_WAIT_S = 60   # how long a stopped command may take to free its lock before it is killed
 POLL_S = 0.2       # how often a running command is checked
-NAME_MAX = 255     # the longest file name (bytes) most file systems take
+NAME_MAX = rundir.NAME_MAX
 EXIT_USAGE = 2     # bad input, as train.py's
 
 
@@ -176,11 +176,9 @@ def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None, cwd:
 def check_tasks(tasks: list[Task]) -> None:
     """Raises BadInput for a run name no file system can hold (train.py could not create its folder)."""
     for task in tasks:
-        name = os.fsencode(os.path.basename(task.run_dir)) if task.run_dir else b""
-        if len(name) > NAME_MAX:
-            raise BadInput(f"command {task.index + 1} names its run with {len(name)} characters "
-                           f"({name[:40].decode(errors='replace')}...), over the {NAME_MAX} a file name may have; "
-                           "leave some of its settings at their defaults")
+        problem = rundir.name_problem(os.path.basename(task.run_dir)) if task.run_dir else None
+        if problem:
+            raise BadInput(f"command {task.index + 1}: {problem}")
 
 
 def check_log_dir(log_dir: str, create: bool) -> None:

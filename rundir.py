@@ -65,6 +65,18 @@ def run_name(cfg, defaults: dict) -> str:
     return "_".join(parts)
 
 
+NAME_MAX = 255  # the longest file name (bytes) most file systems take
+
+
+def name_problem(name: str) -> str | None:
+    """Why no file system could hold a run directory of this name (over NAME_MAX bytes), with the fix."""
+    size = len(os.fsencode(name))
+    if size <= NAME_MAX:
+        return None
+    return (f"its run name has {size} bytes ({name[:40]}...), over the {NAME_MAX} a file name may have; leave some "
+            "of its settings at their defaults")
+
+
 def settings_hash(cfg) -> str:
     """sha256 of the settings a run name encodes (the fixed parts, and the named settings that differ
     from their --attack's default), numbers exact: stored in resume.pt and final.json, so state is

@@ -431,6 +431,9 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
 def main(argv: list[str] | None = None) -> int:
     cfg, defaults = parse_config(argv)
     name = run_name(cfg, defaults)
+    if rundir.name_problem(name):  # before anything is created
+        print(f"train.py: error: {rundir.name_problem(name)}", file=sys.stderr)
+        return EXIT_USAGE
     run_dir = os.path.join(cfg.out_dir, name)
     # an oversize write (ulimit -f) then fails with EFBIG and is reported, instead of killing the process
     previous_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -146,7 +146,7 @@ def test_18_launch_refuses_bad_input_before_running_anything(tmp_path, capsys, m
     else:
         real = launch.run_dir_of
         monkeypatch.setattr(launch, "run_dir_of", lambda a: real(a) + ("x" * 300 if a[-2:] == ["--seed", "1"] else ""))
-        expected = "launch.py: error: command 2 names its run with 4"
+        expected = "launch.py: error: command 2: its run name has 4"
     before = snapshot(tmp_path)
     commands = tmp_path / "commands.txt"
     commands.write_text("\n".join(lines) + "\n")
@@ -533,3 +533,27 @@ def test_more_training_steps_than_any_run_could_finish_are_refused(tmp_path, cli
                                   "trains 30)")
     assert not (tmp_path / "runs").exists()
     assert config.steps_problem(config.parse_config([*TINY, "--epochs", str((10**9 - 1) // 4)])[0]) is None  # the bound
+
+
+# Settings whose run name has 272 bytes: every number written with all its digits.
+LONG_NAME = ["--dataset", "digits", "--model", "cnn", "--device", "cpu", "--debug", "--epochs", "0",
+             "--lr_max", "0.0123456789012345", "--weight_decay", "0.000123456789012345", "--fgsm_alpha",
+             "1.2345678901234567", "--pgd_alpha_train", "2.345678901234567", "--n_filters_cnn", "7",
+             "--eval_iter_freq", "7", "--n_final_eval", "33", "--batch_size", "127", "--n_eval_every_k_iter", "333",
+             "--batch_size_eval", "99", "--grad_align_cos_lambda", "0.123456789012345", "--eps", "7.123456789012345",
+             "--seed", "4294967295", "--attack_iters", "3", "--clamp_grad", "half", "--grad_align_fd",
+             "0.00123456789012345", "--grad_align_every", "3", "--n_layers", "2", "--minibatch_replay", "2",
+             "--lr_peak", "0.35"]
+
+
+def test_a_run_name_over_255_bytes_is_refused_by_train_and_launch_before_anything_is_written(tmp_path, cli):
+    out = tmp_path / "runs"
+    proc = cli("train.py", *LONG_NAME, "--out_dir", out)
+    assert proc.code == 2
+    assert one_line(proc.err) == ("train.py: error: its run name has 272 bytes (digits_cnn_fgsm_random_eps7.1234567890"
+                                  "12...), over the 255 a file name may have; leave some of its settings at their "
+                                  "defaults")
+    (tmp_path / "cmds.txt").write_text(f"python train.py {shlex.join(LONG_NAME)} --out_dir {out}\n")
+    proc = cli("launch.py", tmp_path / "cmds.txt", "--log_dir", tmp_path / "logs")
+    assert proc.code == 2 and one_line(proc.err).startswith("launch.py: error: command 1: its run name has 272 bytes")
+    assert sorted(os.listdir(tmp_path)) == ["cmds.txt"]  # no run folder, no --out_dir, no log
