@@ -6,7 +6,8 @@ Every perturbation size on the command line is in 1/255 units of inputs in [0, 1
 once (Config.eps_frac). No torch at import: report.py and launch.py read the declarations too.
 
 A command line may name argument files: `python train.py @recipes/x.args --seed 1` reads the flags
-of x.args (several per line, `#` starts a comment); flags after the file override it.
+of x.args (several per line, `#` starts a comment); flags after the file override it. An @file inside
+an argument file is read from that file's folder.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import dataclasses
 import importlib
 import os
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +35,7 @@ LEAD = "a fixed part of every run name"
 
 def flag(default, help: str, *, short: str | None = None, unnamed: str | None = None, lead: bool = False,
          compare: bool = True, type: Callable | None = None, choices=None, action=None,
-         record_default: bool = True) -> dataclasses.Field:
+         record_default: bool = True, minimum: tuple[int, str] | None = None) -> dataclasses.Field:
     """One setting: its flag --<field name> and how the run name and the report treat it.
 
     default: the parser's default (a zero-argument callable is read when the parser is built).
@@ -42,12 +44,15 @@ def flag(default, help: str, *, short: str | None = None, unnamed: str | None = 
     every run name. Exactly one of the three. compare=False: runs grouped in a report may differ
     in it. choices: a sequence, or a callable giving one (read from a module that imports torch).
     record_default=False: config.json leaves the setting out while it has its default.
+    minimum: (the smallest value the parser takes, why a smaller one measures nothing): every tool
+    that declares the flag (train.py, eval.py) refuses a smaller value in one line.
     """
     if (short is not None) + (unnamed is not None) + lead != 1:
         raise ValueError(f"flag '{help}': give exactly one of short=, unnamed=, lead=")
     return dataclasses.field(metadata={
         "default": default, "help": help, "short": short, "unnamed": LEAD if lead else unnamed, "compare": compare,
-        "type": type, "choices": choices, "action": action, "record_default": record_default})
+        "type": type, "choices": choices, "action": action, "record_default": record_default,
+        "minimum": minimum})
 
 
 def _listed(module: str, name: str, sort: bool = False) -> Callable[[], list[str]]:
@@ -91,9 +96,12 @@ class Config:
     fgsm_alpha: float = flag(None, "FGSM step as a multiple of eps (default 1.25; 1.0 for --attack nfgsm, as in "
                              "its paper)", short="fa", type=float)
     minibatch_replay: int = flag(1, "m of Free-AT: each batch is replayed m times", short="mr")
-    pgd_train_n_iters: int = flag(10, "PGD steps for --attack pgd training", short="pgdk")
+    pgd_train_n_iters: int = flag(10, "PGD steps for --attack pgd training", short="pgdk",
+                                  minimum=(1, "0 steps train on clean inputs; the paper uses 2 or 10"))
     pgd_alpha_train: float = flag(2.0, "PGD training step in 1/255 units", short="pgda")
-    attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai")
+    attack_iters: int = flag(10, "PGD steps of the periodic evaluation", short="ai",
+                             minimum=(1, "0 steps make the 'PGD' accuracy the clean one (train.py's early stopping "
+                                         "would pick its 'best' weights on it); give the default or more"))
     n_layers: int = flag(1, "conv layers of --model cnn (the authors always used 1)", short="nl")
     n_filters_cnn: int = flag(16, "filters of --model cnn", short="nf")
     wrn_depth: int = flag(28, "depth 6n + 4 of the wide networks (ZeroGrad's WideResNet: 34)", short="wrnd",
@@ -164,15 +172,18 @@ class Config:
                          "off); own: the method's own paper's (methods.py's Protocol: the peak, fp32, the "
                          "normalisation, a last clean forward) for the settings not given; the same as paper for "
                          "this paper's methods", short="proto", choices=methods.PROTOCOLS, record_default=False)
+    # the memory layout: speed, but another layout rounds differently, so on/off are named (clon, cloff);
+    # auto's layouts (per device type) are recorded in config.json and resume.pt, and a resume that would
+    # change them is refused
+    channels_last: str = flag("auto", "channels_last weights: auto = per pass (training, evaluation) as bench.py "
+                              "measured them (precision.LAYOUTS); on/off: every pass. Speed only, but another layout "
+                              "rounds differently", short="cl", compare=False,
+                              choices=_listed("precision", "LAYOUT_CHOICES"))
     # --- where files are, what to do with them, which machine: no number depends on these
     gpu: int = flag(0, "which GPU: same as --device cuda:N", unnamed="which card of a machine", compare=False)
     # cpu and cuda draw other random numbers and round differently, as two GPU models round differently,
     # which no name could tell apart; config.json records device_used. The name must also be known before
     # the device is: launch.py --status runs on a login node, a requeued job lands on any node.
-    channels_last: str = flag("auto", "channels_last weights: auto = per pass (training, evaluation) as bench.py "
-                              "measured them (precision.LAYOUTS); on/off: every pass. Speed only, but another layout "
-                              "rounds differently", compare=False, choices=_listed("precision", "LAYOUT_CHOICES"),
-                              unnamed="the memory layout: speed and rounding only, recorded as layouts in config.json")
     device: str = flag("auto", "auto, cpu, cuda or cuda:N", compare=False,
                        unnamed="the hardware, recorded as device_used in config.json")
     # the CPU thread count changes how sums are split, so results agree across counts only to rounding
@@ -229,18 +240,57 @@ def _default(name: str):
 
 
 # ------------------------------------------------------------------------------------------ parsers
+def arg_file_words(line: str) -> list[str]:
+    """The words of one line of an argument file: shell quoting, `#` starts a comment."""
+    return shlex.split(line, comments=True)
+
+
+def read_arg_files(words: list[str], chain: tuple[str, ...] = ()) -> list[str]:
+    """words with each @FILE replaced by the words of FILE (arg_file_words per line), recursively. A
+    relative @FILE inside an argument file is read from that file's folder (so a recipe works from any
+    working directory); one on the command line, from the working directory. chain: the files that
+    named this one. Raises ValueError (one line naming the file, the files that led there and the fix)."""
+    out = []
+    for word in words:
+        if not word.startswith("@"):
+            out.append(word)
+            continue
+        path = word[1:]
+        if chain and not os.path.isabs(path):
+            path = os.path.join(os.path.dirname(chain[-1]), path)
+        named = "".join(f", named in {parent}" for parent in reversed(chain))
+        if os.path.realpath(path) in map(os.path.realpath, chain):
+            raise ValueError(f"the argument files name each other in a loop ({' -> '.join((*chain, path))}); "
+                             "remove the loop")
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            hint = " (an @file inside an argument file is read from that file's folder)" if chain else ""
+            raise ValueError(f"cannot read the argument file {path} ({getattr(exc, 'strerror', None) or exc})"
+                             f"{named}; check the path{hint}") from None
+        try:
+            inner = [w for line in lines for w in arg_file_words(line)]
+        except ValueError as exc:
+            raise ValueError(f"the argument file {path}{named}: {str(exc).lower()}; fix its quoting") from None
+        out += read_arg_files(inner, (*chain, path))
+    return out
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line (no usage block) and exits with code 2, and reads
-    argument files (@file: several flags per line, `#` comments)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(fromfile_prefix_chars="@", **kwargs)
+    argument files (@file, read_arg_files: several flags per line, `#` comments, nested files relative
+    to the file that names them)."""
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
-    def convert_arg_line_to_args(self, arg_line: str) -> list[str]:
-        return shlex.split(arg_line, comments=True)
+    def parse_known_args(self, args=None, namespace=None):
+        try:
+            words = read_arg_files(sys.argv[1:] if args is None else list(args))
+        except ValueError as exc:
+            self.error(str(exc))
+        return super().parse_known_args(words, namespace)
 
 
 def add_flags(p: argparse.ArgumentParser, names, *, from_run: tuple[str, ...] = (), defaults: dict | None = None,
@@ -263,9 +313,22 @@ def add_flags(p: argparse.ArgumentParser, names, *, from_run: tuple[str, ...] = 
             kwargs["action"] = "store_true"
         elif meta["type"] is not None or isinstance(_default(name), (int, float)):
             kwargs["type"] = meta["type"] or type(_default(name))
+            if meta["minimum"] is not None:
+                kwargs["type"] = at_least(kwargs["type"], *meta["minimum"])
         if meta["choices"] is not None:
             kwargs["choices"] = meta["choices"]() if callable(meta["choices"]) else meta["choices"]
         p.add_argument(f"--{name}", **kwargs)
+
+
+def at_least(kind: Callable, minimum, why: str) -> Callable:
+    """A parser type: kind(text), refused (one line: the bound and why) when below minimum."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError here is argparse's "invalid int value"
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum} (got {text}): {why}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -297,11 +360,11 @@ def check_flags(cfg: Config) -> str | None:
         (cfg.lr_max >= 0, f"--lr_max must be >= 0 (got {cfg.lr_max:g}); give the peak learning rate, e.g. 0.2"),
         (cfg.weight_decay >= 0, f"--weight_decay must be >= 0 (got {cfg.weight_decay:g}); the paper uses 5e-4"),
         (cfg.epochs >= 0, f"--epochs must be >= 0 (got {cfg.epochs})"),
+        (steps_problem(cfg) is None, steps_problem(cfg)),
         (cfg.batch_size >= 1, f"--batch_size must be >= 1 (got {cfg.batch_size})"),
         (cfg.batch_size_eval >= 1, f"--batch_size_eval must be >= 1 (got {cfg.batch_size_eval})"),
         (cfg.minibatch_replay >= 1, f"--minibatch_replay must be >= 1 (got {cfg.minibatch_replay})"),
         (cfg.eval_iter_freq >= 1, f"--eval_iter_freq must be >= 1 (got {cfg.eval_iter_freq})"),
-        (cfg.attack_iters >= 0 and cfg.pgd_train_n_iters >= 0, "PGD iteration counts must be >= 0"),
         (cfg.n_layers >= 1 and cfg.n_filters_cnn >= 1, "--n_layers and --n_filters_cnn must be >= 1"),
         (cfg.n_final_eval != 0, "--n_final_eval 0 evaluates nothing: give a positive number or -1 for all"),
         (cfg.n_eval_every_k_iter >= cfg.batch_size,
@@ -372,6 +435,24 @@ def threads_problem(threads: int | None) -> str | None:
     if threads is None or threads >= 1:
         return None
     return f"--threads must be >= 1 (got {threads}); leave it out for torch's own choice"
+
+
+# More training steps than any run could finish: at a millisecond a step (ten times the quick start's
+# pace, evaluations included) 10**9 steps train for 11 days; the paper's longest run has 30 x 390 + 1.
+MAX_TRAINING_STEPS = 10**9
+
+
+def steps_problem(cfg: Config) -> str | None:
+    """A run of more than MAX_TRAINING_STEPS steps (sweep_cost.training_steps), as one line; None otherwise
+    (a non-positive batch size or epoch count is left to its own check)."""
+    import sweep_cost
+    if cfg.batch_size < 1 or cfg.epochs < 0:
+        return None
+    steps = sweep_cost.training_steps(cfg)
+    if steps <= MAX_TRAINING_STEPS:
+        return None
+    return (f"--epochs {cfg.epochs} means {steps:.3g} training steps, more than any run could finish (10**9: 11 days "
+            "at 1 ms a step); give fewer epochs (the paper trains 30)")
 
 
 def fd_half_problem(cfg: Config) -> str | None:

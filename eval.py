@@ -67,7 +67,7 @@ OWN_DEFAULTS = {"n_eval": 256, "batch_size_eval": 1024, "seed": 0, "attack_iters
                 "threads": None}
 # train.py's settings that eval.py takes too, declared in config.py.
 SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "threads",
-          "data_dir", "download")
+          "data_dir", "download", "attack_iters")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_flags(p, SHARED, from_run=tuple(n for n in SHARED if n in FROM_RUN or n in FINAL_EVAL),
                      defaults={n: OWN_DEFAULTS[n] for n in SHARED if n in OWN_DEFAULTS},
                      helps={"half_prec": "PGD under autocast (fp16 on CUDA, bf16 on CPU); "
-                                         "--attack always runs in fp32"})
+                                         "--attack always runs in fp32", "attack_iters": "PGD steps (of eps/4)"})
     a = p.add_argument
     a("--model_path", required=True,
       help="a run directory, a checkpoint file, or a name under models/ (models/<name>.pth)")
@@ -85,7 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n_eval", type=int, default=None, help="first points of the split (-1: all)" + run_default(256))
     a("--n_hidden_fc", type=int, default=1024, help="unused, kept for the authors' command lines")
     a("--early_stopped_model", action="store_true", help="evaluate the 'best' weights of a {'last','best'} file")
-    a("--attack_iters", type=int, default=None, help="PGD steps (of eps/4)" + run_default(50))
     a("--n_restarts", type=int, default=None, help="PGD random restarts" + run_default(10))
     a("--attack_init", default=None, choices=("random", "zero"),
       help="PGD start: uniform in the eps-ball, or zero (then only one restart makes sense)" + run_default("random"))
@@ -195,9 +194,8 @@ def check_flags(args) -> str | None:
         (not given(args.n_eval) or (args.n_eval != 0 and args.n_eval >= -1),
          "--n_eval must be positive, or -1 for all points"),
         (not given(args.batch_size_eval) or args.batch_size_eval >= 1, "--batch_size_eval must be >= 1"),
-        ((not given(args.attack_iters) or args.attack_iters >= 0) and (not given(args.n_restarts)
-                                                                        or args.n_restarts >= 1),
-         "--attack_iters must be >= 0 and --n_restarts >= 1"),
+        (not given(args.n_restarts) or args.n_restarts >= 1,
+         f"--n_restarts must be >= 1 (got {args.n_restarts}): each restart is one PGD run"),
         (args.attack_init in (None, "random") or args.n_restarts in (None, 1),
          (f"--n_restarts {args.n_restarts} without a random start repeats the same attack; "
           "use --attack_init random or --n_restarts 1")),
@@ -476,6 +474,10 @@ def add_autoattack(cfg: config.Config, run_dir: str, device, prog: str = "eval.p
     final_path = os.path.join(run_dir, "final.json")
     with open(final_path) as f:
         final = json.load(f)
+    if not os.path.isfile(os.path.join(run_dir, "model.pth")):  # before any data is read
+        print(f"{prog}: error: cannot add AutoAttack: {run_dir}/model.pth is missing (final.json is there); restore "
+              "it, or rerun with --overwrite to retrain", file=sys.stderr)
+        return EXIT_USAGE
     info = data.DATASETS[cfg.dataset]
     try:
         split = data.load_split(cfg.dataset, cfg.data_dir, train=False, download=cfg.download)

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import config
 import data
 import methods
 import models
@@ -87,15 +88,9 @@ QUICK_START = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes"
 
 
 def recipe_words(path: str) -> list[str]:
-    """The flags of an argument file as train.py reads them (several per line, `#` comments), the
-    files it includes (@recipes/...) expanded from the repository root, so any working directory works."""
-    root = os.path.dirname(os.path.abspath(__file__))
-    words = []
-    with open(path) as f:
-        for line in f:
-            for word in OneLineParser().convert_arg_line_to_args(line):
-                words += recipe_words(os.path.join(root, word[1:])) if word.startswith("@") else [word]
-    return words
+    """The flags of an argument file as train.py reads them (config.read_arg_files: the files it
+    includes are read from its folder, so any working directory works)."""
+    return config.read_arg_files([f"@{path}"])
 
 
 # How far the float16 run may land from the fp32 one (accuracies in fractions). Measured on the CPU

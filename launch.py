@@ -6,12 +6,16 @@
     python launch.py cmds.txt --slurm --partition gpu --time_min 600 --gpus_per_job 1
 
 One command per line (`python train.py --flag=value ...`, shell quoting; blank lines and lines starting
-with # are skipped). A leading `python`/`python3` becomes this interpreter. Commands run from the
-repository root, so `train.py` and relative paths in the flags resolve there. Locally, a command without
+with # are skipped). A leading `python`/`python3` becomes this interpreter. Commands run in the folder
+launch.py was started in, so relative paths in the flags (--out_dir, --data_dir, @files) mean what
+they mean in that shell; the script is found there, else in the repository (`python train.py` works
+from any folder), and a script found in neither is named before anything runs. Locally, a command without
 --device/--gpu gets `--device cuda:K` (command i on GPU i mod the number of GPUs) or `--device cpu`.
 Each run's stdout and stderr go to LOG_DIR/<run name>.<8 hex digits>.log (the digits tell apart run
-directories of the same name in two --out_dir), each attempt opened by a `$ command` line and closed by
-a `[launch.py] exit N` line (N: train.py's exit code; -K: killed by signal K). Bad input (a missing
+directories of the same name in two --out_dir; LOG_DIR defaults to runs/logs in the starting folder),
+each attempt opened by a `$ cd <folder> && <command>` line with absolute paths and closed by a
+`[launch.py] exit N` line (N: train.py's exit code; -K: killed by signal K; 0 with a note for a run
+killed after its final.json was written: it finished). Bad input (a missing
 commands file, unbalanced quotes, a --log_dir that is a file, a run name too long for a file name) ends
 with one line and exit status 2 before anything runs. SIGTERM (or SIGUSR2) stops the running commands
 (they keep resume.pt and resume when relaunched), starts no more and ends with one line. Finished runs cost
@@ -52,7 +56,7 @@ REPO = os.path.dirname(os.path.abspath(__file__))
 EXIT_MARK = "[launch.py] exit "  # the log line after each attempt: EXIT_MARK + the exit code
 STOP_WAIT_S = 60   # how long a stopped command may take to free its lock before it is killed
 POLL_S = 0.2       # how often a running command is checked
-NAME_MAX = 255     # the longest file name (bytes) most file systems take
+NAME_MAX = rundir.NAME_MAX
 EXIT_USAGE = 2     # bad input, as train.py's
 
 
@@ -63,8 +67,9 @@ class Task:
     argv: list[str]
     name: str        # the run name (out_dir/<name>; the run directory if another command's run has the same
                      # name), or cmd<index> when the flags do not parse
-    run_dir: str | None  # absolute (relative --out_dir values resolve from the repository root, as train.py runs)
+    run_dir: str | None  # absolute (a relative --out_dir resolves from cwd, where the command runs)
     log_path: str
+    cwd: str = REPO  # the folder the command runs in (launch.py's starting folder)
 
 
 @dataclass(frozen=True)
@@ -130,23 +135,40 @@ def log_file(log_dir: str, run_dir: str | None, argv: list[str], index: int) -> 
     return os.path.join(log_dir, f"{name[:NAME_MAX - len(digest) - 5]}.{digest}.log")
 
 
-def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None) -> list[Task]:
-    """Tasks with the interpreter resolved and, if n_gpus is not None, a --device appended
-    (cuda:K round-robin over n_gpus GPUs, cpu when n_gpus is 0) where the command has none."""
+def resolve_script(argv: list[str], index: int, cwd: str) -> list[str]:
+    """argv with the script an interpreter runs (`python SCRIPT ...`) as an absolute path: SCRIPT from
+    cwd, else from the repository (the sweeps' `python train.py`). Raises BadInput if it is in neither."""
+    if len(argv) < 2 or not os.path.basename(argv[0]).startswith("python") or argv[1].startswith("-"):
+        return argv
+    script = argv[1]
+    found = next((p for p in (os.path.join(cwd, script), os.path.join(REPO, script)) if os.path.isfile(p)), None)
+    if found is None:
+        where = ("does not exist" if os.path.isabs(script) else
+                 f"is not in {cwd}" if cwd == REPO else f"is neither in {cwd} nor in {REPO}")
+        raise BadInput(f"command {index + 1} runs {script}, which {where}; fix the script's path")
+    return [argv[0], os.path.normpath(found), *argv[2:]]
+
+
+def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None, cwd: str | None = None) -> list[Task]:
+    """Tasks with the interpreter and the script resolved (resolve_script), run in cwd (default: this
+    process's working folder) and, if n_gpus is not None, a --device appended (cuda:K round-robin
+    over n_gpus GPUs, cpu when n_gpus is 0) where the command has none."""
+    cwd = os.path.abspath(cwd or os.getcwd())
     tasks = []
     for i, command in enumerate(commands):
         argv = list(command)
         if argv and argv[0] in ("python", "python3"):
             argv[0] = sys.executable
+        argv = resolve_script(argv, i, cwd)
         args = train_args(argv)
         run_dir = run_dir_of(args) if args is not None else None
         if run_dir is not None:
-            run_dir = os.path.normpath(os.path.join(REPO, run_dir))  # where train.py, run from REPO, writes
+            run_dir = os.path.normpath(os.path.join(cwd, run_dir))  # where train.py, run in cwd, writes
         log_path = log_file(log_dir, run_dir, argv, i)
         if args is not None and n_gpus is not None and not has_device_flag(args):
             argv.append(f"--device=cuda:{i % n_gpus}" if n_gpus else "--device=cpu")
         name = os.path.basename(run_dir) if run_dir else f"cmd{i:04d}"
-        tasks.append(Task(i, argv, name, run_dir, log_path))
+        tasks.append(Task(i, argv, name, run_dir, log_path, cwd))
     shared = {name for name, n in Counter(t.name for t in tasks).items() if n > 1}
     # the same run name in two --out_dir: the reports name each by its folder
     return [dataclasses.replace(t, name=t.run_dir) if t.name in shared and t.run_dir else t for t in tasks]
@@ -155,11 +177,9 @@ def make_tasks(commands: list[list[str]], log_dir: str, n_gpus: int | None) -> l
 def check_tasks(tasks: list[Task]) -> None:
     """Raises BadInput for a run name no file system can hold (train.py could not create its folder)."""
     for task in tasks:
-        name = os.fsencode(os.path.basename(task.run_dir)) if task.run_dir else b""
-        if len(name) > NAME_MAX:
-            raise BadInput(f"command {task.index + 1} names its run with {len(name)} characters "
-                           f"({name[:40].decode(errors='replace')}...), over the {NAME_MAX} a file name may have; "
-                           "leave some of its settings at their defaults")
+        problem = rundir.name_problem(os.path.basename(task.run_dir)) if task.run_dir else None
+        if problem:
+            raise BadInput(f"command {task.index + 1}: {problem}")
 
 
 def check_log_dir(log_dir: str, create: bool) -> None:
@@ -218,15 +238,16 @@ class Children:
 
 def run_command(argv: list[str], log_path: str, cwd: str = REPO,
                 started: Callable[[subprocess.Popen], None] | None = None,
-                children: Children | None = None) -> int | None:
+                children: Children | None = None, finished: Callable[[], bool] | None = None) -> int | None:
     """Runs argv in cwd with stdout and stderr appended to log_path, then appends the exit line;
     returns the exit code. started(process) is called once the command runs. With children, the
-    command starts through it (None: not started, launch.py is stopping)."""
+    command starts through it (None: not started, launch.py is stopping). A command killed by a
+    signal after its run finished (finished() is True: its final.json is whole) counts as exit 0."""
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     with open(log_path, "a") as log:
         if children is not None and children.stopping:
             return None
-        log.write(f"$ {shlex.join(argv)}\n")
+        log.write(f"$ cd {shlex.quote(os.path.abspath(cwd))} && {shlex.join(argv)}\n")
         log.flush()
         popen = children.popen if children is not None else subprocess.Popen
         process = popen(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
@@ -239,9 +260,14 @@ def run_command(argv: list[str], log_path: str, cwd: str = REPO,
             while process.poll() is None:
                 time.sleep(POLL_S)
         finally:  # also when submitit requeues the job from its signal handler
-            if process.poll() is not None:
-                log.write(f"{EXIT_MARK}{process.returncode}\n")
-        return process.returncode
+            rc = process.poll()
+            if rc is not None and rc < 0 and finished is not None and finished():
+                log.write(f"{EXIT_MARK}0 (killed by {describe(rc).removeprefix('killed by signal ')} after its run "
+                          "finished: final.json is whole)\n")
+                rc = 0
+            elif rc is not None:
+                log.write(f"{EXIT_MARK}{rc}\n")
+        return rc
 
 
 def last_exit_code(log_path: str) -> int | None:
@@ -257,8 +283,8 @@ def last_exit_code(log_path: str) -> int | None:
         if line.startswith("$ "):
             code = None
         elif line.startswith(EXIT_MARK):
-            with contextlib.suppress(ValueError):
-                code = int(line[len(EXIT_MARK):])
+            with contextlib.suppress(ValueError, IndexError):
+                code = int(line[len(EXIT_MARK):].split()[0])  # the code, then maybe a note
     return code
 
 
@@ -271,9 +297,11 @@ class TrainJob(submitit.helpers.Checkpointable):
     on whichever node, resumes from resume.pt. After max_requeues requeues it returns None: no more.
     """
 
-    def __init__(self, argv: list[str], log_path: str, max_requeues: int, requeues: int = 0):
+    def __init__(self, argv: list[str], log_path: str, max_requeues: int, requeues: int = 0, cwd: str = REPO,
+                 run_dir: str | None = None):
         self.argv, self.log_path = list(argv), log_path
         self.max_requeues, self.requeues = max_requeues, requeues
+        self.cwd, self.run_dir = cwd, run_dir
         self._process: subprocess.Popen | None = None
 
     def __getstate__(self) -> dict:
@@ -285,22 +313,26 @@ class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         from config import EXIT_LOCKED
         from lease import LEASE_SECONDS
-        rc = run_command(self.argv, self.log_path, started=self._started)
+        rc = self._run()
         if self.requeues > 0 and rc == EXIT_LOCKED:
             # The previous attempt may have died without freeing the lock (a node failure): its lease
             # runs out within lease.LEASE_SECONDS; keep trying until then.
             deadline = time.time() + LEASE_SECONDS + 60
             while rc == EXIT_LOCKED and time.time() < deadline:
                 time.sleep(30)
-                rc = run_command(self.argv, self.log_path, started=self._started)
+                rc = self._run()
         return rc
+
+    def _run(self) -> int | None:
+        return run_command(self.argv, self.log_path, self.cwd, started=self._started,
+                           finished=lambda: run_finished(self.run_dir, self.argv))
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission | None:
         self.stop_command()
         if self.requeues >= self.max_requeues:
             return None
         return submitit.helpers.DelayedSubmission(
-            TrainJob(self.argv, self.log_path, self.max_requeues, self.requeues + 1))
+            TrainJob(self.argv, self.log_path, self.max_requeues, self.requeues + 1, self.cwd, self.run_dir))
 
     def stop_command(self) -> None:
         """Stops the command (stop_processes) if it runs."""
@@ -308,24 +340,40 @@ class TrainJob(submitit.helpers.Checkpointable):
             stop_processes([self._process])
 
 
+def run_finished(run_dir: str | None, argv: list[str]) -> bool:
+    """Whether a command's run has finished: a whole final.json of this run, with AutoAttack's accuracy
+    when the command asks for it (--final_autoattack)."""
+    if run_dir is None:
+        return False
+    final, _ = rundir.read_final(run_dir)
+    if final is None or rundir.identity_problem("final.json", final, {"run_name": os.path.basename(run_dir)}):
+        return False
+    if "--final_autoattack" in (train_args(argv) or []):
+        return all("aa_acc" in final[key] for key in ("last", "best") if key in final)
+    return True
+
+
 def run_task(task: Task, children: Children) -> Outcome:
     start = time.time()
-    rc = run_command(task.argv, task.log_path, children=children)
+    rc = run_command(task.argv, task.log_path, task.cwd, children=children,
+                     finished=lambda: run_finished(task.run_dir, task.argv))
     return Outcome(task, rc, (time.time() - start) / 60)
 
 
 class StoppedSweep(Exception):
     """launch.py was stopped by a signal: its running commands were stopped, no more started."""
 
-    def __init__(self, signum: int, n_stopped: int, n_not_started: int):
+    def __init__(self, signum: int, n_stopped: int, n_not_started: int, n_finished: int = 0):
         super().__init__(signum)
         self.signum, self.n_stopped, self.n_not_started = signum, n_stopped, n_not_started
+        self.n_finished = n_finished  # running when the signal came, but their runs had finished
 
 
 def run_local(tasks: list[Task], jobs: int) -> list[Outcome]:
     """Runs the tasks, `jobs` at once, reporting each as it ends. On SIGTERM or SIGUSR2 it stops the
-    running commands (they keep their resume.pt), waits for them and raises StoppedSweep."""
-    outcomes = []
+    running commands (they keep their resume.pt), waits for them and raises StoppedSweep, which counts
+    a command whose run had finished (run_finished) apart from the stopped ones."""
+    outcomes, futures = [], []
     children = Children()
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=jobs)
     try:
@@ -339,9 +387,13 @@ def run_local(tasks: list[Task], jobs: int) -> list[Outcome]:
         raise
     except rundir.Stopped as exc:
         pool.shutdown(wait=False, cancel_futures=True)
-        n_stopped = children.stop()
+        children.stop()
         pool.shutdown(wait=True)
-        raise StoppedSweep(exc.signum, n_stopped, len(tasks) - children.n_started) from None
+        reported = {o.task.index for o in outcomes}
+        ended = [f.result() for f in futures if f.done() and not f.cancelled()]
+        late = [o for o in ended if o.task.index not in reported and o.returncode is not None]
+        n_finished = sum(o.returncode == 0 for o in late)
+        raise StoppedSweep(exc.signum, len(late) - n_finished, len(tasks) - children.n_started, n_finished) from None
     pool.shutdown()
     return outcomes
 
@@ -360,7 +412,8 @@ def run_submitit(tasks: list[Task], args: argparse.Namespace) -> list[Outcome] |
     executor.update_parameters(**params)
     start = time.time()
     with executor.batch():
-        jobs = [executor.submit(TrainJob(t.argv, t.log_path, args.max_requeues)) for t in tasks]
+        jobs = [executor.submit(TrainJob(t.argv, t.log_path, args.max_requeues, cwd=t.cwd, run_dir=t.run_dir))
+                for t in tasks]
     print(f"submitted {len(jobs)} jobs ({jobs[0].job_id.split('_')[0] if jobs else '-'})", flush=True)
     if args.no_wait:
         return None
@@ -413,7 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("commands", nargs="?", default="-", help="file of commands, one per line ('-': stdin)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (Slurm: the array's parallelism)")
-    p.add_argument("--log_dir", default=os.path.join(REPO, "runs", "logs"), help="one <run name>.log per run")
+    p.add_argument("--log_dir", default=os.path.join("runs", "logs"),
+                   help="one <run name>.log per run (relative: from the folder launch.py starts in)")
     p.add_argument("--slurm", action="store_true", help="submit one Slurm job per command through submitit")
     p.add_argument("--submitit_local", action="store_true", help="with --slurm: submitit's local executor")
     p.add_argument("--partition", default=None, help="Slurm partition")
@@ -500,8 +554,10 @@ def main(argv: list[str] | None = None) -> int:
         return rundir.interrupted("launch.py", "no more commands start; the running ones got Ctrl-C too and keep "
                                                "their resume.pt: relaunch the same commands to resume")
     except StoppedSweep as exc:
+        finished = f", {exc.n_finished} finished (their final.json was written)" if exc.n_finished else ""
         print(f"launch.py: stopped by {signal.Signals(exc.signum).name}; stopped {exc.n_stopped} running "
-              f"command(s), {exc.n_not_started} not started: relaunch the same commands to resume", file=sys.stderr)
+              f"command(s){finished}, {exc.n_not_started} not started: relaunch the same commands to resume",
+              file=sys.stderr)
         return 128 + exc.signum
 
 

@@ -4,10 +4,11 @@ Fig. 2/11 (training curves), from run directories written by train.py.
     python report.py runs/ [more roots] --out reports/ [--curves RUN_DIR ...] [--runs-glob 'cifar10_*']
 
 A run directory is any folder under a root holding config.json; runs without final.json (unfinished or
-failed) are listed as skipped. Runs are grouped by dataset, model, method and eps; each group's seeds
-give mean and std (population std, ddof=0) of the final clean and PGD accuracy, in percent, for the
-last and the early-stopped ('best') weights. Writes OUT/report.md, OUT/report.csv (one row per group),
-OUT/robust_vs_eps_<dataset>_<model>.png, and OUT/curves.png with --curves. Groups whose evaluation
+failed) are listed as skipped, and a final.json without config.json as damaged. Runs are grouped by
+dataset, model, method and eps; each group's seeds give mean and std (population std, ddof=0) of the
+final clean and PGD accuracy, in percent, for the last and the early-stopped ('best') weights. Writes
+OUT/report.md, OUT/report.csv (one row per group), OUT/robust_vs_eps_<dataset>_<model>.png, and
+OUT/curves.png with --curves. Groups whose evaluation
 protocol differs from the paper's (1000 test points, PGD-50-10, no --debug) or within the group are
 flagged with a dagger and explained under the tables. Runs trained with --final_autoattack add
 AutoAttack tables (accuracy, and PGD minus AutoAttack per method and eps, from the runs that have
@@ -134,6 +135,9 @@ def settings_mismatch(folder: str, settings: dict, final: dict) -> str:
 def read_run(folder: str) -> Run:
     """A run directory as report.py counts it (see Run)."""
     path = os.path.join(folder, "config.json")
+    if not os.path.lexists(path):  # collect_runs found its final.json
+        return Run(folder, {}, None, damaged=f"{path} is missing (final.json is there: the run finished, but its "
+                                             f"settings are unknown); restore config.json, or {rundir.DAMAGED_FIX}")
     try:
         with open(path, "rb") as f:
             settings = json.loads(f.read())
@@ -197,8 +201,9 @@ def read_evals(run_dir: str) -> tuple[tuple[dict, ...], tuple[str, ...]]:
 
 
 def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
-    """Every folder under the roots (a root may itself be a run) that holds config.json and whose name
-    matches the glob pattern, sorted by path. A folder that cannot be listed is named on stderr."""
+    """Every folder under the roots (a root may itself be a run) that holds config.json or final.json (a
+    finished run that lost its config.json: damaged) and whose name matches the glob pattern, sorted by
+    path. A folder that cannot be listed is named on stderr."""
     def unlisted(exc: OSError) -> None:
         print(f"report.py: warning: cannot list {exc.filename} ({exc.strerror}); its runs are left out",
               file=sys.stderr)
@@ -206,7 +211,8 @@ def collect_runs(roots: list[str], pattern: str = "*") -> list[Run]:
     runs = {}
     for root in roots:
         for folder, _, files in os.walk(root, onerror=unlisted):
-            if "config.json" in files and fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
+            is_run = "config.json" in files or "final.json" in files
+            if is_run and fnmatch.fnmatch(os.path.basename(os.path.normpath(folder)), pattern):
                 runs[os.path.realpath(folder)] = read_run(folder)
     return sorted(runs.values(), key=lambda r: r.path)
 
@@ -371,6 +377,30 @@ AA_TABLES = [("last_aa", "AutoAttack (standard) accuracy, last weights"),
 
 def has_autoattack(rows: list[dict]) -> bool:
     return any(r.get("n_aa") for r in rows)
+
+
+# What --bench reads of bench.py's output (the rest of the file is not used here).
+BENCH_SHAPE = '{"steps": {MODEL: {"methods": {METHOD: {"label": TEXT, "units": NUMBER}}}}}'
+
+
+def bench_problem(bench) -> str | None:
+    """What keeps bench.py's output from giving units per step (not BENCH_SHAPE), or None."""
+    if not isinstance(bench, dict):
+        return f"a JSON {type(bench).__name__}, not an object"
+    if "steps" not in bench:
+        return "no 'steps': bench.py ran without --parts steps"
+    steps = bench["steps"]
+    if not isinstance(steps, dict):
+        return f"'steps' is a {type(steps).__name__}, not an object"
+    for model, part in steps.items():
+        entries = part.get("methods") if isinstance(part, dict) else None
+        if not isinstance(entries, dict):
+            return f"steps.{model} has no 'methods' object"
+        for method, entry in entries.items():
+            if not (isinstance(entry, dict) and isinstance(entry.get("label"), str)
+                    and rundir.is_number(entry.get("units"))):
+                return f"steps.{model}.methods.{method} has no text 'label' and number 'units'"
+    return None
 
 
 def bench_units(bench: dict | None, model: str) -> dict[str, float]:
@@ -654,8 +684,13 @@ def input_problem(args: argparse.Namespace) -> str | None:
             return f"--curves {run_dir}: no such run directory; give a folder written by train.py"
         if not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
             return f"--curves {run_dir}: it has no metrics.jsonl; give a folder written by train.py"
-    if args.bench and not isinstance(rundir.read_json(args.bench), dict):
-        return f"--bench {args.bench}: not a readable JSON file; run python bench.py first"
+    if args.bench:
+        bench = rundir.read_json(args.bench)
+        if bench is None:
+            return f"--bench {args.bench}: not a readable JSON file; run python bench.py first"
+        problem = bench_problem(bench)
+        if problem:
+            return f"--bench {args.bench} is not bench.py's output ({problem}); it should be {BENCH_SHAPE}"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out {args.out} is a file, not a folder; give a folder"
     return None

@@ -63,18 +63,35 @@ def run_name(cfg, defaults: dict) -> str:
     return "_".join(parts)
 
 
+NAME_MAX = 255  # the longest file name (bytes) most file systems take
+
+
+def name_problem(name: str) -> str | None:
+    """Why no file system could hold a run directory of this name (over NAME_MAX bytes), with the fix."""
+    size = len(os.fsencode(name))
+    if size <= NAME_MAX:
+        return None
+    return (f"its run name has {size} bytes ({name[:40]}...), over the {NAME_MAX} a file name may have; leave some "
+            "of its settings at their defaults")
+
+
 def settings_hash(cfg) -> str:
     """sha256 of the settings a run name encodes (the fixed parts, and the named settings that differ
     from their --attack's default), numbers exact: stored in resume.pt and final.json, so state is
     never used by another run's settings. cfg: any object with train.py's settings as attributes."""
     defaults = config.defaults(str(cfg.attack))
-    named = [n for n, meta in config.FIELDS.items() if meta["unnamed"] == config.LEAD]
-    named += [n for n in NAME_FIELDS if getattr(cfg, n) != defaults[n]]
-
-    def exact(value) -> str:
-        return repr(float(value)) if _is_number(value) else repr(value)
+    named = [n for n in NAMED if n not in NAME_FIELDS or getattr(cfg, n) != defaults[n]]
     text = "\n".join(f"{n}={exact(getattr(cfg, n))}" for n in named)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+# Every setting the run name encodes: the fixed parts, then those named when not their default.
+NAMED = [n for n, meta in config.FIELDS.items() if meta["unnamed"] == config.LEAD] + list(NAME_FIELDS)
+
+
+def exact(value) -> str:
+    """A setting's value with every digit (numbers as floats, so 8 and 8.0 agree)."""
+    return repr(float(value)) if is_number(value) else repr(value)
 
 
 def identity(cfg, name: str) -> dict:
@@ -92,6 +109,13 @@ def identity_problem(path: str, saved: dict, expected: dict) -> str | None:
     if digest is not None and expected.get("settings_hash") is not None and digest != expected["settings_hash"]:
         return (f"{path} belongs to other settings of run {name} (settings_hash differs); remove it or "
                 "relaunch with --overwrite")
+    layouts = saved.get("layouts")
+    if layouts is not None and expected.get("layouts") is not None and layouts != expected["layouts"]:
+        def said(value: dict) -> str:
+            return ", ".join(f"{p} {v}" for p, v in value.items())
+        return (f"{path} was trained with the layouts {said(layouts)}, but --channels_last gives "
+                f"{said(expected['layouts'])} here (auto chooses per device type): resume it on the kind of "
+                "device that started it (config.json's device_used), or relaunch with --overwrite to start over")
     return None
 
 
@@ -221,7 +245,7 @@ def read_json(path: str) -> dict | None:
 DAMAGED_FIX = "relaunch its command with --overwrite to retrain the run"
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -231,11 +255,11 @@ def final_problem(final) -> str | None:
     with --eval_early_stopped_model)."""
     if not isinstance(final, dict):
         return f"it holds a JSON {type(final).__name__}, not an object"
-    if not _is_number(final.get("eps")):
+    if not is_number(final.get("eps")):
         return "it has no eps"
     for key in ("last", *(["best"] if "best" in final else [])):
         entry = final.get(key)
-        if not isinstance(entry, dict) or not all(_is_number(entry.get(m)) for m in ("clean_acc", "pgd_acc")):
+        if not isinstance(entry, dict) or not all(is_number(entry.get(m)) for m in ("clean_acc", "pgd_acc")):
             return f"it has no clean and PGD accuracy of the '{key}' weights"
     return None
 
@@ -395,6 +419,30 @@ def read_config(run_dir: str) -> dict | None:
     return read_json(os.path.join(run_dir, "config.json"))
 
 
+def config_problem(run_dir: str, cfg) -> str | None:
+    """How a finished run's config.json disagrees with the settings its name and final.json stand for
+    (cfg: the command's, whose identity() final.json matched), as one line with the fix; None when
+    they agree or there is no config.json (a run of the authors' code)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.lexists(path):
+        return None
+    fix = "restore config.json (its argv is the command) or relaunch with --overwrite to retrain"
+    settings = read_json(path)
+    if not isinstance(settings, dict):
+        return f"{path} is damaged (not a JSON object); {fix}"
+    try:
+        recorded = config.from_record(settings)
+        differ = [(n, getattr(recorded, n), getattr(cfg, n)) for n in NAMED
+                  if exact(getattr(recorded, n)) != exact(getattr(cfg, n))]
+    except (TypeError, ValueError) as exc:
+        return f"{path} is damaged ({exc}); {fix}"
+    if not differ:
+        return None
+    said = ", ".join(f"{n} {there!r}" if not is_number(there) else f"{n} {there:g}" for n, there, _ in differ)
+    run = ", ".join(f"{n} {here!r}" if not is_number(here) else f"{n} {here:g}" for n, _, here in differ)
+    return (f"{path} says {said}, but the run (its name and final.json) has {run}: config.json was edited; {fix}")
+
+
 def clear_outputs(run_dir: str) -> None:
     """--overwrite: removes the previous run's files (only once this process holds the lock)."""
     _confirm_owner(os.path.join(run_dir, "config.json"))
@@ -519,7 +567,7 @@ def load_resume_state(run_dir: str, data_generator: torch.Generator, run: dict |
     problem = identity_problem(path, saved, run) if run else None
     if problem:
         raise RunDirError(problem)
-    for key in ("run_name", "settings_hash"):
+    for key in ("run_name", "settings_hash", "layouts"):
         saved.pop(key, None)
     set_rng_state(saved.pop("rng"), data_generator)
     truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), saved.pop("metrics_lines"))

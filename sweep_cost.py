@@ -41,11 +41,21 @@ def pass_count(passes: str) -> int:
     return sum(int(t) if t.isdigit() else 1 for t in passes.split("+"))
 
 
+def training_steps(cfg: config.Config) -> int:
+    """Epoch 0's one step, then epochs x the whole batches of the training split."""
+    batches = data.DATASETS[cfg.dataset].n_train // cfg.batch_size if cfg.dataset in data.DATASETS else 0
+    return 1 + cfg.epochs * batches
+
+
+def periodic_evaluations(cfg: config.Config) -> int:
+    """How many periodic evaluations a run makes (one every eval_iter_freq steps, the first at step 0)."""
+    return (training_steps(cfg) - 1) // cfg.eval_iter_freq + 1 if cfg.eval_iter_freq > 0 else 0
+
+
 def run_cost(cfg: config.Config) -> dict:
     """Steps and forward+backward passes (batch passes for training, point passes for evaluation)."""
-    batches = data.DATASETS[cfg.dataset].n_train // cfg.batch_size if cfg.dataset in data.DATASETS else 0
-    steps = 1 + cfg.epochs * batches
-    n_periodic = (steps - 1) // cfg.eval_iter_freq + 1 if cfg.eval_iter_freq > 0 else 0
+    steps = training_steps(cfg)
+    n_periodic = periodic_evaluations(cfg)
     subset = cfg.n_eval_every_k_iter // cfg.batch_size * cfg.batch_size  # whole batches
     periodic_points = n_periodic * (cfg.n_eval_every_k_iter * (1 + cfg.attack_iters + 2) + subset * cfg.attack_iters)
     n_weights = 2 if cfg.eval_early_stopped_model else 1

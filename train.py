@@ -54,6 +54,7 @@ import models
 import numerics
 import precision
 import rundir
+import sweep_cost
 import tracking
 import utils
 from config import EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
@@ -277,18 +278,47 @@ class Loop:
             self.best_state = copy.deepcopy(self.model.state_dict())
 
 
+def duration(seconds: float) -> str:
+    """4.2 s, 3.4 min, 2.1 h or 5.0 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def cost_line(cfg: Config, n_final: int) -> str:
+    """What the run will cost, said at its start (sweep_cost.py's count): training steps and their
+    passes, periodic evaluations, the final evaluation."""
+    cost = sweep_cost.run_cost(cfg)
+    n_attack, n_restarts = cfg.final_attack
+    weights = "last and best" if cfg.eval_early_stopped_model else "last"
+    return (f"cost: {cost['steps']} training steps (epoch 0's one, then {cfg.epochs} epochs) of {cost['passes']} "
+            f"forward+backward passes ({cost['label']}), {sweep_cost.periodic_evaluations(cfg)} periodic "
+            f"evaluations, then PGD-{n_attack}-{n_restarts} of the {weights} weights on {n_final} test points; "
+            "the time left is projected after the first epoch")
+
+
+def projection_line(epoch: int, seconds: float, epochs_left: int) -> str:
+    """The projected time left, from the wall time of this process's first epoch (evaluations included)."""
+    return (f"epoch {epoch} took {duration(seconds)}: about {duration(seconds * epochs_left)} for the {epochs_left} "
+            "epoch(s) left, then the final evaluation (projected from this epoch)")
+
+
 def train(loop: Loop) -> None:
     """Epochs loop.next_epoch..E (epoch 0: one iteration, no optimiser step), evaluating every
-    eval_iter_freq iterations and saving a resumable state at each epoch's end."""
+    eval_iter_freq iterations and saving a resumable state at each epoch's end; after the first whole
+    epoch of this process it logs the projected time left."""
     cfg, loaders, device = loop.cfg, loop.loaders, loop.guard.device
     metrics_path = os.path.join(loop.run_dir, "metrics.jsonl")
     n_iters = len(loaders.train)
     done = 0 if loop.next_epoch == 0 else 1 + (loop.next_epoch - 1) * n_iters
+    first_epoch = max(loop.next_epoch, 1)
     bar = tqdm(total=1 + cfg.epochs * n_iters, initial=done, desc="train", unit="it", dynamic_ncols=True,
                leave=False, disable=None)  # disable=None: no bar when stderr is not a terminal
     loop.start = loop.mark = time.time()
     with bar:
         for epoch in range(loop.next_epoch, cfg.epochs + 1):
+            epoch_start = time.time()
             stats = Stats(device)
             x_prev = y_prev = None
             for i, (x_drawn, y_drawn) in enumerate(loaders.train):
@@ -328,8 +358,10 @@ def train(loop: Loop) -> None:
             loop.stop_clock()
             loop.next_epoch = epoch + 1
             rundir.save_resume_state(loop.run_dir, {**loop.resume_state(),
-                                                    **rundir.identity(cfg, os.path.basename(loop.run_dir))},
+                                                    **resume_identity(cfg, os.path.basename(loop.run_dir), device)},
                                      loaders.train.generator)
+            if epoch == first_epoch and epoch < cfg.epochs:  # this process's first whole epoch, more to come
+                loop.log(projection_line(epoch, time.time() - epoch_start, cfg.epochs - epoch))
             loop.start_clock()
 
 
@@ -338,6 +370,13 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # seeds every CUDA device too
+
+
+def resume_identity(cfg: Config, name: str, device: torch.device) -> dict:
+    """What ties resume.pt to its run: identity() and the layouts --channels_last gives on this device
+    (auto's differ between device types; a resume that would change them is refused)."""
+    layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
+    return {**rundir.identity(cfg, name), "layouts": utils.layout_names(layouts)}
 
 
 def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
@@ -371,7 +410,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
                 opt=make_optimizer(cfg, model), scaler=scaler, guard=precision.FiniteGuard(scaler.is_enabled(), device),
                 step=step, loaders=loaders, log=rundir.RunLog(None if cfg.debug else os.path.join(run_dir, "log.txt")),
                 best_state=copy.deepcopy(model.state_dict()))
-    saved = rundir.load_resume_state(run_dir, loaders.train.generator, rundir.identity(cfg, name))
+    saved = rundir.load_resume_state(run_dir, loaders.train.generator, resume_identity(cfg, name, device))
     if saved is None:
         write_run_config(cfg, name, device)
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
@@ -387,6 +426,7 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
         for warning in rundir.damaged_metrics_warning(run_dir):
             loop.log(warning)
+    loop.log(cost_line(cfg, loop.loaders.n_final))
     if cfg.log_to:  # the rows so far (a damaged line left out), which a resumed run's curves start with
         rows = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))[0]
         loop.tracker = tracking.open_tracker(cfg.log_to, run_dir, name, record(cfg),
@@ -437,6 +477,9 @@ def finish(loop: Loop, name: str, layouts: dict[str, bool]) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg, defaults = parse_config(argv)
     name = run_name(cfg, defaults)
+    if rundir.name_problem(name):  # before anything is created
+        print(f"train.py: error: {rundir.name_problem(name)}", file=sys.stderr)
+        return EXIT_USAGE
     run_dir = os.path.join(cfg.out_dir, name)
     # an oversize write (ulimit -f) then fails with EFBIG and is reported, instead of killing the process
     previous_xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -455,6 +498,8 @@ def _main(cfg: Config, name: str, run_dir: str) -> int:
         if cfg.overwrite:
             return False, None
         final, problem = rundir.finished_run(run_dir, rundir.identity(cfg, name))
+        if final is not None:
+            problem = rundir.config_problem(run_dir, cfg)  # a finished run is only as good as its record
         # AutoAttack is added by eval.py's add_autoattack
         return final is not None and not (cfg.final_autoattack and evaluation.lacks_autoattack(final_path)), problem
     finished, damage = done()

@@ -2,6 +2,7 @@
 
     python tests/faulty_train.py --kill_at 7 train.py <train.py flags>   # SIGKILL at global iteration 7
     python tests/faulty_train.py --nan_at 6 train.py <train.py flags>    # a NaN loss at global iteration 6
+    python tests/faulty_train.py --hang_after_final train.py <flags>     # waits after final.json is written
 
 The word train.py before the flags keeps the command a train.py command for launch.py (which names
 the run from the flags after it). The fault is counted in training steps taken by this process, which
@@ -14,6 +15,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,9 +45,18 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="faulty_train.py")
     parser.add_argument("--kill_at", type=int, default=-1)
     parser.add_argument("--nan_at", type=int, default=-1)
+    parser.add_argument("--hang_after_final", action="store_true",
+                        help="sleep a minute right after final.json is written (a stop then finds the run finished)")
     parser.add_argument("script", choices=["train.py"])
     args, train_argv = parser.parse_known_args(argv)
     train.train_step = faulty(train.train_step, args.kill_at, args.nan_at)
+    if args.hang_after_final:
+        remove = train.rundir.remove_resume_state  # train.py calls it right after writing final.json
+
+        def hang_then_remove(run_dir):
+            time.sleep(60)
+            remove(run_dir)
+        train.rundir.remove_resume_state = hang_then_remove
     return train.main(train_argv)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -16,7 +17,8 @@ import autoattack_eval as aa
 import eval as eval_py
 import train
 import utils
-from tests.fixtures import trained_digits_cnn
+from tests.fixtures import FGSM_RUN, one_line, snapshot, trained_digits_cnn
+from tests.fixtures import TINY as FIXTURE_TINY
 
 torchattacks = pytest.importorskip("torchattacks")  # the optional extra: requirements-aa.txt
 BUDGET = {"n_iters": 5, "square_queries": 100}
@@ -218,3 +220,29 @@ def test_missing_library_is_a_one_line_error_before_any_work(tmp_path, monkeypat
     assert not os.path.exists(tmp_path / "runs")
     with pytest.raises(aa.AttackUnavailable):
         aa.attack_accuracy(torch.nn.Identity(), [], 0.1)
+
+
+@pytest.mark.parametrize("damage", ["torn final.json", "no model.pth", "torn model.pth"])
+def test_final_autoattack_on_a_damaged_finished_run_is_one_line_and_changes_nothing(finished, tmp_path, cli, damage):
+    run_dir = os.path.join(tmp_path, "runs", os.path.basename(finished))
+    shutil.copytree(finished, run_dir)
+    name = damage.split()[-1]
+    path = os.path.join(run_dir, name)
+    if damage.startswith("torn"):
+        with open(path, "rb") as f:
+            whole = f.read()
+        with open(path, "wb") as f:
+            f.write(whole[: len(whole) // 2])
+    else:
+        os.remove(path)
+    before = snapshot(tmp_path)
+    proc = cli("train.py", *FIXTURE_TINY, *FGSM_RUN, "--out_dir", tmp_path / "runs", "--final_autoattack")
+    assert proc.code == 2 and snapshot(tmp_path) == before
+    line = one_line(proc.err)
+    expected = {"torn final.json": f"train.py: error: {path} is damaged (not whole JSON: truncated?); relaunch its "
+                                   "command with --overwrite to retrain the run",
+                "no model.pth": f"train.py: error: cannot add AutoAttack: {path} is missing (final.json is there); "
+                                "restore it, or rerun with --overwrite to retrain",
+                "torn model.pth": f"train.py: error: cannot read checkpoint {path} ("}[damage]
+    assert line.startswith(expected) and line.endswith("--overwrite to retrain" + ("" if "final" not in damage
+                                                                                     else " the run"))

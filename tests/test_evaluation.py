@@ -183,7 +183,8 @@ def test_the_layouts_used_are_recorded(tmp_path, choice):
     assert train.main(args) == 0
     cfg, defaults = train.parse_config(args)
     run_dir = os.path.join(tmp_path / "runs", train.run_name(cfg, defaults))
-    assert "channels_last" not in os.path.basename(run_dir)  # speed and rounding only: not in the run name
+    # auto (the default) is not named; on and off round differently, so they name other runs
+    assert os.path.basename(run_dir).endswith({"auto": "_seed0", "on": "_clon_seed0", "off": "_cloff_seed0"}[choice])
     expected = precision.layout_names(precision.pass_layouts(choice, "cpu", "cnn"))
     config = json.load(open(os.path.join(run_dir, "config.json")))
     final = json.load(open(os.path.join(run_dir, "final.json")))
@@ -320,7 +321,7 @@ def test_periodic_evaluation_in_another_layout_than_training(tmp_path, monkeypat
     for choice in ("auto", "off"):
         out = str(tmp_path / choice)
         assert train.main(args + ["--out_dir", out, "--channels_last", choice]) == 0
-        cfg, defaults = train.parse_config(args)
+        cfg, defaults = train.parse_config(args + ["--channels_last", choice])
         run_dir = os.path.join(out, train.run_name(cfg, defaults))
         runs[choice] = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
         layouts = json.load(open(os.path.join(run_dir, "config.json")))["layouts"]

@@ -26,6 +26,7 @@ import train
 import utils
 from tests.fixtures import (
     FGSM_RUN,
+    ROOT,
     TINY,
     edit_json,
     eval_main,
@@ -146,7 +147,7 @@ def test_18_launch_refuses_bad_input_before_running_anything(tmp_path, capsys, m
     else:
         real = launch.run_dir_of
         monkeypatch.setattr(launch, "run_dir_of", lambda a: real(a) + ("x" * 300 if a[-2:] == ["--seed", "1"] else ""))
-        expected = "launch.py: error: command 2 names its run with 4"
+        expected = "launch.py: error: command 2: its run name has 4"
     before = snapshot(tmp_path)
     commands = tmp_path / "commands.txt"
     commands.write_text("\n".join(lines) + "\n")
@@ -224,6 +225,32 @@ def test_an_argument_file_gives_several_flags_per_line_with_comments_and_later_f
                     "--eps 8\n--grad_align_cos_lambda 0.5\n")
     cfg, _ = config.parse_config([f"@{path}", "--eps", "12"])
     assert (cfg.dataset, cfg.model, cfg.grad_align_cos_lambda, cfg.eps) == ("digits", "cnn", 0.5, 12)
+
+
+def test_a_nested_argument_file_is_read_from_the_folder_of_the_file_that_names_it(tmp_path, monkeypatch):
+    here, _ = config.parse_config(["@recipes/digits_gradalign.args"])
+    monkeypatch.chdir(tmp_path)  # elsewhere: the recipe's @digits_demo.args is still found beside it
+    elsewhere, _ = config.parse_config([f"@{ROOT}/recipes/digits_gradalign.args"])
+    assert elsewhere == here and (here.dataset, here.grad_align_cos_lambda) == ("digits", 1)
+
+
+@pytest.mark.parametrize("case", ["missing", "loop", "quote"])
+def test_a_bad_nested_argument_file_names_the_chain_in_one_line(tmp_path, cli, case):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "outer.args").write_text("--eps 4\n@sub/inner.args\n")
+    inner = {"missing": "@nowhere.args\n", "loop": "@../outer.args\n", "quote": "--data_dir 'x\n"}[case]
+    (tmp_path / "sub" / "inner.args").write_text(inner)
+    proc = cli("train.py", f"@{tmp_path}/outer.args", "--out_dir", tmp_path / "runs")
+    outer, nested = f"{tmp_path}/outer.args", f"{tmp_path}/sub/inner.args"
+    expected = {
+        "missing": f"cannot read the argument file {tmp_path}/sub/nowhere.args (No such file or directory), named "
+                   f"in {nested}, named in {outer}; check the path (an @file inside an argument file is read from "
+                   "that file's folder)",
+        "loop": f"the argument files name each other in a loop ({outer} -> {nested} -> {tmp_path}/sub/../outer.args); "
+                "remove the loop",
+        "quote": f"the argument file {nested}, named in {outer}: no closing quotation; fix its quoting"}[case]
+    assert proc.code == 2 and one_line(proc.err) == f"train.py: error: {expected}"
+    assert not (tmp_path / "runs").exists()
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b'{"last": 1}', "truncated"])
@@ -475,3 +502,59 @@ def test_13_21_a_seed_out_of_range_or_a_non_finite_number_is_one_line_exit_2(tmp
 
 def test_13_the_largest_seed_trains(tmp_path, cli):
     assert cli("train.py", *TINY, "--epochs", "0", "--seed", str(2**32 - 1), "--out_dir", tmp_path).code == 0
+
+
+# ------------------------------------------------------ counts that would measure nothing (issue 30)
+@pytest.mark.parametrize("tool, flags", [
+    ("train.py", ["--attack_iters", "0"]),
+    ("train.py", ["--attack", "pgd", "--pgd_train_n_iters", "0"]),
+    ("train.py", ["--attack_iters", "-2"]),
+    ("eval.py", ["--model_path", "model.pth", "--attack_iters", "0"]),
+])
+def test_zero_attack_steps_are_refused_in_one_line_exit_2(tmp_path, cli, tool, flags):
+    """0 PGD steps make the 'PGD' accuracy the clean one (and early stopping would pick on it)."""
+    args = [*TINY, "--out_dir", tmp_path / "runs"] if tool == "train.py" else ["--device", "cpu"]
+    proc = cli(tool, *args, *flags)
+    name = next(f for f in flags if f.endswith("_iters"))
+    assert proc.code == 2
+    assert f"argument {name}: must be >= 1 (got " in one_line(proc.err)
+    assert os.listdir(tmp_path) == []
+
+
+def test_eval_refuses_zero_restarts(tmp_path, cli):
+    proc = cli("eval.py", "--model_path", tmp_path / "model.pth", "--n_restarts", "0")
+    assert proc.code == 2 and "--n_restarts must be >= 1 (got 0)" in one_line(proc.err)
+
+
+def test_more_training_steps_than_any_run_could_finish_are_refused(tmp_path, cli):
+    proc = cli("train.py", *TINY, "--epochs", "100000000000", "--out_dir", tmp_path / "runs")
+    assert proc.code == 2
+    assert one_line(proc.err) == ("train.py: error: --epochs 100000000000 means 4e+11 training steps, more than any "
+                                  "run could finish (10**9: 11 days at 1 ms a step); give fewer epochs (the paper "
+                                  "trains 30)")
+    assert not (tmp_path / "runs").exists()
+    assert config.steps_problem(config.parse_config([*TINY, "--epochs", str((10**9 - 1) // 4)])[0]) is None  # the bound
+
+
+# Settings whose run name has 272 bytes: every number written with all its digits.
+LONG_NAME = ["--dataset", "digits", "--model", "cnn", "--device", "cpu", "--debug", "--epochs", "0",
+             "--lr_max", "0.0123456789012345", "--weight_decay", "0.000123456789012345", "--fgsm_alpha",
+             "1.2345678901234567", "--pgd_alpha_train", "2.345678901234567", "--n_filters_cnn", "7",
+             "--eval_iter_freq", "7", "--n_final_eval", "33", "--batch_size", "127", "--n_eval_every_k_iter", "333",
+             "--batch_size_eval", "99", "--grad_align_cos_lambda", "0.123456789012345", "--eps", "7.123456789012345",
+             "--seed", "4294967295", "--attack_iters", "3", "--clamp_grad", "half", "--grad_align_fd",
+             "0.00123456789012345", "--grad_align_every", "3", "--n_layers", "2", "--minibatch_replay", "2",
+             "--lr_peak", "0.35"]
+
+
+def test_a_run_name_over_255_bytes_is_refused_by_train_and_launch_before_anything_is_written(tmp_path, cli):
+    out = tmp_path / "runs"
+    proc = cli("train.py", *LONG_NAME, "--out_dir", out)
+    assert proc.code == 2
+    assert one_line(proc.err) == ("train.py: error: its run name has 272 bytes (digits_cnn_fgsm_random_eps7.1234567890"
+                                  "12...), over the 255 a file name may have; leave some of its settings at their "
+                                  "defaults")
+    (tmp_path / "cmds.txt").write_text(f"python train.py {shlex.join(LONG_NAME)} --out_dir {out}\n")
+    proc = cli("launch.py", tmp_path / "cmds.txt", "--log_dir", tmp_path / "logs")
+    assert proc.code == 2 and one_line(proc.err).startswith("launch.py: error: command 1: its run name has 272 bytes")
+    assert sorted(os.listdir(tmp_path)) == ["cmds.txt"]  # no run folder, no --out_dir, no log

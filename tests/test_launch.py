@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
 import launch
 import report
 import train
+from tests.fixtures import ROOT
+from tests.fixtures import TINY as TINY_ARGS
 
 TINY = ("--dataset digits --model cnn --n_filters_cnn 4 --epochs 1 --batch_size 350 --n_eval_every_k_iter 350 "
         "--eval_iter_freq 2 --attack_iters 2 --n_final_eval 64 --batch_size_eval 64 --debug --device cpu --eps 76 "
@@ -100,3 +106,66 @@ def test_unparseable_commands_get_a_numbered_name(tmp_path):
     assert task.name == "cmd0000" and task.run_dir is None
     assert launch.describe(-9) == "killed by signal SIGKILL"
     assert launch.describe(3) == "in progress elsewhere (locked)"
+
+
+# ------------------------------------------------------- relative paths, missing scripts, late stops
+def test_relative_paths_mean_what_they_mean_in_the_folder_launch_py_starts_in(tmp_path, cli, monkeypatch, tiny_run):
+    finished = tiny_run()
+    monkeypatch.chdir(tmp_path)  # not the repository: `train.py` is still the repository's
+    (tmp_path / "runs").mkdir()
+    shutil.copytree(finished.run_dir, tmp_path / "runs" / os.path.basename(finished.run_dir))
+    line = f"python train.py {shlex.join(TINY_ARGS)} --out_dir runs"
+    (tmp_path / "cmds.txt").write_text(line + "\n")
+    (task,) = launch.make_tasks(launch.read_commands([line]), str(tmp_path / "logs"), None)
+    assert task.cwd == str(tmp_path) and task.argv[1] == os.path.join(launch.REPO, "train.py")
+    assert task.run_dir == finished.run_dir.replace(os.path.dirname(finished.run_dir), str(tmp_path / "runs"))
+    status = cli("launch.py", "cmds.txt", "--status")  # the default --log_dir: runs/logs here
+    assert status.code == 0 and status.out_lines[0].startswith("1 runs: 1 finished,")
+    assert launch.run_command([sys.executable, "-c", "pass"], task.log_path, task.cwd) == 0
+    assert open(task.log_path).readline() == f"$ cd {tmp_path} && {sys.executable} -c pass\n"  # absolute paths
+
+
+def test_a_missing_script_is_named_before_anything_runs(tmp_path, cli, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cmds.txt").write_text(f"python train.py {shlex.join(TINY_ARGS)}\npython nosuchscript.py --x 1\n")
+    proc = cli("launch.py", "cmds.txt")
+    assert proc.code == 2
+    assert proc.err.strip() == (f"launch.py: error: command 2 runs nosuchscript.py, which is neither in {tmp_path} "
+                                f"nor in {launch.REPO}; fix the script's path")
+    assert sorted(os.listdir(tmp_path)) == ["cmds.txt"]  # no log folder, no run
+
+
+def test_a_command_killed_after_its_run_finished_counts_as_finished(tmp_path):
+    log = str(tmp_path / "x.log")
+    kill = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGTERM)"]
+    assert launch.run_command(kill, log, finished=lambda: True) == 0
+    assert open(log).read().splitlines()[-1] == (f"{launch.EXIT_MARK}0 (killed by SIGTERM after its run finished: "
+                                                 "final.json is whole)")
+    assert launch.last_exit_code(log) == 0
+    assert launch.run_command(kill, log, finished=lambda: False) == -signal.SIGTERM  # not finished: stopped
+    assert launch.last_exit_code(log) == -signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_sigterm_just_after_both_runs_wrote_final_json_reports_them_finished(tmp_path):
+    out = tmp_path / "runs"
+    lines = [command(out, f"--seed {s} --epochs 0").replace("python train.py", "python tests/faulty_train.py "
+                                                 "--hang_after_final train.py", 1) for s in (0, 1)]
+    (tmp_path / "cmds.txt").write_text("\n".join(lines) + "\n")
+    sweep = subprocess.Popen([sys.executable, "launch.py", str(tmp_path / "cmds.txt"), "--jobs", "2",
+                              "--log_dir", str(tmp_path / "logs")], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    finals = [out / run_name(out, f"--seed {s} --epochs 0") / "final.json" for s in (0, 1)]
+    deadline = time.time() + 120
+    while not all(f.exists() for f in finals) and time.time() < deadline:
+        time.sleep(0.2)
+    assert all(f.exists() for f in finals), sweep.communicate(timeout=60)
+    sweep.send_signal(signal.SIGTERM)
+    _, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 143
+    assert err.strip() == ("launch.py: stopped by SIGTERM; stopped 0 running command(s), 2 finished (their "
+                           "final.json was written), 0 not started: relaunch the same commands to resume")
+    for s in (0, 1):
+        log = launch.log_file(str(tmp_path / "logs"), str(out / run_name(out, f"--seed {s} --epochs 0")), [], 0)
+        assert open(log).read().rstrip().endswith(f"{launch.EXIT_MARK}0 (killed by SIGTERM after its run finished: "
+                                                  "final.json is whole)")

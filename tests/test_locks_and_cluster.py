@@ -30,6 +30,7 @@ import lease
 import report
 import rundir
 import train
+import utils
 from tests.fixtures import (
     FGSM_RUN,
     ROOT,
@@ -85,6 +86,29 @@ def test_3_report_does_not_file_a_run_whose_config_json_disagrees(finished, tmp_
     assert lines[1].startswith(f"- renamed: its settings name the run {os.path.basename(good)}")
     assert all("--overwrite" in line for line in lines)
     assert os.path.basename(renamed) not in report.markdown(report.aggregate(report.collect_runs([good])))
+
+
+@pytest.mark.parametrize("edit, said", [({"eps": 8.0}, "says eps 8, but the run (its name and final.json) has eps 76"),
+                                        ({"lr_max": 0.3, "seed": 2}, "says seed 2, lr_max 0.3, but the run (its name "
+                                                                     "and final.json) has seed 0, lr_max 0.01"),
+                                        (None, "is damaged (not a JSON object)")])
+def test_train_does_not_call_a_run_finished_when_its_config_json_disagrees(finished, tmp_path, cli, edit, said):
+    root = tmp_path / "runs"
+    run_dir = copy_run(finished, root)
+    assert cli("train.py", *TINY, *FGSM_RUN, "--out_dir", root).out.endswith("nothing to do; --overwrite retrains it\n")
+    if edit is None:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write("[]")
+    else:
+        edit_json(os.path.join(run_dir, "config.json"), **edit)
+    before = snapshot(root)
+    proc = cli("train.py", *TINY, *FGSM_RUN, "--out_dir", root)
+    assert proc.code == 2 and proc.out == ""
+    assert one_line(proc.err) == (f"train.py: error: {run_dir}/config.json {said}"
+                                  + (": config.json was edited" if edit else "")
+                                  + "; restore config.json (its argv is the command) or relaunch with --overwrite to "
+                                  "retrain")
+    assert snapshot(root) == before
 
 
 def write_final(run_dir: str, text: str) -> None:
@@ -605,6 +629,38 @@ def test_2_a_resume_pt_with_settings_of_another_run_under_the_same_name_is_refus
     torch.save({**saved, "settings_hash": "0" * 64}, resume_path(run_dir))
     proc = cli("train.py", *RUN, "--out_dir", tmp_path)
     assert proc.code == 2 and "settings_hash differs" in one_line(proc.err)
+
+
+def test_a_resume_that_would_change_the_layouts_is_refused(tmp_path, cli, monkeypatch):
+    """--channels_last auto chooses per device type: a run resumed on another kind of device (simulated
+    here by another table entry for the CPU) would mix two layouts, which round differently."""
+    run_dir = interrupted_run(tmp_path)
+    assert torch.load(resume_path(run_dir), weights_only=False)["layouts"] == {"train": "contiguous",
+                                                                               "eval": "contiguous"}
+    before = snapshot(tmp_path)
+    monkeypatch.setitem(utils.LAYOUTS, ("cpu", "cnn"), {"train": False, "eval": True})
+    proc = cli("train.py", *RUN, "--out_dir", tmp_path)
+    assert proc.code == 2
+    assert one_line(proc.err) == (
+        f"train.py: error: {resume_path(run_dir)} was trained with the layouts train contiguous, eval contiguous, "
+        "but --channels_last gives train contiguous, eval channels_last here (auto chooses per device type): resume "
+        "it on the kind of device that started it (config.json's device_used), or relaunch with --overwrite to start "
+        "over")
+    assert snapshot(tmp_path) == before  # metrics.jsonl not rewound, nothing written
+
+
+def test_channels_last_on_or_off_is_another_run_and_auto_keeps_the_names(tmp_path, cli, tiny_run):
+    finished = tiny_run(*EXTRA)
+    assert not {"clon", "cloff"} & set(os.path.basename(finished.run_dir).split("_"))  # auto: not named
+    out = tmp_path / "runs"
+    shutil.copytree(finished.run_dir, out / os.path.basename(finished.run_dir))
+    cfg, _ = train.parse_config([*RUN, "--channels_last", "on"])
+    on = run_dir_of(out, [*RUN, "--channels_last", "on"])
+    assert os.path.basename(on) == os.path.basename(finished.run_dir).replace("_seed0", "_clon_seed0")
+    assert rundir.settings_hash(cfg) != finished.final["settings_hash"]
+    proc = cli("train.py", *RUN, "--channels_last", "on", "--out_dir", out)
+    assert proc.code == 0 and "is finished" not in proc.out  # trained: not taken for the contiguous run
+    assert json.load(open(os.path.join(on, "final.json")))["eval_layout"] == "channels_last"
 
 
 def test_2_another_runs_final_json_is_named_by_train_report_and_status(tmp_path, cli, capsys, tiny_run):

@@ -238,6 +238,38 @@ def test_robustness_vs_cost_table(tmp_path):
     assert report.main([str(tmp_path / "runs"), "--out", str(out), "--bench", str(tmp_path / "missing.json")]) == 2
 
 
+def test_a_finished_run_without_config_json_is_listed_as_damaged_and_counted_in_the_summary(tmp_path, capsys):
+    kept = write_run(tmp_path / "runs", [*FGSM, *PAPER], final_of(0.8, 0.4))
+    lost = write_run(tmp_path / "runs", [*FGSM, *PAPER, "--seed=1"], final_of(0.7, 0.3))
+    os.remove(os.path.join(lost, "config.json"))
+    code = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "reports")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 finished runs in 1 groups, 0 skipped, 1 not counted" in out
+    damaged = (tmp_path / "reports" / "report.md").read_text().split("## Damaged (not counted)")[1]
+    assert (f"- {os.path.basename(lost)}: {lost}/config.json is missing (final.json is there: the run finished, "
+            "but its settings are unknown); restore config.json, or relaunch its command with --overwrite") in damaged
+    assert os.path.basename(kept) not in damaged
+
+
+@pytest.mark.parametrize("bench, problem", [
+    ({"steps": []}, "'steps' is a list, not an object"),
+    ([], "a JSON list, not an object"),
+    ({"settings": {}}, "no 'steps'"),
+    ({"steps": {"cnn": []}}, "steps.cnn has no 'methods' object"),
+    ({"steps": {"cnn": {"methods": {"fgsm": {"label": "FGSM"}}}}}, "steps.cnn.methods.fgsm has no text 'label'"),
+])
+def test_a_wrong_shaped_bench_json_is_one_line_naming_the_file_and_the_shape(tmp_path, capsys, bench, problem):
+    write_run(tmp_path / "runs", [*FGSM, *PAPER], final_of(0.8, 0.4))
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    code = report.main([str(tmp_path / "runs"), "--out", str(tmp_path / "reports"), "--bench", str(path)])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and line.startswith(f"report.py: error: --bench {path} is not bench.py's output ({problem}")
+    assert line.endswith(f"it should be {report.BENCH_SHAPE}")
+    assert not (tmp_path / "reports").exists()
+
+
 def with_autoattack(final: dict, last_aa: float, best_aa: float | None = None) -> dict:
     """final.json as train.py --final_autoattack writes it."""
     final = json.loads(json.dumps(final))

@@ -266,11 +266,12 @@ def test_every_setting_is_declared_once_and_classified():
 def test_eval_takes_the_shared_flags_from_the_same_declarations():
     actions = {a.dest: a for a in eval_py.build_parser()._actions}
     for name in eval_py.SHARED:
-        if name != "half_prec":  # eval.py says what --half_prec means for it
+        if name not in ("half_prec", "attack_iters"):  # eval.py says what these mean for it
             assert actions[name].help.startswith(config.FIELDS[name]["help"]), name
     # on a run, the run's final evaluation; on a bare checkpoint, eval.py's own defaults
     assert actions["dataset"].default is None and actions["batch_size_eval"].default is None
     assert eval_py.OWN_DEFAULTS["batch_size_eval"] == 1024 and actions["batch_size_eval"].help.endswith("else 1024)")
+    assert actions["attack_iters"].default is None and actions["attack_iters"].type("1") == 1  # with its bound
     assert actions["eps"].default is None and actions["eps"].type is float  # the run's eps, else 8
 
 

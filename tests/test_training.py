@@ -871,3 +871,19 @@ def test_fp32_runs_record_no_redo(tmp_path):
     assert [r["fp32_redone_passes"] for r in rows] == [0] * len(rows)
     assert json.loads(open(os.path.join(str(tmp_path), train.run_name(cfg, defaults), "config.json")).read())[
         "half_prec_dtype_used"] is None
+
+
+# ------------------------------------------------------------------------------ what a run will cost
+def test_a_run_says_at_start_what_it_will_cost_and_projects_the_time_left(tmp_path, cli):
+    proc = cli("train.py", *TINY, "--epochs", "2", "--eval_early_stopped_model", "--out_dir", tmp_path)
+    assert proc.code == 0
+    lines = proc.out_lines
+    # digits: 1400 training points in batches of 350 = 4 steps per epoch; evaluated every 2 steps
+    cost = ("cost: 9 training steps (epoch 0's one, then 2 epochs) of 2 forward+backward passes (FGSM-RS), "
+            "5 periodic evaluations, then PGD-10-3 of the last and best weights on 64 test points; the time left "
+            "is projected after the first epoch")
+    assert cost in lines and lines.index(cost) == 1  # right after 'run ... on cpu'
+    (projected,) = [line for line in lines if line.startswith("epoch 1 took ")]
+    assert projected.endswith(" for the 1 epoch(s) left, then the final evaluation (projected from this epoch)")
+    assert train.duration(4.23) == "4.2 s" and train.duration(200) == "3.3 min" and train.duration(3 * 86400) == \
+        "3.0 days"
