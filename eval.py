@@ -8,7 +8,8 @@ Loads this repo's model.pth, the authors' released {'last', 'best'} files and ba
 authors' eval.py looked it up (models/<name>.pth). The dataset, architecture, input normalisation
 and eps (--dataset, --model, --n_layers, --n_filters_cnn, --normalize, --eps) come from the
 config.json that train.py wrote beside the checkpoint; flags given explicitly override it, and files
-without one (the authors') need the flags (else train.py's defaults, eps 8). eps is in 1/255 units;
+without one (the authors') need the flags (else train.py's defaults, eps 8); the methods file it records
+(train.py --methods_file) is loaded again, with a warning if it is missing or changed. eps is in 1/255 units;
 the PGD step is eps/4. An example counts as robust only if no restart fools it. Weights holding NaN
 or inf, or a missing 'best', are errors.
 Progress goes to stderr, with a summary line naming the eps (and where it came from) and the weights;
@@ -35,6 +36,7 @@ from tqdm import tqdm
 import autoattack_eval
 import config
 import data
+import methods
 import models
 import rundir
 import utils
@@ -45,7 +47,7 @@ from config import EXIT_OK, EXIT_USAGE, OneLineParser
 FROM_RUN = ("dataset", "model", "n_layers", "n_filters_cnn", "normalize", "eps")
 # train.py's settings that eval.py takes too, declared in config.py.
 SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "data_dir",
-          "download")
+          "download", "methods_file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,6 +114,18 @@ def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
     return args
 
 
+def load_methods(methods_file: str | None, path: str) -> None:
+    """Loads --methods_file (a ValueError if it cannot be), then the methods file that the run's
+    config.json beside the checkpoint records, warning in one line on stderr when that one is missing
+    or has changed: the evaluation needs only the architecture, which config.json records."""
+    if methods_file is not None:
+        methods.load_file(methods_file)
+    run_config = rundir.read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
+    note = methods.load_recorded(run_config) if isinstance(run_config, dict) else None
+    if note:
+        print(f"eval.py: warning: {note}", file=sys.stderr)
+
+
 def resolve_model_path(path: str) -> str:
     """A file as given, else models/<path>.pth or models/<path> as the authors' eval.py looked them up."""
     for candidate in (path, os.path.join("models", path + ".pth"), os.path.join("models", path)):
@@ -142,6 +156,7 @@ def evaluate(args) -> dict:
         print(utils.device_choice("eval.py", device, args.half_prec, utils.autocast_dtype(device.type)),
               file=sys.stderr)
     path = resolve_model_path(args.model_path)
+    load_methods(args.methods_file, path)
     args = fill_from_run(args, path)
     info = data.DATASETS[args.dataset]
     problem = autoattack_eval.class_problem(args.attack, info.n_classes) if args.attack != "pgd" else None

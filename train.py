@@ -317,11 +317,13 @@ def seed_everything(seed: int) -> None:
 
 
 def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
-    """config.json: the settings, the run name and what this machine resolved (device, dtype, layouts,
-    the final attack). Written at the first start, and again on resume if it went missing."""
+    """config.json: the settings (with the sha256 of --methods_file), the run name and what this machine
+    resolved (device, dtype, layouts, the final attack). Written at the first start, and again on resume
+    if it went missing."""
     n_iters, n_restarts = cfg.final_attack
     rundir.write_config(os.path.join(cfg.out_dir, name), {
-        **record(cfg), "run_name": name, "device_used": str(device),
+        **record(cfg), **({methods.FILE_HASH: methods.loaded_hash(cfg.methods_file)} if cfg.methods_file else {}),
+        "run_name": name, "device_used": str(device),
         "half_prec_dtype_used": (str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.")
                                  if cfg.half_prec else None),
         "layouts": utils.layout_names(utils.pass_layouts(cfg.channels_last, device.type, cfg.model)),
@@ -352,8 +354,12 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         rundir.truncate_jsonl(os.path.join(run_dir, "metrics.jsonl"), 0)
         loop.log(f"run {name} on {device}")
     else:
-        if rundir.read_config(run_dir) is None:
+        recorded = rundir.read_config(run_dir)
+        if recorded is None:
             write_run_config(cfg, name, device)
+        elif methods.changed_since(recorded, cfg.methods_file):  # the method's code is not the run's
+            raise rundir.RunDirError(f"{methods.changed_since(recorded, cfg.methods_file)}: resuming would train "
+                                     "on with other code; restore the file, or relaunch with --overwrite")
         loop.restore(saved)
         loop.log(f"resuming {name} at epoch {loop.next_epoch} (iteration {loop.iteration})")
         for warning in rundir.damaged_metrics_warning(run_dir):

@@ -207,8 +207,8 @@ def test_existing_commands_keep_their_names_and_config_without_a_method_field(tm
     cfg, defaults = config.parse_config(["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2"])
     assert rundir.run_name(cfg, defaults) == "cifar10_resnet18_fgsm_zero_eps8_lam0.2_seed0"
     assert "method" not in config.record(cfg)
-    # the settings added since (method, the protocol's) are recorded only when not at their default
-    unrecorded = {"method", "lr_peak", "normalize", "clean_forward", "protocol"}
+    # the settings added since (method, its file, the protocol's) are recorded only when not at their default
+    unrecorded = {"method", "methods_file", "lr_peak", "normalize", "clean_forward", "protocol"}
     assert config.record(cfg) == {k: v for k, v in vars(config.build_parser().parse_args([
         "--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=0.2"])).items()
         if k not in unrecorded} | {"fgsm_alpha": 1.25}
