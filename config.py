@@ -370,9 +370,10 @@ def config_and_defaults(namespace: argparse.Namespace) -> tuple[Config, dict]:
     return Config(**values), fallback
 
 
-def load_methods_file(argv: list[str] | None = None, prog: str = "train.py") -> None:
+def load_methods_file(argv: list[str] | None = None, prog: str = "train.py") -> str | None:
     """Imports the --methods_file of a command line (argument files included), so that the parser built
-    next lists its methods; exits with code 2 when the file cannot be loaded (methods.load_file)."""
+    next lists its methods, and returns its absolute path (None without one); exits with code 2 when the
+    file cannot be loaded (methods.load_file)."""
     pre = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
     add_flags(pre, ["methods_file"])
     path = pre.parse_known_args(argv)[0].methods_file
@@ -381,14 +382,15 @@ def load_methods_file(argv: list[str] | None = None, prog: str = "train.py") -> 
             methods.load_file(path)
     except ValueError as exc:
         pre.error(str(exc))
+    return path
 
 
 def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
     """train.py's flags, after its --methods_file is imported; exits with code 2 on a bad one."""
-    load_methods_file(argv)
+    loaded = load_methods_file(argv)
     parser = build_parser()
     namespace = parser.parse_args(argv)
-    if namespace.methods_file is not None and methods.loaded_hash(namespace.methods_file) is None:
+    if namespace.methods_file != loaded:
         parser.error("give --methods_file in full (an abbreviated flag is read after the methods)")
     return namespace
 

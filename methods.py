@@ -751,7 +751,7 @@ def _where(exc: BaseException, path: str) -> str:
     """' line N' of the file where exc was raised, or ''."""
     if isinstance(exc, SyntaxError) and exc.filename == path and exc.lineno:
         return f" line {exc.lineno}"
-    lines = [frame.lineno for frame, line in traceback.walk_tb(exc.__traceback__) if frame.f_code.co_filename == path]
+    lines = [line for frame, line in traceback.walk_tb(exc.__traceback__) if frame.f_code.co_filename == path]
     return f" line {lines[-1]}" if lines else ""
 
 

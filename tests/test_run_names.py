@@ -232,15 +232,6 @@ def test_every_flag_combination_selects_at_most_one_entry_of_each_role():
         assert len(perturbations) == 1 and len(regularisers) <= 1, key
 
 
-def test_register_rejects_a_taken_name_or_recipe():
-    with pytest.raises(ValueError, match="already registered"):
-        methods.register(methods.Method("fgsm", "x", perturb=methods.perturb_fgsm))
-    with pytest.raises(ValueError, match="taken"):
-        methods.register(methods.Method("other", "x", perturb=methods.perturb_fgsm,
-                                        recipes={"pgd10": methods.Recipe(())}))
-    assert "other" not in methods.REGISTRY
-
-
 # ---------------------------------------------------------------------------- flags declared once
 def test_every_setting_is_declared_once_and_classified():
     for name, meta in config.FIELDS.items():
