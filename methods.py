@@ -12,7 +12,9 @@ ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all
 A method is its maths (an attack or a regulariser in utils.py) plus one Method: the train.py flags
 that select it, its report label, its cost per step, its sweep recipes and the function train.py's
 step calls. A perturbation (the attack a step trains on) and a regulariser (a term added to the loss)
-combine: FGSM-RS + GradAlign is two entries. Flags come as --flag=value words; eps is in 1/255 units.
+combine: FGSM-RS + GradAlign is two entries. register() adds a checked entry from outside, and
+load_file() runs a file of such calls (train.py --methods_file; docs/adding_a_method.md). Flags come
+as --flag=value words; eps is in 1/255 units.
 Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
 --lr_max); the digits demos set their own. A method of a later paper also carries that paper's
 protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward), which
@@ -469,7 +471,8 @@ def register(method: Method, *, rows: list[str] | None = None, replace: bool = F
     """Adds a method to REGISTRY (after the others: flags that select an earlier entry keep selecting
     it) and its rows to ROW_ORDER, after checking it. rows: the labels its runs get in report.py's
     tables, in order (default: the label, when it is a string; a label computed by a function needs
-    them). replace=True replaces a method registered earlier under the same name (not a built-in).
+    them). replace=True replaces a method registered earlier under the same name (not a built-in;
+    the new entry goes last).
     Raises TypeError or ValueError, one line naming what is wrong, and then registers nothing."""
     rows = _checked_rows(method, rows, replace)
     before = snapshot()
@@ -480,7 +483,7 @@ def register(method: Method, *, rows: list[str] | None = None, replace: bool = F
     _ROWS[method.name] = rows
     try:
         _check_recipes(method)
-    except ValueError:
+    except Exception:  # its recipe's own code may raise anything
         restore(before)
         raise
     return method
