@@ -294,16 +294,21 @@ def test_the_guide_s_regulariser_gets_its_first_gradient_under_pgd(trained):
 
 
 @pytest.mark.slow
-def test_the_sweeps_take_methods_file_relative_to_where_they_start(tmp_path):
-    write(tmp_path / "mine.py", guide_file())
-    # one sweep's commands, from sh/commands.sh's functions (one methods.py call)
-    script = f"cd {ROOT} && source sh/commands.sh && METHODS=fgsm2x EPS=8 SEEDS=0 COMMON= && eps_grid cifar10"
+def test_the_sweeps_pass_methods_file_relative_to_where_they_start(tmp_path):
+    # sh/commands.sh's methods.py call and a train.py command, with `python` a shell function that
+    # prints its arguments (methods.py --methods_file itself is tested above, in-process)
+    script = (f"cd {ROOT} && source sh/commands.sh && python() {{ echo \"python $*\"; }} && methods_py list --paper"
+              " && EXTRA_ARGS=' --seed=0' && emit --dataset=cifar10 --method=fgsm2x")
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**os.environ, "METHODS_FILE": "mine.py"},
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.splitlines() == [f"python train.py --methods_file={tmp_path / 'mine.py'} --dataset=cifar10 "
-                                       "--attack=fgsm --attack_init=zero --method=fgsm2x --epochs=30 --lr_max=0.2 "
-                                       "--eps=8  --seed=0"]
+    flag = f"--methods_file={tmp_path / 'mine.py'}"
+    assert out.stdout.splitlines() == [f"python methods.py {flag} list --paper",
+                                       f"python train.py {flag} --dataset=cifar10 --method=fgsm2x --seed=0"]
+    plain = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                           env={k: v for k, v in os.environ.items() if k != "METHODS_FILE"})
+    assert plain.stdout.splitlines() == ["python methods.py list --paper",
+                                         "python train.py --dataset=cifar10 --method=fgsm2x --seed=0"]
 
 
 @pytest.mark.slow
