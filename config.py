@@ -153,6 +153,11 @@ class Config:
     method: str | None = flag(None, "a method of methods.py's registry by name (default: the one the flags select); "
                               "for a method registered without flags of its own", short="",
                               choices=lambda: list(methods.REGISTRY), record_default=False)
+    methods_file: str | None = flag(None, "a Python file that registers methods (methods.register), imported before "
+                                    "the other flags are read; config.json records its path and sha256",
+                                    type=os.path.abspath, compare=False, record_default=False,
+                                    unnamed="where methods come from: the method's name is in the run name, the "
+                                    "file's sha256 in config.json")
     # the training protocol (methods.Protocol): this paper's by default; --protocol own fills in the unset
     # ones below from the method's paper's official scripts (docs/later_methods.md)
     lr_peak: float = flag(None, "cyclic schedule: the learning rate peaks after floor(lr_peak * epochs) epochs "
@@ -503,11 +508,36 @@ def config_and_defaults(namespace: argparse.Namespace) -> tuple[Config, dict]:
     return Config(**values), fallback
 
 
+def load_methods_file(argv: list[str] | None = None, prog: str = "train.py") -> str | None:
+    """Imports the --methods_file of a command line (argument files included), so that the parser built
+    next lists its methods, and returns its absolute path (None without one); exits with code 2 when the
+    file cannot be loaded (methods.load_file)."""
+    pre = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
+    add_flags(pre, ["methods_file"])
+    path = pre.parse_known_args(argv)[0].methods_file
+    try:
+        if path is not None:
+            methods.load_file(path)
+    except ValueError as exc:
+        pre.error(str(exc))
+    return path
+
+
+def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
+    """train.py's flags, after its --methods_file is imported; exits with code 2 on a bad one."""
+    loaded = load_methods_file(argv)
+    parser = build_parser()
+    namespace = parser.parse_args(argv)
+    if namespace.methods_file != loaded:
+        parser.error("give --methods_file in full (an abbreviated flag is read after the methods)")
+    return namespace
+
+
 def parse_config(argv: list[str] | None = None) -> tuple[Config, dict]:
     """Parses and checks the flags that need no data; exits with code 2 on a bad one.
     Returns the Config and the defaults of its fields."""
     parser = build_parser()
-    cfg, fallback = config_and_defaults(parser.parse_args(argv))
+    cfg, fallback = config_and_defaults(parse_flags(argv))
     problem = check_flags(cfg)
     if problem:
         parser.error(problem)

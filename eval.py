@@ -17,7 +17,8 @@ overrides, and the summary names what it changed. Each result on a run is writte
 Without a config.json (the authors' files) the settings are the flags, else eval.py's defaults
 (OWN_DEFAULTS; eps 8), and the summary says where each came from. eps is in 1/255 units; the PGD
 step is eps/4. An example counts as robust only if no restart fools it. Weights holding NaN or inf,
-or a missing 'best', are errors.
+or a missing 'best', are errors. The methods file a run records (train.py --methods_file) is
+loaded again, with a warning if it is missing or changed.
 Progress goes to stderr, then one summary line; the LAST line on stdout is one JSON object:
 {"clean_acc", "pgd_acc", "n_eval", "eps", "eps_from", "attack_iters", "n_restarts", "model_path",
 "weights", "settings_from", "changed", "final_json", "written", ...}.
@@ -48,6 +49,7 @@ from tqdm import tqdm
 import autoattack_eval
 import config
 import data
+import methods
 import models
 import numerics
 import precision
@@ -67,7 +69,7 @@ OWN_DEFAULTS = {"n_eval": 256, "batch_size_eval": 1024, "seed": 0, "attack_iters
                 "threads": None}
 # train.py's settings that eval.py takes too, declared in config.py.
 SHARED = (*FROM_RUN, "seed", "batch_size_eval", "half_prec", "gpu", "device", "channels_last", "threads",
-          "data_dir", "download", "attack_iters")
+          "data_dir", "download", "attack_iters", "methods_file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +167,18 @@ def fill_from_run(args: argparse.Namespace, path: str) -> argparse.Namespace:
         args.settings_from[name] = "config.json" if args.run else "default"
     args.eps_from = args.settings_from["eps"] if "eps" in given or "eps" in run_config else "default"
     return args
+
+
+def load_methods(methods_file: str | None, path: str) -> None:
+    """Loads --methods_file (a ValueError if it cannot be), then the methods file that the run's
+    config.json beside the checkpoint records, warning in one line on stderr when that one is missing
+    or has changed: the evaluation needs only the architecture, which config.json records."""
+    if methods_file is not None:
+        methods.load_file(methods_file)
+    run_config = rundir.read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
+    note = methods.load_recorded(run_config) if isinstance(run_config, dict) else None
+    if note:
+        print(f"eval.py: warning: {note}", file=sys.stderr)
 
 
 def resolve_model_path(path: str) -> str:
@@ -296,6 +310,7 @@ def evaluate(args) -> dict:
     if args.device is not None:  # a device given explicitly is checked before the checkpoint is looked for
         precision.resolve_device(args.device, args.gpu)
     path = resolve_model_path(args.model_path)
+    load_methods(args.methods_file, path)
     args = fill_from_run(args, path)
     problem = check_flags(args)
     if problem:

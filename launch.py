@@ -112,7 +112,7 @@ def run_dir_of(args: list[str]) -> str | None:
     import config  # imports torch: only when needed
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            namespace = config.build_parser().parse_args(args)
+            namespace = config.parse_flags(args)  # its --methods_file first, as train.py reads it
     except SystemExit:
         return None
     cfg, defaults = config.config_and_defaults(namespace)

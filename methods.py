@@ -8,11 +8,14 @@ read REGISTRY.
     python methods.py flags nfgsm --eps 16 --dataset cifar10 --model wrn28_10 --protocol own
     python methods.py grid --dataset svhn --methods "fgsm pgd10" --eps "1 2"   # "method eps flags..." lines
     python methods.py lambda --dataset cifar10 --eps 10                        # GradAlign's lambda
+    python methods.py --methods_file $HOME/fgsm2x.py list                      # with a file's methods too
 
 A method is its maths (an attack or a regulariser in utils.py) plus one Method: the train.py flags
 that select it, its report label, its cost per step, its sweep recipes and the function train.py's
 step calls. A perturbation (the attack a step trains on) and a regulariser (a term added to the loss)
-combine: FGSM-RS + GradAlign is two entries. Flags come as --flag=value words; eps is in 1/255 units.
+combine: FGSM-RS + GradAlign is two entries. register() adds a checked entry from outside, and
+load_file() runs a file of such calls (train.py --methods_file; docs/adding_a_method.md). Flags come
+as --flag=value words; eps is in 1/255 units.
 Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
 --lr_max); the digits demos set their own. A method of a later paper also carries that paper's
 protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward, the
@@ -22,9 +25,18 @@ functions that train, so report.py and the shell scripts (which call this once p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import dis
+import hashlib
+import inspect
+import io
 import math
+import os
+import re
 import sys
+import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -476,29 +488,324 @@ ROW_ORDER = ["Standard", "FGSM", "FGSM-RS", "FGSM + GradAlign", "FGSM-RS + GradA
              "PGD-2", "PGD-10", "N-FGSM", "ZeroGrad", "MultiGrad", "ELLE", "ELLE-A", "FGSM + GradAlign (FD)"]
 
 
-def register(method: Method) -> Method:
-    """Adds a method to REGISTRY (after the others: flags that select an earlier entry keep selecting it)."""
-    if method.name in REGISTRY:
-        raise ValueError(f"a method named '{method.name}' is already registered")
-    if (method.perturb is None) == (method.regularise is None):
-        raise ValueError(f"method '{method.name}': give exactly one of perturb= and regularise=")
-    taken = set(recipes())
-    if taken & set(method.recipes):
-        raise ValueError(f"method '{method.name}': recipe names {sorted(taken & set(method.recipes))} are taken")
+# ------------------------------------------------------------------------------ registering a method
+NAME = re.compile(r"[a-z][a-z0-9_]*")  # a method's or recipe's name: it ends run names, it is a sweep word
+PASSES = re.compile(r"(\d+|f|dbl)(\+(\d+|f|dbl))*")  # '2', '3+dbl', '10+f+1' (Method's docstring)
+# How train.py's step calls a method's functions (argument names as the built-in entries write them).
+CALLS = {"perturb": ("model", "x", "y", "cfg", "st"), "regularise": ("model", "x", "y", "cfg", "st", "grad1", "pert"),
+         "when": ("cfg",), "start_grad": ("cfg",), "active": ("cfg", "iteration"), "state": ("cfg",)}
+BUILT_IN = frozenset(REGISTRY)
+_ROWS: dict[str, list[str]] = {}  # the rows of ROW_ORDER that register() added, by method name
+
+
+def register(method: Method, *, rows: list[str] | None = None, replace: bool = False) -> Method:
+    """Adds a method to REGISTRY (after the others: flags that select an earlier entry keep selecting
+    it) and its rows to ROW_ORDER, after checking it. rows: the labels its runs get in report.py's
+    tables, in order (default: the label, when it is a string; a label computed by a function needs
+    them). replace=True replaces a method registered earlier under the same name (not a built-in;
+    the new entry goes last).
+    Raises TypeError or ValueError, one line naming what is wrong, and then registers nothing."""
+    rows = _checked_rows(method, rows, replace)
+    before = snapshot()
+    if replace and method.name in REGISTRY:
+        unregister(method.name)
     REGISTRY[method.name] = method
+    ROW_ORDER.extend(rows)
+    _ROWS[method.name] = rows
+    try:
+        _check_recipes(method)
+    except Exception:  # its recipe's own code may raise anything
+        restore(before)
+        raise
     return method
 
 
+def snapshot() -> tuple:
+    """The registry's state (REGISTRY, ROW_ORDER, what register() and load_file() added), for restore()."""
+    return dict(REGISTRY), list(ROW_ORDER), {k: list(v) for k, v in _ROWS.items()}, dict(_FILES)
+
+
+def restore(state: tuple) -> None:
+    """Puts the registry back as snapshot() found it (a failed registration or file, a test)."""
+    registry, rows, added, files = state
+    REGISTRY.clear()
+    REGISTRY.update(registry)
+    ROW_ORDER[:] = rows
+    _ROWS.clear()
+    _ROWS.update(added)
+    _FILES.clear()
+    _FILES.update(files)
+
+
 def unregister(name: str) -> None:
+    """Removes a method registered by register(), and its rows."""
     REGISTRY.pop(name)
+    for row in _ROWS.pop(name, []):
+        ROW_ORDER.remove(row)
+
+
+def _checked_rows(m: Method, rows: list[str] | None, replace: bool) -> list[str]:
+    """The rows of ROW_ORDER the entry adds, once every check of register() passes."""
+    import config
+    if not isinstance(m, Method):
+        raise TypeError(f"register() takes a methods.Method, not {type(m).__name__}")
+    if not isinstance(m.name, str) or not NAME.fullmatch(m.name):
+        raise ValueError(f"method name {m.name!r}: use lowercase letters, digits and _, starting with a letter "
+                         "(it ends run names and is a word of the sweeps' METHODS)")
+    if m.name in BUILT_IN:
+        raise ValueError(f"'{m.name}' is a built-in method and cannot be replaced; register yours under another name")
+    if m.name in REGISTRY and not replace:
+        raise ValueError(f"a method named '{m.name}' is already registered; choose another name, or pass "
+                         "replace=True to replace your own")
+    what = f"method '{m.name}'"
+    if (m.perturb is None) == (m.regularise is None):
+        raise ValueError(f"{what}: give exactly one of perturb= and regularise=")
+    role = "perturb" if m.perturb is not None else "regularise"
+    for key, args in CALLS.items():
+        _check_call(what, key, getattr(m, key), args)
+    if role == "perturb" and (m.start_grad is not None or m.active is not None):
+        raise ValueError(f"{what}: start_grad= and active= are a regulariser's; a perturbation has neither")
+    if role == "regularise" and m.start_grad is None and _reads_argument(m.regularise, 5):
+        raise ValueError(f"{what}: regularise reads grad1 (the input gradient at the attack's start) but the "
+                         "entry has no start_grad=: under an attack that takes no gradient there (PGD) grad1 "
+                         "would be None; give start_grad=lambda cfg: False (or True: grad1 keeps its graph)")
+    # the report's name of its runs: a perturbation's label(cfg), a regulariser's label(cfg, base)
+    if role == "regularise" and not callable(m.label):
+        raise TypeError(f"{what}: a regulariser's label is a function of (cfg, base), base being the "
+                        f"perturbation's label, e.g. label=lambda cfg, base: f\"{{base}} + {m.label}\"")
+    if callable(m.label):
+        _check_call(what, "label", m.label, ("cfg",) if role == "perturb" else ("cfg", "base"))
+    elif not isinstance(m.label, str):
+        raise TypeError(f"{what}: label must be a string or a function, not {type(m.label).__name__}")
+    _check_passes(what, m.passes, role)
+    if m.attack is not None and m.attack not in config.ATTACKS:
+        raise ValueError(f"{what}: attack={m.attack!r} is not a train.py --attack ({', '.join(config.ATTACKS)}); "
+                         "leave attack=None and select the method with --method NAME")
+    if (m.state is None) != (m.state_key is None):
+        raise ValueError(f"{what}: give state= and state_key= together (the state and its key in resume.pt)")
+    keys = {other.state_key for name, other in REGISTRY.items() if name != m.name}
+    if m.state_key is not None and m.state_key in keys:
+        raise ValueError(f"{what}: state_key '{m.state_key}' is another method's; choose another")
+    unknown = sorted(set(m.defaults) - set(config.FIELDS))
+    if unknown:
+        raise ValueError(f"{what}: defaults= names {unknown}, which are no train.py flags (config.py)")
+    taken = {key for name, other in REGISTRY.items() if name != m.name for key in other.recipes}
+    for key, recipe in m.recipes.items():
+        if not isinstance(recipe, Recipe):
+            raise TypeError(f"{what}: recipe '{key}' must be a methods.Recipe, not {type(recipe).__name__}")
+        if not isinstance(key, str) or not NAME.fullmatch(key):
+            raise ValueError(f"{what}: recipe name {key!r}: use lowercase letters, digits and _")
+        if key in taken:
+            raise ValueError(f"{what}: recipe name '{key}' is taken by another method; choose another")
+    # its rows in report.py's tables
+    if rows is None:
+        if callable(m.label):
+            raise ValueError(f"{what}: its label is computed, so give register(..., rows=[...]) the labels its "
+                             "runs get, in the order of report.py's rows (methods.ROW_ORDER)")
+        rows = [m.label]
+    if isinstance(rows, str) or not all(isinstance(r, str) for r in rows) or not rows:
+        raise TypeError(f"{what}: rows= is a list of labels (strings), e.g. rows=[\"FGSM + X\", \"FGSM-RS + X\"]")
+    own = set(_ROWS.get(m.name, [])) if replace else set()
+    for row in rows:
+        if not row.strip() or "|" in row or "\n" in row:
+            raise ValueError(f"{what}: label {row!r} must be a non-empty line without '|' (a cell of report.py's "
+                             "tables)")
+        if row in ROW_ORDER and row not in own:
+            raise ValueError(f"{what}: the label '{row}' is another method's: report.py would put both in one "
+                             "row; choose another label")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"{what}: rows= names a label twice")
+    return list(rows)
+
+
+def _check_call(what: str, key: str, fn, args: tuple[str, ...]) -> None:
+    """TypeError unless fn is None or can be called with these arguments, as train.py calls it."""
+    if fn is None:
+        return
+    if not callable(fn):
+        raise TypeError(f"{what}: {key}= must be a function of ({', '.join(args)}), not {type(fn).__name__}")
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: it is called as it is
+    try:
+        signature.bind(*args)
+    except TypeError:
+        name = getattr(fn, "__name__", key)
+        raise TypeError(f"{what}: {key}= is called as {key}({', '.join(args)}); {name}{signature} cannot be"
+                        ) from None
+
+
+def _check_passes(what: str, passes, role: str) -> None:
+    """passes: a string like '2' or '10+f+1', or passes(cfg); a regulariser's may map the perturbation's
+    passes to the sum ({'2': '3+dbl'})."""
+    example = "passes=\"2\"" if role == "perturb" else "passes={\"2\": \"3+dbl\"}"
+    if callable(passes):
+        _check_call(what, "passes", passes, ("cfg",))
+        return
+    values = list(passes.values()) if isinstance(passes, dict) and role == "regularise" else [passes]
+    if isinstance(passes, dict) and not all(isinstance(k, str) for k in passes):
+        values = [None]
+    if not values or not all(isinstance(v, str) and PASSES.fullmatch(v) for v in values):
+        raise ValueError(f"{what}: passes={passes!r}: give its forward+backward passes per step, {example} (terms "
+                         "joined by +: a number of passes, f a forward only, dbl a double backprop)")
+
+
+def _reads_argument(fn, index: int) -> bool:
+    """Whether fn's body reads its index-th positional argument; False when that cannot be told (not a
+    plain Python function)."""
+    fn = inspect.unwrap(fn)
+    if inspect.ismethod(fn):  # its first argument is bound
+        fn, index = fn.__func__, index + 1
+    code = getattr(fn, "__code__", None)
+    if code is None or index >= code.co_argcount:
+        return False
+    name = code.co_varnames[index]
+    if name in code.co_cellvars:  # an inner function uses it
+        return True
+    for instruction in dis.get_instructions(code):
+        if instruction.opname.startswith("LOAD_FAST"):
+            names = instruction.argval if isinstance(instruction.argval, tuple) else (instruction.argval,)
+            if name in names:
+                return True
+    return False
+
+
+def _check_recipes(m: Method) -> None:
+    """Each recipe's flags (on digits, eps 8) are train.py's, select this method and name one of its rows."""
+    import config
+    for key, recipe in m.recipes.items():
+        words = recipe.flags(8, "digits")
+        heard = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(heard):
+                cfg, _ = config.config_and_defaults(config.build_parser().parse_args(words))
+        except SystemExit:
+            said = heard.getvalue().strip().removeprefix("train.py: error: ")
+            raise ValueError(f"method '{m.name}': recipe '{key}': its flags are not train.py's ({said})") from None
+        if m not in select(cfg):
+            raise ValueError(f"method '{m.name}': recipe '{key}' does not select it; add --method={m.name} to its "
+                             "words")
+        label = label_of(cfg)
+        if label not in _ROWS[m.name]:
+            raise ValueError(f"method '{m.name}': recipe '{key}' trains runs labelled '{label}', which is not one of "
+                             f"its rows {_ROWS[m.name]}; add it to rows=")
+
+
+# ------------------------------------------------------------------------------- a methods file
+FILE_HASH = "methods_file_sha256"  # config.json's key for the content hash of a run's --methods_file
+_FILES: dict[str, tuple[str, tuple[str, ...]]] = {}  # the loaded files: path -> (sha256, names registered)
+
+
+def load_file(path: str) -> str:
+    """Runs a Python file that registers methods (train.py --methods_file) and returns the sha256 of its
+    content. A file loaded before with the same content is not run again; one whose content changed
+    replaces the methods it registered. Raises ValueError, one line naming the file and what is wrong,
+    and then registers nothing."""
+    path = os.path.abspath(path)
+    try:
+        with open(path, "rb") as f:
+            source = f.read()
+    except OSError as exc:
+        raise ValueError(f"methods file {path}: {exc.strerror}; give the file that registers the methods") from None
+    digest = hashlib.sha256(source).hexdigest()
+    if _FILES.get(path, ("",))[0] == digest:
+        return digest
+    before = snapshot()
+    unload_file(path)
+    module_name = f"methods_file_{digest[:16]}"
+    module = types.ModuleType(module_name)
+    module.__file__ = path
+    sys.modules[module_name] = module  # dataclasses and pickle look a module up by name
+    try:
+        exec(compile(source, path, "exec"), module.__dict__)  # the content hashed, as it was read
+        names = tuple(name for name in REGISTRY if before[0].get(name) is not REGISTRY[name])
+        if not names:
+            raise ValueError("it registers no method: call methods.register(methods.Method(...)) in it")
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        restore(before)
+        raise ValueError(f"methods file {path}{_where(exc, path)}: {_one_line(exc)}") from None
+    _FILES[path] = (digest, names)
+    return digest
+
+
+def unload_file(path: str) -> None:
+    """Unregisters the methods a loaded file registered (nothing if it was not loaded)."""
+    _, names = _FILES.pop(os.path.abspath(path), ("", ()))
+    for name in names:
+        if name in REGISTRY:
+            unregister(name)
+
+
+def loaded_hash(path: str) -> str | None:
+    """The sha256 of the content of path that load_file() ran, or None if it has not loaded it."""
+    return _FILES.get(os.path.abspath(path), (None,))[0]
+
+
+def load_recorded(settings: dict) -> str | None:
+    """Loads the methods file that a run's config.json records, if any. Returns why the methods now
+    registered may not be those the run trained with, in one line (the file is missing or fails, or
+    its content changed since), or None."""
+    path = settings.get("methods_file")
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        return f"the methods file {path} that a run's config.json names is missing; restore it, or give --methods_file"
+    try:
+        load_file(path)
+    except ValueError as exc:
+        return f"{exc} (a run's config.json names this file)"
+    return changed_since(settings, path)
+
+
+def changed_since(settings: dict, path: str | None) -> str | None:
+    """How the methods file loaded now (path; None: none given) differs from the one a run's config.json
+    records (its sha256), in one line; None when it is the same or the run recorded none."""
+    recorded = settings.get(FILE_HASH)
+    now = loaded_hash(path) if path else None
+    if recorded is None or now == recorded:
+        return None
+    return (f"methods file {settings.get('methods_file')} has changed since a run recorded it (sha256 "
+            f"{str(recorded)[:12]}, now " + (f"{now[:12]}" if now else "none given") + ")")
+
+
+def unavailable(cfg) -> str | None:
+    """Why cfg's method cannot be named (its --method is not registered: the file that registers it was
+    not loaded), or None."""
+    method = getattr(cfg, "method", None)
+    if method is None or method in REGISTRY:
+        return None
+    where = getattr(cfg, "methods_file", None)
+    return (f"its method '{method}' is not registered" + (f" (config.json names the file {where})" if where else "")
+            + "; give the file that registers it with --methods_file")
+
+
+def _where(exc: BaseException, path: str) -> str:
+    """' line N' of the file where exc was raised, or ''."""
+    if isinstance(exc, SyntaxError) and exc.filename == path and exc.lineno:
+        return f" line {exc.lineno}"
+    lines = [line for frame, line in traceback.walk_tb(exc.__traceback__) if frame.f_code.co_filename == path]
+    return f" line {lines[-1]}" if lines else ""
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    if isinstance(exc, ValueError | TypeError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 # -------------------------------------------------------------------------------------- selection
 def select(cfg) -> tuple[Method | None, Method | None]:
     """(the perturbation, the regulariser or None) that cfg selects; cfg.method replaces the one of its
-    role. The perturbation is None only for an --attack no entry handles (an older run's config)."""
+    role. The perturbation is None only for an --attack no entry handles (an older run's config).
+    Raises ValueError (unavailable()) for a cfg.method that is not registered."""
     perturbation = next((m for m in REGISTRY.values() if m.perturb is not None and m.selects(cfg)), None)
     regulariser = next((m for m in REGISTRY.values() if m.regularise is not None and m.selects(cfg)), None)
+    problem = unavailable(cfg)
+    if problem:  # not the flags' methods in its place: a run is never named after another method
+        raise ValueError(problem)
     chosen = REGISTRY.get(getattr(cfg, "method", None) or "")
     if chosen is not None and chosen.perturb is not None:
         perturbation = chosen
@@ -614,7 +921,10 @@ def number(text: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import config
     p = argparse.ArgumentParser(prog="methods.py", description=__doc__.split("\n\n")[0])
+    config.add_flags(p, ["methods_file"], helps={"methods_file": "a Python file that registers more methods "
+                                                "(train.py --methods_file), loaded first"})
     sub = p.add_subparsers(dest="command", required=True)
     listing = sub.add_parser("list", help="the methods the sweeps offer, on one line")
     which = listing.add_mutually_exclusive_group()
@@ -635,6 +945,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="own: add the words of each method's own protocol, precision included")
     args = p.parse_args(argv)
     try:
+        if args.methods_file is not None:
+            load_file(args.methods_file)
         if args.command == "list":
             print(" ".join(name for name, r in recipes().items()
                            if args.all or (r.paper if args.paper else r.listed)))
@@ -654,4 +966,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import methods  # the module that config.py and a methods file import: one registry, not a second copy
+    sys.exit(methods.main())

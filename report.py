@@ -13,7 +13,9 @@ protocol differs from the paper's (1000 test points, PGD-50-10, no --debug) or w
 flagged with a dagger and explained under the tables. Runs trained with --final_autoattack add
 AutoAttack tables (accuracy, and PGD minus AutoAttack per method and eps, from the runs that have
 both); a mean gap over GAP_FLAG points is marked ‡ as possible gradient masking. Without such runs
-the report and its CSV have no AutoAttack columns.
+the report and its CSV have no AutoAttack columns. A run trained with `train.py --methods_file` has
+its file loaded again from config.json (a warning when it is missing or has changed; --methods_file
+loads one first); a run whose method is then not registered is listed apart, not counted.
 """
 from __future__ import annotations
 
@@ -68,10 +70,12 @@ class Run:
     mismatch: str = ""
     evals: tuple[dict, ...] = ()  # eval.py's re-evaluations (evals/*.json), by file name
     damaged_evals: tuple[str, ...] = ()  # the evals/ files skipped, with why
+    unavailable: str = ""  # why its method cannot be named (not registered: methods.unavailable)
+    methods_file: str = ""  # what is wrong with the methods file its config.json records, if anything
 
     @property
     def counted(self) -> bool:
-        return self.final is not None and not self.damaged and not self.mismatch
+        return self.final is not None and not self.damaged and not self.mismatch and not self.unavailable
 
     @property
     def name(self) -> str:
@@ -149,12 +153,15 @@ def read_run(folder: str) -> Run:
     final, damage = rundir.read_final(folder)
     if damage:
         return Run(folder, settings, None, damaged=damage)
-    if final is None:
-        return Run(folder, settings, None)
+    # the methods file the run trained with (train.py --methods_file), loaded again from its record
+    note = methods.load_recorded(settings) or ""
+    unavailable = methods.unavailable(types.SimpleNamespace(method=settings.get("method"),
+                                                            methods_file=settings.get("methods_file"))) or ""
+    if final is None or unavailable:
+        return Run(folder, settings, final, unavailable=unavailable, methods_file=note)
     evals, damaged_evals = read_evals(folder)
     return Run(folder, settings, final, mismatch=settings_mismatch(folder, settings, final), evals=evals,
-               damaged_evals=damaged_evals)
-
+               damaged_evals=damaged_evals, methods_file=note)
 
 # What an eval.py result must hold to be shown: its fields and what each must be.
 EVAL_FIELDS = {"clean_acc": "a fraction", "pgd_acc": "a fraction", "eps": "a number", "n_eval": "a count",
@@ -495,6 +502,9 @@ def markdown(rows: list[dict], skipped: list[str] | None = None, bench: dict | N
     mismatched = [f"- {r.name}: {r.mismatch}" for r in not_counted if r.mismatch]
     if mismatched:
         out += ["## Settings that do not match the run (not counted)", "", *mismatched, ""]
+    unavailable = [f"- {r.name}: {r.unavailable}" for r in not_counted if r.unavailable]
+    if unavailable:
+        out += ["## Methods not available (not counted)", "", *unavailable, ""]
     return "\n".join(out)
 
 
@@ -624,7 +634,7 @@ CURVE_PANELS = [("train_pgd_acc", "PGD accuracy, training subset (%)", 100),
 
 def curve_label(run_dir: str) -> str:
     c = rundir.read_json(os.path.join(run_dir, "config.json"))
-    if c is None:
+    if not isinstance(c, dict) or c.get("method", None) not in (None, *methods.REGISTRY):
         return os.path.basename(os.path.normpath(run_dir))
     return f"{method_name(c)}, eps {float(c.get('eps', 8)):g}, seed {c.get('seed')}"
 
@@ -671,6 +681,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs-glob", dest="runs_glob", default="*", help="only run directories whose name matches")
     p.add_argument("--bench", default=None, metavar="BENCH_JSON",
                    help="bench.py's output: adds its measured units per step to the robustness-vs-cost table")
+    config.add_flags(p, ["methods_file"], helps={"methods_file": "a Python file that registers methods, loaded "
+                                                "before the runs (each run's config.json names its own file too)"})
     return p
 
 
@@ -701,6 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.roots and not args.curves:
         build_parser().error("give at least one ROOT or --curves RUN_DIR")
     problem = input_problem(args)  # all before anything is written
+    try:
+        if problem is None and args.methods_file is not None:
+            methods.load_file(args.methods_file)
+    except ValueError as exc:
+        problem = str(exc)
     if problem:
         print(f"report.py: error: {problem}", file=sys.stderr)
         return 2
@@ -712,8 +729,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def write_report(args: argparse.Namespace) -> int:
     runs = collect_runs(args.roots, args.runs_glob)
-    skipped = [r.name for r in runs if r.final is None and not r.damaged]
-    not_counted = [r for r in runs if r.damaged or r.mismatch]
+    for note in dict.fromkeys(r.methods_file for r in runs if r.methods_file):  # each once, in order
+        print(f"report.py: warning: {note}", file=sys.stderr)
+    for run in runs:
+        if run.unavailable:
+            print(f"report.py: warning: {run.name} is not counted: {run.unavailable}", file=sys.stderr)
+    skipped = [r.name for r in runs if r.final is None and not r.damaged and not r.unavailable]
+    not_counted = [r for r in runs if r.damaged or r.mismatch or r.unavailable]
     rows = aggregate(runs)
     bench = rundir.read_json(args.bench) if args.bench else None
     try:
@@ -733,7 +755,8 @@ def write_report(args: argparse.Namespace) -> int:
         written += plot_robust_vs_eps(rows, args.out)
         counted = sum(r.counted for r in runs)
         print(f"{counted} finished runs in {len(rows)} groups, {len(skipped)} skipped"
-              + (f", {len(not_counted)} not counted (damaged or mismatched: listed in report.md)" if not_counted
+              + (f", {len(not_counted)} not counted (damaged, mismatched or of a method not available: listed "
+                 "in report.md)" if not_counted
                  else ""))
     else:
         written = []

@@ -380,11 +380,13 @@ def resume_identity(cfg: Config, name: str, device: torch.device) -> dict:
 
 
 def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
-    """config.json: the settings, the run name and what this machine resolved (device, dtype, layouts,
-    the final attack). Written at the first start, and again on resume if it went missing."""
+    """config.json: the settings (with the sha256 of --methods_file), the run name and what this machine
+    resolved (device, dtype, layouts, the final attack). Written at the first start, and again on resume
+    if it went missing."""
     n_iters, n_restarts = cfg.final_attack
     rundir.write_config(os.path.join(cfg.out_dir, name), {
-        **record(cfg), "run_name": name, "device_used": str(device),
+        **record(cfg), **({methods.FILE_HASH: methods.loaded_hash(cfg.methods_file)} if cfg.methods_file else {}),
+        "run_name": name, "device_used": str(device),
         "half_prec_dtype_used": (str(precision.half_prec_dtype(cfg, device)).removeprefix("torch.")
                                  if cfg.half_prec else None),
         "layouts": precision.layout_names(precision.pass_layouts(cfg.channels_last, device.type, cfg.model)),
@@ -419,6 +421,9 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         recorded = rundir.read_config(run_dir)
         if recorded is None:
             write_run_config(cfg, name, device)
+        elif methods.changed_since(recorded, cfg.methods_file):  # the method's code is not the run's
+            raise rundir.RunDirError(f"{methods.changed_since(recorded, cfg.methods_file)}: resuming would train "
+                                     "on with other code; restore the file, or relaunch with --overwrite")
         elif changed := numerics.differences(recorded.get("numerics"), numerics.describe(device)):
             loop.log(f"warning: resuming under other numerics than config.json records: {', '.join(changed)}; "
                      "the resumed epochs round differently")

@@ -10,8 +10,21 @@
 #   EXTRA          train.py flags appended to every command (split at spaces), as are the script's arguments
 #   JOBS           runs at once on this machine (default 1); LAUNCHER_ARGS: more launch.py flags (e.g. --slurm)
 #   PYTHON         interpreter that runs launch.py (default python)
+#   METHODS_FILE   a Python file that registers more methods (train.py --methods_file; absolute, or relative
+#                  to where the script was started): METHODS may name its recipes, every command loads it
 
 SEEDS=${SEEDS:-"0 1 2 3 4"}
+
+# $METHODS_FILE as methods.py's and train.py's flag (none without it); the scripts cd to the repository
+# root first, so a relative path is taken from the folder they were started in ($OLDPWD).
+METHODS_FILE_ARGS=()
+if [[ -n ${METHODS_FILE:-} ]]; then
+  [[ $METHODS_FILE == /* ]] || METHODS_FILE="$OLDPWD/$METHODS_FILE"
+  METHODS_FILE_ARGS=("--methods_file=$METHODS_FILE")
+fi
+
+# methods_py ARG...: python methods.py ARG..., with $METHODS_FILE's methods.
+methods_py() { python methods.py ${METHODS_FILE_ARGS[@]+"${METHODS_FILE_ARGS[@]}"} "$@"; }
 
 # collect_extra ARG...: sets EXTRA_ARGS to $EXTRA and ARG..., each shell-quoted, with a leading space.
 collect_extra() {
@@ -38,7 +51,7 @@ check_methods() {
 eps_grid() {
   local seed method eps key rest grid
   local -A method_flags=()
-  grid=$(python methods.py grid --dataset "$1" --methods "$METHODS" --eps "$EPS" "${@:2}") || exit 2
+  grid=$(methods_py grid --dataset "$1" --methods "$METHODS" --eps "$EPS" "${@:2}") || exit 2
   while read -r method eps rest; do
     method_flags["$method $eps"]=$rest
   done <<< "$grid"
@@ -52,8 +65,12 @@ eps_grid() {
   done
 }
 
-# emit FLAGS: prints one train.py command line, the extra arguments appended.
-emit() { printf 'python train.py %s%s\n' "$*" "$EXTRA_ARGS"; }
+# emit FLAGS: prints one train.py command line (with $METHODS_FILE first), the extra arguments appended.
+emit() {
+  local file=""
+  [[ -z ${METHODS_FILE:-} ]] || file="$(printf '%q' "${METHODS_FILE_ARGS[0]}") "
+  printf 'python train.py %s%s%s\n' "$file" "$*" "$EXTRA_ARGS"
+}
 
 # sweep FUNCTION: prints FUNCTION's commands (DRY_RUN=1), their runs' states (STATUS=1), or feeds them
 # to launch.py on stdin.

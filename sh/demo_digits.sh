@@ -7,7 +7,8 @@
 # seeds 5-9 never saw: docs/search_digits.md); each method's flags come from methods.py's table.
 #
 # Env: SEEDS ("5 6 7 8 9"), EPS ("76.5", in 1/255 units), METHODS (all nine), JOBS (2),
-# OUT (runs/demo_digits), REPORT (reports/demo_digits), DRY_RUN=1 prints the commands only.
+# OUT (runs/demo_digits), REPORT (reports/demo_digits), DRY_RUN=1 prints the commands only,
+# METHODS_FILE (a file of more methods, as in sh/commands.sh).
 # Extra arguments go to every train.py, after the recipe and the method's flags (so they override both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,16 +19,18 @@ METHODS=${METHODS:-"fgsm fgsm_rs gradalign pgd10 nfgsm zerograd multigrad elle e
 JOBS=${JOBS:-2}
 OUT=${OUT:-runs/demo_digits}
 REPORT=${REPORT:-reports/demo_digits}
+source sh/commands.sh  # methods_py and METHODS_FILE's flag (SEEDS keeps this script's default)
 
 commands() {
   local -A method_flags=()
   local method eps rest grid
-  grid=$(python methods.py grid --dataset digits --methods "$METHODS" --eps "$EPS") || exit 2
+  grid=$(methods_py grid --dataset digits --methods "$METHODS" --eps "$EPS") || exit 2
   while read -r method eps rest; do  # the flags of each method at each eps, from methods.py's table
     method_flags["$method $eps"]=$rest
   done <<< "$grid"
   for seed in $SEEDS; do for eps in $EPS; do for method in $METHODS; do
-    echo "python train.py @$RECIPE --out_dir=$OUT --eps=$eps ${method_flags["$method $eps"]} --seed=$seed $*"
+    echo "python train.py ${METHODS_FILE_ARGS[*]+${METHODS_FILE_ARGS[*]} }@$RECIPE --out_dir=$OUT --eps=$eps" \
+      "${method_flags["$method $eps"]} --seed=$seed $*"
   done; done; done
 }
 
@@ -39,4 +42,4 @@ OMP_NUM_THREADS=1 python launch.py --jobs "$JOBS" --log_dir "$OUT/logs" <<< "$cm
 largest=$(printf '%s\n' $EPS | sort -g | tail -1)
 first_seed=$(printf '%s\n' $SEEDS | head -1)
 curves=$(ls -d "$OUT"/digits_cnn_*_eps${largest}_*_seed${first_seed} 2>/dev/null || true)
-python report.py "$OUT" --out "$REPORT" ${curves:+--curves $curves}
+python report.py "$OUT" --out "$REPORT" ${METHODS_FILE_ARGS[@]+"${METHODS_FILE_ARGS[@]}"} ${curves:+--curves $curves}

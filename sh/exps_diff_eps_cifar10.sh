@@ -22,8 +22,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/commands.sh
 
-PAPER_METHODS=$(python methods.py list --paper)
-ALL_METHODS=$(python methods.py list)
+PAPER_METHODS=$(methods_py list --paper)
+ALL_METHODS=$(methods_py list)
 METHODS=${METHODS:-$PAPER_METHODS}
 EPS=${EPS:-$(seq -s " " 1 16)}
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"

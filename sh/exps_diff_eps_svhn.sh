@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/commands.sh
 
-ALL_METHODS=$(python methods.py list --paper)
+ALL_METHODS=$(methods_py list --paper)
 METHODS=${METHODS:-$ALL_METHODS}
 EPS=${EPS:-$(seq -s " " 1 12)}
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"

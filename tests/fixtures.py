@@ -11,6 +11,8 @@ import threading
 
 import numpy as np
 
+import methods
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A tiny digits run: cnn-4, 1400/350 = 4 iterations per epoch, evaluated every 2 iterations.
@@ -33,8 +35,8 @@ class ProcessState:
     """What an in-process call of an entry point must leave as it found it: the stop-signal handlers,
     torch's thread count, the working directory, the environment, the umask, and no run lock's
     refreshing thread still running. Captured when made; restore() puts it back and names what changed.
-    The TF32 and cudnn benchmark switches are process-wide settings train.py makes on purpose: restored,
-    not reported."""
+    The TF32 and cudnn benchmark switches are process-wide settings train.py makes on purpose, and the
+    methods a --methods_file registers stay registered as an import would: both restored, not reported."""
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2, signal.SIGINT)
     # Set by pytest for each test phase, and by scikit-learn and torch's compiler package when first
     # imported (a module imported during a test): not a test's doing.
@@ -49,6 +51,7 @@ class ProcessState:
         os.umask(self.umask)
         self.flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
                       torch.backends.cudnn.benchmark)
+        self.registry = methods.snapshot()
 
     def restore(self) -> list[str]:
         import torch
@@ -78,6 +81,7 @@ class ProcessState:
             leaked.append(f"the umask ({oct(umask)}, was {oct(self.umask)})")
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cudnn.benchmark) = self.flags
+        methods.restore(self.registry)
         for thread in threading.enumerate():
             if thread.name == "run-lock-heartbeat":
                 thread.join(timeout=0.2)  # release() joins it: one still running was never released
