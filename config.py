@@ -448,12 +448,12 @@ MAX_TRAINING_STEPS = 10**9
 
 
 def steps_problem(cfg: Config) -> str | None:
-    """A run of more than MAX_TRAINING_STEPS steps (sweep_cost.training_steps), as one line; None otherwise
+    """A run of more than MAX_TRAINING_STEPS steps (cost.training_steps), as one line; None otherwise
     (a non-positive batch size or epoch count is left to its own check)."""
-    import sweep_cost
+    import cost
     if cfg.batch_size < 1 or cfg.epochs < 0:
         return None
-    steps = sweep_cost.training_steps(cfg)
+    steps = cost.training_steps(cfg)
     if steps <= MAX_TRAINING_STEPS:
         return None
     return (f"--epochs {cfg.epochs} means {steps:.3g} training steps, more than any run could finish (10**9: 11 days "

@@ -177,11 +177,11 @@ def eval_problem(result) -> str | None:
         if key == "weights":
             ok = value in ("last", "best")
         elif what == "a fraction":
-            ok = rundir._is_number(value) and 0 <= value <= 1
+            ok = rundir.is_number(value) and 0 <= value <= 1
         elif what == "a count":
             ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
         else:
-            ok = rundir._is_number(value)
+            ok = rundir.is_number(value)
         if not ok:
             return f"its {key} is not {what}"
     return None
@@ -526,7 +526,7 @@ def evals_table(runs: list[Run]) -> list[str]:
                   "|---|---|---|---|---|---|---|---|---|"]
     for run, e in pairs:
         attack = f"PGD-{e['attack_iters']}-{e['n_restarts']}" + (f" + {e['attack']}" if e.get("attack") else "")
-        extra = next((f"{100 * e[k]:.1f} ({name})" for k, name in AA_KEYS.items() if rundir._is_number(e.get(k))),
+        extra = next((f"{100 * e[k]:.1f} ({name})" for k, name in AA_KEYS.items() if rundir.is_number(e.get(k))),
                      "–")
         own = run.final.get(e["weights"]) if run.final else None
         if not isinstance(own, dict):

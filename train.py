@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+import cost
 import data
 import eval as evaluation
 import lease
@@ -54,7 +55,6 @@ import models
 import numerics
 import precision
 import rundir
-import sweep_cost
 import tracking
 import utils
 from config import EXIT_NONFINITE, EXIT_OK, EXIT_USAGE, Config, parse_config, record
@@ -287,13 +287,13 @@ def duration(seconds: float) -> str:
 
 
 def cost_line(cfg: Config, n_final: int) -> str:
-    """What the run will cost, said at its start (sweep_cost.py's count): training steps and their
+    """What the run will cost, said at its start (cost.py's count): training steps and their
     passes, periodic evaluations, the final evaluation."""
-    cost = sweep_cost.run_cost(cfg)
+    counted = cost.run_cost(cfg)
     n_attack, n_restarts = cfg.final_attack
     weights = "last and best" if cfg.eval_early_stopped_model else "last"
-    return (f"cost: {cost['steps']} training steps (epoch 0's one, then {cfg.epochs} epochs) of {cost['passes']} "
-            f"forward+backward passes ({cost['label']}), {sweep_cost.periodic_evaluations(cfg)} periodic "
+    return (f"cost: {counted['steps']} training steps (epoch 0's one, then {cfg.epochs} epochs) of {counted['passes']} "
+            f"forward+backward passes ({counted['label']}), {cost.periodic_evaluations(cfg)} periodic "
             f"evaluations, then PGD-{n_attack}-{n_restarts} of the {weights} weights on {n_final} test points; "
             "the time left is projected after the first epoch")
 

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # parts that do not import it back.
 LAYERS = {
     "parts": ("precision", "numerics", "tracking", "lease", "models", "data", "autoattack_eval", "utils", "methods",
-              "config", "rundir"),
+              "cost", "config", "rundir"),
     "evaluation": ("eval",),
     "trainer": ("train",),
     "tool kit": ("timing",),
@@ -28,11 +28,12 @@ ALLOWED = {
     "autoattack_eval": set(),
     "utils": {"precision"},
     "methods": {"utils"},
-    "config": {"methods", "utils", "data", "models", "autoattack_eval", "tracking"},
+    "cost": {"data", "methods"},
+    "config": {"cost", "methods", "utils", "data", "models", "autoattack_eval", "tracking"},
     "rundir": {"config", "lease"},
     "eval": {"autoattack_eval", "config", "data", "models", "numerics", "precision", "rundir", "utils"},
-    "train": {"config", "data", "eval", "lease", "methods", "models", "numerics", "precision", "rundir", "tracking",
-              "utils"},
+    "train": {"config", "cost", "data", "eval", "lease", "methods", "models", "numerics", "precision", "rundir",
+              "tracking", "utils"},
     "timing": {"config", "data", "methods", "models", "precision", "train"},
     "bench": {"autoattack_eval", "config", "data", "models", "precision", "rundir", "timing", "train", "utils"},
     "authors_compare": {"config", "data", "eval", "models", "precision", "rundir", "timing", "train", "utils"},
@@ -40,7 +41,7 @@ ALLOWED = {
     "report": {"config", "methods", "numerics", "rundir"},
     "launch": {"config", "lease", "rundir"},
     "analysis": {"data", "models", "rundir", "utils"},
-    "sweep_cost": {"config", "data", "methods"},
+    "sweep_cost": {"config", "cost"},
 }
 # Names re-exported for one release from the module they moved out of, imported on first use inside
 # that module's __getattr__ (and nowhere else in it): utils.lr_at (now train.lr_at) and bench.py's

@@ -136,7 +136,8 @@ OUTPUT_FILES = {"report.md", "lemma2.md"}
 # paths under this repository's folders are checked.
 OTHER_CODE_PAGES = {"later_methods.md"}
 FOLDERS = ("docs/", "sh/", "recipes/", "tests/", ".ci/")
-MODULES = ("analysis", "authors_compare", "autoattack_eval", "bench", "config", "data", "eval", "gpu_check", "launch",
+MODULES = ("analysis", "authors_compare", "autoattack_eval", "bench", "config", "cost", "data", "eval", "gpu_check",
+           "launch",
            "lease", "methods", "models", "numerics", "precision", "report", "rundir", "sweep_cost", "timing",
            "tracking", "train", "utils")
 PATH_RE = re.compile(r"@?((?:\.?[\w-]+/)*(?:[\w.-]+\.(?:py|sh|args|md|ini|toml)|requirements[\w-]*\.txt)"
