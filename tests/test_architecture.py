@@ -31,7 +31,7 @@ ALLOWED = {
     "cost": {"data", "methods"},
     "config": {"cost", "methods", "utils", "data", "models", "autoattack_eval", "tracking"},
     "rundir": {"config", "lease"},
-    "eval": {"autoattack_eval", "config", "data", "models", "numerics", "precision", "rundir", "utils"},
+    "eval": {"autoattack_eval", "config", "data", "methods", "models", "numerics", "precision", "rundir", "utils"},
     "train": {"config", "cost", "data", "eval", "lease", "methods", "models", "numerics", "precision", "rundir",
               "tracking", "utils"},
     "timing": {"config", "data", "methods", "models", "precision", "train"},
@@ -47,6 +47,10 @@ ALLOWED = {
 # that module's __getattr__ (and nowhere else in it): utils.lr_at (now train.lr_at) and bench.py's
 # comparison with the authors' code (now authors_compare.py).
 ONE_RELEASE = {("utils", "train"), ("bench", "authors_compare")}
+# The one import that still runs back up, and only inside functions: methods.py's register() checks an
+# entry against train.py's flags and recipes (config.py), and its command line reads --methods_file as
+# config.py declares it. It is a circle (config.py imports methods.py) that these tests keep from growing.
+KNOWN_CIRCLE = {("methods", "config"): {"_checked_rows", "_check_recipes", "main"}}
 
 
 def repo_modules() -> list[str]:
@@ -76,7 +80,9 @@ def imports_of(source: str, modules: set[str]) -> dict[str, set[str]]:
 @functools.cache
 def graph() -> dict[str, dict[str, set[str]]]:
     modules = set(repo_modules())
-    return {m: imports_of(open(os.path.join(ROOT, f"{m}.py")).read(), modules) for m in modules}
+    # a module importing itself (methods.py run as a script takes the one imported copy) is no dependency
+    return {m: {t: w for t, w in imports_of(open(os.path.join(ROOT, f"{m}.py")).read(), modules).items() if t != m}
+            for m in modules}
 
 
 def problems(edges: dict[str, dict[str, set[str]]], allowed: dict[str, set[str]], layers: dict[str, tuple],
@@ -125,7 +131,8 @@ def circles(allowed: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_every_import_keeps_to_the_table_and_the_layers():
-    edges = graph()
+    edges = {m: {t: w for t, w in targets.items() if (m, t) not in KNOWN_CIRCLE} for m, targets in graph().items()}
+    assert all(graph()[m].get(t, set()) <= where for (m, t), where in KNOWN_CIRCLE.items())
     assert set(edges) == set(ALLOWED), "a new module needs a row in ALLOWED and a place in LAYERS"
     assert problems(edges, ALLOWED, LAYERS, ONE_RELEASE) == []
 

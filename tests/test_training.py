@@ -539,7 +539,8 @@ def test_cifar10_sweep_runs_either_protocol():
 # ------------------------------------------------------------------------------------ resume.pt
 # The keys of resume.pt as every earlier version wrote them (the loop, the finite checks, the methods'
 # states, the RNGs and the metrics lines).
-RESUME_KEYS = {"best_acc", "best_state", "elle", "first_bad_iter", "free_delta", "iteration", "metrics_lines",
+RESUME_KEYS = {"best_acc", "best_state", "elle", "first_bad_iter", "free_delta", "iteration", "layouts",
+               "metrics_lines",
                "model", "next_epoch", "opt", "rng", "scaler", "skipped_in_a_row", "skipped_steps", "stalled_at",
                "train_seconds"}
 
