@@ -282,8 +282,9 @@ def provenance(args, changed: list[str]) -> str:
     """Where the settings came from, for the summary line."""
     if args.run:
         return "settings: the run's final evaluation" + (" but " + ", ".join(changed) if changed else "")
+    shown = shapes_the_model(args)
     said = {name: f"{name} {getattr(args, name)} ({args.settings_from[name]})" for name in (*FROM_RUN, *FINAL_EVAL)
-            if name in shapes_the_model(args)}
+            if name in shown}
     if args.threads is None:
         said["threads"] = f"threads {torch.get_num_threads()} (torch's choice)"
     return "no config.json beside the checkpoint: " + ", ".join(said.values())
@@ -332,8 +333,9 @@ def evaluate(args) -> dict:
     except models.CheckpointError as exc:
         if args.run:
             raise
+        shown = shapes_the_model(args)
         assumed = " ".join(f"--{n} {getattr(args, n)}" for n in FROM_RUN[:-1]
-                           if args.settings_from[n] == "default" and n in shapes_the_model(args))
+                           if args.settings_from[n] == "default" and n in shown)
         raise models.CheckpointError(f"{exc} (no config.json beside the checkpoint, so eval.py assumed "
                                      f"{assumed or 'the flags given'})") from None
     eval_layout = precision.pass_layouts(args.channels_last, device.type, args.model)["eval"]

@@ -12,7 +12,8 @@ TensorBoard discard what earlier event files said; W&B keeps the run's id (run_d
 logs the rows from the step the run resumes at (offline: all of them, into the new offline folder,
 so the newest one holds the whole curve).
 
-    tracker = tracking.open_tracker("tensorboard", run_dir, run_name, settings, rows_so_far)
+    tracker = tracking.open_tracker("tensorboard", run_dir, run_name, settings, rows_so_far,
+                                    rundir.atomic_write_bytes)
     tracker.row(record)      # after each metrics.jsonl row
     tracker.final(final, last_iteration)
     tracker.close()
@@ -23,6 +24,7 @@ import importlib.util
 import math
 import os
 import secrets
+from collections.abc import Callable
 
 INSTALL = "pip install -r requirements-log.txt"
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # --log_to's choice -> the package it needs
@@ -98,7 +100,8 @@ class WandB(Tracker):
     """A W&B run named as the run directory, with config.json's settings as its config; offline
     (files under run_dir/wandb, or WANDB_DIR; `wandb sync` uploads them) unless WANDB_MODE is set."""
 
-    def __init__(self, run_dir: str, name: str, settings: dict, rows: list[dict]):
+    def __init__(self, run_dir: str, name: str, settings: dict, rows: list[dict],
+                 write_bytes: Callable[[str, bytes], None]):
         import wandb
         id_path = os.path.join(run_dir, WANDB_ID_FILE)
         if rows and os.path.exists(id_path):
@@ -106,9 +109,7 @@ class WandB(Tracker):
                 run_id = f.read().strip()
         else:  # a new run (or --overwrite): a new W&B run
             run_id = secrets.token_hex(8)
-            with open(id_path + ".tmp", "w") as f:  # whole or absent: a torn id would start another W&B run
-                f.write(run_id)
-            os.replace(id_path + ".tmp", id_path)
+            write_bytes(id_path, run_id.encode())
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT), name=name, id=run_id,
                               config=settings, resume="allow", mode=os.environ.get("WANDB_MODE", "offline"),
                               dir=None if os.environ.get("WANDB_DIR") else run_dir, reinit="create_new",
@@ -131,10 +132,13 @@ class WandB(Tracker):
         wandb.teardown()  # stops W&B's service process (and unsets WANDB_SERVICE, which points at it)
 
 
-def open_tracker(kind: str | None, run_dir: str, name: str, settings: dict, rows: list[dict]) -> Tracker:
-    """The tracker of --log_to kind (None: none), given the metrics.jsonl rows written so far."""
+def open_tracker(kind: str | None, run_dir: str, name: str, settings: dict, rows: list[dict],
+                 write_bytes: Callable[[str, bytes], None]) -> Tracker:
+    """The tracker of --log_to kind (None: none), given the metrics.jsonl rows written so far.
+    write_bytes(path, data): how a file of the run directory is written (train.py passes
+    rundir.atomic_write_bytes: atomic, and only while the run's lock is held); W&B's run id is one."""
     if kind == "tensorboard":
         return TensorBoard(run_dir, rows)
     if kind == "wandb":
-        return WandB(run_dir, name, settings, rows)
+        return WandB(run_dir, name, settings, rows, write_bytes)
     return Tracker()

@@ -375,8 +375,8 @@ def seed_everything(seed: int) -> None:
 def resume_identity(cfg: Config, name: str, device: torch.device) -> dict:
     """What ties resume.pt to its run: identity() and the layouts --channels_last gives on this device
     (auto's differ between device types; a resume that would change them is refused)."""
-    layouts = utils.pass_layouts(cfg.channels_last, device.type, cfg.model)
-    return {**rundir.identity(cfg, name), "layouts": utils.layout_names(layouts)}
+    layouts = precision.pass_layouts(cfg.channels_last, device.type, cfg.model)
+    return {**rundir.identity(cfg, name), "layouts": precision.layout_names(layouts)}
 
 
 def write_run_config(cfg: Config, name: str, device: torch.device) -> None:
@@ -421,9 +421,9 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
         recorded = rundir.read_config(run_dir)
         if recorded is None:
             write_run_config(cfg, name, device)
-        elif methods.changed_since(recorded, cfg.methods_file):  # the method's code is not the run's
-            raise rundir.RunDirError(f"{methods.changed_since(recorded, cfg.methods_file)}: resuming would train "
-                                     "on with other code; restore the file, or relaunch with --overwrite")
+        elif changed_file := methods.changed_since(recorded, cfg.methods_file):  # not the run's method code
+            raise rundir.RunDirError(f"{changed_file}: resuming would train on with other code; restore the "
+                                     "file, or relaunch with --overwrite")
         elif changed := numerics.differences(recorded.get("numerics"), numerics.describe(device)):
             loop.log(f"warning: resuming under other numerics than config.json records: {', '.join(changed)}; "
                      "the resumed epochs round differently")
@@ -435,7 +435,8 @@ def run(cfg: Config, name: str, device: torch.device, loaders: data.RunData) -> 
     if cfg.log_to:  # the rows so far (a damaged line left out), which a resumed run's curves start with
         rows = rundir.read_jsonl_records(os.path.join(run_dir, "metrics.jsonl"))[0]
         loop.tracker = tracking.open_tracker(cfg.log_to, run_dir, name, record(cfg),
-                                             [r for r in rows if isinstance(r.get("iteration"), int)])
+                                             [r for r in rows if isinstance(r.get("iteration"), int)],
+                                             rundir.atomic_write_bytes)
     failed = True
     try:
         code = finish(loop, name, layouts)
@@ -482,8 +483,8 @@ def finish(loop: Loop, name: str, layouts: dict[str, bool]) -> int:
 def main(argv: list[str] | None = None) -> int:
     cfg, defaults = parse_config(argv)
     name = run_name(cfg, defaults)
-    if rundir.name_problem(name):  # before anything is created
-        print(f"train.py: error: {rundir.name_problem(name)}", file=sys.stderr)
+    if problem := rundir.name_problem(name):  # before anything is created
+        print(f"train.py: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
     run_dir = os.path.join(cfg.out_dir, name)
     # an oversize write (ulimit -f) then fails with EFBIG and is reported, instead of killing the process
