@@ -455,7 +455,8 @@ def run(s: Settings) -> None:
 from precision import make_scaler  # noqa: E402, F401
 from timing import BENCH_EPS, DIGITS_TRAIN, cpu_busy_fraction, seconds_per_call  # noqa: E402, F401
 
-# ... and the comparison with the authors' code lives in authors_compare.py (imported on first use).
+# ... and the comparison with the authors' code lives in authors_compare.py, a tool of its own, which
+# bench.py does not import: these old names say where each one is now.
 AUTHORS_COMPARE_NAMES = {"RUN_FILES": "RUN_FILES", "RunPoints": "RunPoints", "load_run_points": "load_run_points",
                          "load_authors_code": "load_authors_code", "reference_pgd_accuracy": "reference_pgd_accuracy",
                          "reference_gradalign_step": "reference_gradalign_step", "bench_reference": "side_by_side",
@@ -463,10 +464,10 @@ AUTHORS_COMPARE_NAMES = {"RUN_FILES": "RUN_FILES", "RunPoints": "RunPoints", "lo
 
 
 def __getattr__(name: str):
-    """bench.<name> of the comparison with the authors' code, re-exported for one release."""
+    """For one release, bench.<name> of the comparison with the authors' code names its new home."""
     if name in AUTHORS_COMPARE_NAMES:
-        import authors_compare
-        return getattr(authors_compare, AUTHORS_COMPARE_NAMES[name])
+        raise AttributeError(f"bench.{name} is authors_compare.{AUTHORS_COMPARE_NAMES[name]} now (the comparison "
+                             "with the authors' code is its own tool): import authors_compare")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

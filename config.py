@@ -1,6 +1,8 @@
 """The settings of train.py, each declared once: a Config field whose metadata holds its flag (help,
 default, type, choices) and its place in the run name and the report. The parsers of train.py and
-eval.py, rundir.py's run name, report.py's comparisons and launch.py are generated from them.
+eval.py, rundir.py's run name, report.py's comparisons and launch.py are generated from them. Methods
+files are loaded here too (load_methods), and the flags each registry entry names are checked against
+these declarations (registry_problem).
 
 Every perturbation size on the command line is in 1/255 units of inputs in [0, 1]; Config converts it
 once (Config.eps_frac). No torch at import: report.py and launch.py read the declarations too.
@@ -12,8 +14,10 @@ an argument file is read from that file's folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import importlib
+import io
 import os
 import shlex
 import sys
@@ -21,8 +25,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import methods
-
-ATTACKS = ("fgsm", "pgd", "pgd_corner", "random_corner", "none", "nfgsm")
 
 # Exit codes of train.py and eval.py (launch.py reports them in these words).
 EXIT_OK, EXIT_IO, EXIT_USAGE, EXIT_LOCKED, EXIT_NONFINITE = 0, 1, 2, 3, 4
@@ -81,7 +83,7 @@ class Config:
                       "the small CNNs (docs/later_methods.md names each source)", lead=True,
                       choices=_listed("models", "MODELS"))
     attack: str = flag("fgsm", "training attack (Free-AT: fgsm with --minibatch_replay>1; nfgsm: N-FGSM, trains "
-                       "outside the eps-ball)", lead=True, choices=ATTACKS)
+                       "outside the eps-ball)", lead=True, choices=methods.ATTACKS)
     attack_init: str = flag("random", "start of FGSM/PGD training", lead=True, choices=("zero", "random"))
     eps: float = flag(8, "L-inf radius in 1/255 units", lead=True, compare=False, type=float)
     grad_align_cos_lambda: float = flag(0.0, "GradAlign's lambda (0: off)", lead=True)
@@ -472,6 +474,86 @@ def normalization_problem(cfg: Config) -> str | None:
     return models.normalization_problem(cfg.normalize, data.DATASETS[cfg.dataset].shape[0])
 
 
+# ------------------------------------------------------------------------------ the registry's flags
+# methods.py's entries name train.py flags (defaults=, recipes), which this module declares; it imports
+# methods.py, so those flags are checked here, when a command first reads the registry after an entry
+# was added, rather than by methods.register.
+_CHECKED: dict[str, methods.Method] = {}  # the entries registered from outside whose flags passed, by name
+
+
+def entry_problem(m: methods.Method) -> str | None:
+    """What is wrong with the train.py flags of a registry entry, in one line, or None: its defaults=
+    name no flag, or a recipe's words (on digits, at eps 8) are not train.py's, do not select the
+    entry, or train runs under a label that is not one of its rows (register()'s rows=; ROW_ORDER for a
+    built-in entry)."""
+    unknown = sorted(set(m.defaults) - set(FIELDS))
+    if unknown:
+        return f"method '{m.name}': defaults= names {unknown}, which are no train.py flags (config.py)"
+    rows = methods.added_rows(m.name)
+    rows = methods.ROW_ORDER if rows is None else rows
+    for key, recipe in m.recipes.items():
+        what = f"method '{m.name}': recipe '{key}'"
+        heard = io.StringIO()
+        try:
+            words = recipe.flags(8, "digits")
+            with contextlib.redirect_stderr(heard):
+                cfg, _ = config_and_defaults(build_parser().parse_args(words))
+            selected = m in methods.select(cfg)
+            label = methods.label_of(cfg)
+        except SystemExit:
+            said = heard.getvalue().strip().splitlines()[-1:] or [""]
+            return f"{what}: its flags are not train.py's ({said[0].removeprefix('train.py: error: ')})"
+        except Exception as exc:  # the recipe's or the entry's own code may raise anything
+            return f"{what}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": ")
+        if not selected:
+            return f"{what} does not select it; add --method={m.name} to its words"
+        if label not in rows:
+            return f"{what} trains runs labelled '{label}', which is not one of its rows {list(rows)}; add it to rows="
+    return None
+
+
+def registry_problem() -> str | None:
+    """entry_problem of the first entry registered from outside (methods.register) whose flags have not
+    passed yet, or None; the built-in entries' are checked by the tests."""
+    for name, m in methods.REGISTRY.items():
+        if name in methods.BUILT_IN or _CHECKED.get(name) is m:
+            continue
+        problem = entry_problem(m)
+        if problem:
+            return problem
+        _CHECKED[name] = m
+    return None
+
+
+def load_methods(path: str) -> str:
+    """Runs a methods file (methods.load_file) and checks the flags of what it registered; returns the
+    sha256 of its content. Raises ValueError, one line naming the file and what is wrong, and then
+    registers nothing."""
+    before = methods.snapshot()
+    digest = methods.load_file(path)
+    problem = registry_problem()
+    if problem:
+        methods.restore(before)
+        raise ValueError(f"methods file {os.path.abspath(path)}: {problem}")
+    return digest
+
+
+def load_recorded(settings: dict) -> str | None:
+    """Loads the methods file that a run's config.json records, if any. Returns why the methods now
+    registered may not be those the run trained with, in one line (the file is missing or fails, or
+    its content changed since), or None."""
+    path = settings.get("methods_file")
+    if not path:
+        return None
+    if not os.path.isfile(path):
+        return f"the methods file {path} that a run's config.json names is missing; restore it, or give --methods_file"
+    try:
+        load_methods(path)
+    except ValueError as exc:
+        return f"{exc} (a run's config.json names this file)"
+    return methods.changed_since(settings, path)
+
+
 # ---------------------------------------------------------------------------------------- defaults
 def defaults(attack: str = "fgsm") -> dict:
     """The default of every Config field for this --attack (run names list the settings that differ
@@ -511,13 +593,13 @@ def config_and_defaults(namespace: argparse.Namespace) -> tuple[Config, dict]:
 def load_methods_file(argv: list[str] | None = None, prog: str = "train.py") -> str | None:
     """Imports the --methods_file of a command line (argument files included), so that the parser built
     next lists its methods, and returns its absolute path (None without one); exits with code 2 when the
-    file cannot be loaded (methods.load_file)."""
+    file cannot be loaded (load_methods)."""
     pre = OneLineParser(prog=prog, add_help=False, allow_abbrev=False)
     add_flags(pre, ["methods_file"])
     path = pre.parse_known_args(argv)[0].methods_file
     try:
         if path is not None:
-            methods.load_file(path)
+            load_methods(path)
     except ValueError as exc:
         pre.error(str(exc))
     return path
@@ -527,6 +609,9 @@ def parse_flags(argv: list[str] | None = None) -> argparse.Namespace:
     """train.py's flags, after its --methods_file is imported; exits with code 2 on a bad one."""
     loaded = load_methods_file(argv)
     parser = build_parser()
+    problem = registry_problem()  # a method registered in this process (methods.register) before the parse
+    if problem:
+        parser.error(problem)
     namespace = parser.parse_args(argv)
     if namespace.methods_file != loaded:
         parser.error("give --methods_file in full (an abbreviated flag is read after the methods)")

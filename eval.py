@@ -49,7 +49,6 @@ from tqdm import tqdm
 import autoattack_eval
 import config
 import data
-import methods
 import models
 import numerics
 import precision
@@ -174,9 +173,9 @@ def load_methods(methods_file: str | None, path: str) -> None:
     config.json beside the checkpoint records, warning in one line on stderr when that one is missing
     or has changed: the evaluation needs only the architecture, which config.json records."""
     if methods_file is not None:
-        methods.load_file(methods_file)
+        config.load_methods(methods_file)
     run_config = rundir.read_json(os.path.join(os.path.dirname(os.path.abspath(path)), "config.json"))
-    note = methods.load_recorded(run_config) if isinstance(run_config, dict) else None
+    note = config.load_recorded(run_config) if isinstance(run_config, dict) else None
     if note:
         print(f"eval.py: warning: {note}", file=sys.stderr)
 

@@ -1,36 +1,27 @@
 """The training methods, one registry entry each: the paper's (arXiv 2007.02617: FGSM, FGSM-RS,
 GradAlign, Free-AT, PGD-K) and the later fast adversarial training methods (N-FGSM, ZeroGrad,
-MultiGrad, ELLE, ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ and bench.py all
-read REGISTRY.
-
-    python methods.py list [--paper | --all]                                   # the sweeps' method names
-    python methods.py flags gradalign --eps 8 --dataset cifar10
-    python methods.py flags nfgsm --eps 16 --dataset cifar10 --model wrn28_10 --protocol own
-    python methods.py grid --dataset svhn --methods "fgsm pgd10" --eps "1 2"   # "method eps flags..." lines
-    python methods.py lambda --dataset cifar10 --eps 10                        # GradAlign's lambda
-    python methods.py --methods_file $HOME/fgsm2x.py list                      # with a file's methods too
+MultiGrad, ELLE, ELLE-A). train.py's step, report.py's labels, the sweeps in sh/ (through sweep.py)
+and bench.py all read REGISTRY.
 
 A method is its maths (an attack or a regulariser in utils.py) plus one Method: the train.py flags
 that select it, its report label, its cost per step, its sweep recipes and the function train.py's
 step calls. A perturbation (the attack a step trains on) and a regulariser (a term added to the loss)
 combine: FGSM-RS + GradAlign is two entries. register() adds a checked entry from outside, and
 load_file() runs a file of such calls (train.py --methods_file; docs/adding_a_method.md). Flags come
-as --flag=value words; eps is in 1/255 units.
+as --flag=value words; eps is in 1/255 units. An entry's flags (its defaults= and recipes) are train.py's,
+which config.py declares above this module: config.py checks them (config.registry_problem).
 Per dataset, a recipe's flags include the training schedule of the authors' sweeps (--epochs,
 --lr_max); the digits demos set their own. A method of a later paper also carries that paper's
 protocol (Protocol: the schedule's peak, precision, input normalisation, a last clean forward, the
 network, the augmentation), which train.py applies with --protocol own. torch is imported only by the
-functions that train, so report.py and the shell scripts (which call this once per sweep) start fast.
+functions that train, so report.py and sweep.py (which the shell scripts call once per sweep) start fast.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import dis
 import hashlib
 import inspect
-import io
 import math
 import os
 import re
@@ -417,7 +408,7 @@ def _gradalign_schedule(s: Schedule) -> tuple[int, str]:
 FGSM_ZERO = ("--attack=fgsm", "--attack_init=zero")
 
 # --------------------------------------------------------------------------------------- registry
-# In the order of the sweeps' method lists (`methods.py list`); selection takes the first match.
+# In the order of the sweeps' method lists (`sweep.py list`); selection takes the first match.
 # Later methods carry their papers' settings per dataset (and model) and their papers' protocols
 # (own=); their recipes keep this paper's schedule (their papers also train 30 epochs at lr_max 0.2 on
 # CIFAR), except where their scripts set another (ZeroGrad and MultiGrad on SVHN; N-FGSM on SVHN, whose
@@ -481,6 +472,8 @@ _ENTRIES = [
     Method("none", "Standard", "f+1", attack="none", perturb=perturb_none),
 ]
 REGISTRY: dict[str, Method] = {m.name: m for m in _ENTRIES}
+# train.py's --attack values: the attack= of the built-in perturbations
+ATTACKS = tuple(dict.fromkeys(m.attack for m in _ENTRIES if m.attack is not None))
 
 # Row order of report.py's tables: the paper's methods, plain training first, and FGSM-RS + GradAlign;
 # then the later methods. Labels not here follow alphabetically.
@@ -504,20 +497,22 @@ def register(method: Method, *, rows: list[str] | None = None, replace: bool = F
     tables, in order (default: the label, when it is a string; a label computed by a function needs
     them). replace=True replaces a method registered earlier under the same name (not a built-in;
     the new entry goes last).
-    Raises TypeError or ValueError, one line naming what is wrong, and then registers nothing."""
+    Raises TypeError or ValueError, one line naming what is wrong, and then registers nothing. Its
+    defaults= and recipes are train.py flags: config.py checks those when a command next reads the
+    registry (config.registry_problem: train.py's parse, a loaded methods file, sweep.py)."""
     rows = _checked_rows(method, rows, replace)
-    before = snapshot()
     if replace and method.name in REGISTRY:
         unregister(method.name)
     REGISTRY[method.name] = method
     ROW_ORDER.extend(rows)
     _ROWS[method.name] = rows
-    try:
-        _check_recipes(method)
-    except Exception:  # its recipe's own code may raise anything
-        restore(before)
-        raise
     return method
+
+
+def added_rows(name: str) -> list[str] | None:
+    """The rows of ROW_ORDER that register() added for a method, or None for one it did not add."""
+    rows = _ROWS.get(name)
+    return None if rows is None else list(rows)
 
 
 def snapshot() -> tuple:
@@ -546,7 +541,6 @@ def unregister(name: str) -> None:
 
 def _checked_rows(m: Method, rows: list[str] | None, replace: bool) -> list[str]:
     """The rows of ROW_ORDER the entry adds, once every check of register() passes."""
-    import config
     if not isinstance(m, Method):
         raise TypeError(f"register() takes a methods.Method, not {type(m).__name__}")
     if not isinstance(m.name, str) or not NAME.fullmatch(m.name):
@@ -578,17 +572,16 @@ def _checked_rows(m: Method, rows: list[str] | None, replace: bool) -> list[str]
     elif not isinstance(m.label, str):
         raise TypeError(f"{what}: label must be a string or a function, not {type(m.label).__name__}")
     _check_passes(what, m.passes, role)
-    if m.attack is not None and m.attack not in config.ATTACKS:
-        raise ValueError(f"{what}: attack={m.attack!r} is not a train.py --attack ({', '.join(config.ATTACKS)}); "
+    if m.attack is not None and m.attack not in ATTACKS:
+        raise ValueError(f"{what}: attack={m.attack!r} is not a train.py --attack ({', '.join(ATTACKS)}); "
                          "leave attack=None and select the method with --method NAME")
     if (m.state is None) != (m.state_key is None):
         raise ValueError(f"{what}: give state= and state_key= together (the state and its key in resume.pt)")
     keys = {other.state_key for name, other in REGISTRY.items() if name != m.name}
     if m.state_key is not None and m.state_key in keys:
         raise ValueError(f"{what}: state_key '{m.state_key}' is another method's; choose another")
-    unknown = sorted(set(m.defaults) - set(config.FIELDS))
-    if unknown:
-        raise ValueError(f"{what}: defaults= names {unknown}, which are no train.py flags (config.py)")
+    if not isinstance(m.defaults, dict) or not all(isinstance(k, str) for k in m.defaults):
+        raise TypeError(f"{what}: defaults= maps train.py flag names to values, e.g. {{\"fgsm_alpha\": 1.0}}")
     taken = {key for name, other in REGISTRY.items() if name != m.name for key in other.recipes}
     for key, recipe in m.recipes.items():
         if not isinstance(recipe, Recipe):
@@ -671,27 +664,6 @@ def _reads_argument(fn, index: int) -> bool:
     return False
 
 
-def _check_recipes(m: Method) -> None:
-    """Each recipe's flags (on digits, eps 8) are train.py's, select this method and name one of its rows."""
-    import config
-    for key, recipe in m.recipes.items():
-        words = recipe.flags(8, "digits")
-        heard = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(heard):
-                cfg, _ = config.config_and_defaults(config.build_parser().parse_args(words))
-        except SystemExit:
-            said = heard.getvalue().strip().removeprefix("train.py: error: ")
-            raise ValueError(f"method '{m.name}': recipe '{key}': its flags are not train.py's ({said})") from None
-        if m not in select(cfg):
-            raise ValueError(f"method '{m.name}': recipe '{key}' does not select it; add --method={m.name} to its "
-                             "words")
-        label = label_of(cfg)
-        if label not in _ROWS[m.name]:
-            raise ValueError(f"method '{m.name}': recipe '{key}' trains runs labelled '{label}', which is not one of "
-                             f"its rows {_ROWS[m.name]}; add it to rows=")
-
-
 # ------------------------------------------------------------------------------- a methods file
 FILE_HASH = "methods_file_sha256"  # config.json's key for the content hash of a run's --methods_file
 _FILES: dict[str, tuple[str, tuple[str, ...]]] = {}  # the loaded files: path -> (sha256, names registered)
@@ -741,22 +713,6 @@ def unload_file(path: str) -> None:
 def loaded_hash(path: str) -> str | None:
     """The sha256 of the content of path that load_file() ran, or None if it has not loaded it."""
     return _FILES.get(os.path.abspath(path), (None,))[0]
-
-
-def load_recorded(settings: dict) -> str | None:
-    """Loads the methods file that a run's config.json records, if any. Returns why the methods now
-    registered may not be those the run trained with, in one line (the file is missing or fails, or
-    its content changed since), or None."""
-    path = settings.get("methods_file")
-    if not path:
-        return None
-    if not os.path.isfile(path):
-        return f"the methods file {path} that a run's config.json names is missing; restore it, or give --methods_file"
-    try:
-        load_file(path)
-    except ValueError as exc:
-        return f"{exc} (a run's config.json names this file)"
-    return changed_since(settings, path)
 
 
 def changed_since(settings: dict, path: str | None) -> str | None:
@@ -914,57 +870,9 @@ def flags(method: str, eps: float, dataset: str, model: str | None = None, proto
     return words
 
 
-def number(text: str) -> float:
-    """An eps as written on a command line ('8', '25.5'): int-valued eps stay ints (8, not 8.0)."""
-    value = float(text)
-    return int(value) if value.is_integer() else value
-
-
-def main(argv: list[str] | None = None) -> int:
-    import config
-    p = argparse.ArgumentParser(prog="methods.py", description=__doc__.split("\n\n")[0])
-    config.add_flags(p, ["methods_file"], helps={"methods_file": "a Python file that registers more methods "
-                                                "(train.py --methods_file), loaded first"})
-    sub = p.add_subparsers(dest="command", required=True)
-    listing = sub.add_parser("list", help="the methods the sweeps offer, on one line")
-    which = listing.add_mutually_exclusive_group()
-    which.add_argument("--paper", action="store_true", help="only the paper's six methods")
-    which.add_argument("--all", action="store_true", help="also those only bench.py measures")
-    one = sub.add_parser("flags", help="the flags of one method")
-    one.add_argument("method")
-    grid = sub.add_parser("grid", help="one line per (method, eps): method, eps, flags")
-    grid.add_argument("--methods", required=True, help="space-separated method names")
-    lam = sub.add_parser("lambda", help="GradAlign's lambda")
-    for q, eps_help in ((one, "eps in 1/255 units"), (grid, "space-separated eps values"), (lam, "eps")):
-        q.add_argument("--dataset", required=True)
-        q.add_argument("--eps", required=True, help=eps_help)
-    for q in (one, grid):
-        q.add_argument("--model", default=None, help="the model (N-FGSM's k depends on it; default: the "
-                       "protocol's, resnet18 under paper)")
-        q.add_argument("--protocol", default="paper", choices=PROTOCOLS,
-                       help="own: add the words of each method's own protocol, precision included")
-    args = p.parse_args(argv)
-    try:
-        if args.methods_file is not None:
-            load_file(args.methods_file)
-        if args.command == "list":
-            print(" ".join(name for name, r in recipes().items()
-                           if args.all or (r.paper if args.paper else r.listed)))
-        elif args.command == "flags":
-            print(" ".join(flags(args.method, number(args.eps), args.dataset, args.model, args.protocol)))
-        elif args.command == "lambda":
-            print(gradalign_lambda(args.dataset, number(args.eps)))
-        else:
-            for method in args.methods.split():
-                for eps in args.eps.split():
-                    print(method, eps, " ".join(flags(method, number(eps), args.dataset, args.model,
-                                                      args.protocol)))
-    except ValueError as exc:
-        print(f"methods.py: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    import methods  # the module that config.py and a methods file import: one registry, not a second copy
-    sys.exit(methods.main())
+    # For one release, this module's old command line names its new tool instead of doing nothing.
+    import shlex
+    print(f"methods.py: error: its commands are sweep.py's now: python sweep.py {shlex.join(sys.argv[1:])}",
+          file=sys.stderr)
+    sys.exit(2)

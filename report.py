@@ -154,7 +154,7 @@ def read_run(folder: str) -> Run:
     if damage:
         return Run(folder, settings, None, damaged=damage)
     # the methods file the run trained with (train.py --methods_file), loaded again from its record
-    note = methods.load_recorded(settings) or ""
+    note = config.load_recorded(settings) or ""
     unavailable = methods.unavailable(types.SimpleNamespace(method=settings.get("method"),
                                                             methods_file=settings.get("methods_file"))) or ""
     if final is None or unavailable:
@@ -715,7 +715,7 @@ def main(argv: list[str] | None = None) -> int:
     problem = input_problem(args)  # all before anything is written
     try:
         if problem is None and args.methods_file is not None:
-            methods.load_file(args.methods_file)
+            config.load_methods(args.methods_file)
     except ValueError as exc:
         problem = str(exc)
     if problem:

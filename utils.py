@@ -608,7 +608,7 @@ def cos_x_eta(model: nn.Module, batches, eps: float, clamp_rule: str) -> float:
 
 # ----------------------------------------------------------------------------------- moved names
 # Re-exported for one release: the device, precision and memory-layout names live in precision.py now
-# (import them from there); lr_at lives in train.py (module __getattr__ below: train.py imports this module).
+# (import them from there). lr_at lives in train.py, above this module: utils.lr_at names it (below).
 from precision import (  # noqa: E402, F401
     HALF_PREC_DTYPES,
     INIT_LOSS_SCALE,
@@ -632,8 +632,8 @@ from precision import (  # noqa: E402, F401
 
 
 def __getattr__(name: str):
-    """utils.lr_at, re-exported for one release: train.lr_at, imported on first use."""
+    """For one release, utils.lr_at names its new home (train.py imports this module, not the reverse)."""
     if name == "lr_at":
-        import train
-        return train.lr_at
+        raise AttributeError("utils.lr_at is train.lr_at now (the learning-rate schedule is the trainer's): "
+                             "import train and call train.lr_at")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

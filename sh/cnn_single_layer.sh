@@ -20,7 +20,7 @@ commands() {
   for seed in $SEEDS; do
     for method in $METHODS; do
       lambda=0
-      if [[ $method == gradalign ]]; then lambda=$(python methods.py lambda --dataset cifar10 --eps 10); fi
+      if [[ $method == gradalign ]]; then lambda=$(python sweep.py lambda --dataset cifar10 --eps 10); fi
       emit "$COMMON --grad_align_cos_lambda=$lambda --seed=$seed"
     done
   done

@@ -15,7 +15,7 @@
 
 SEEDS=${SEEDS:-"0 1 2 3 4"}
 
-# $METHODS_FILE as methods.py's and train.py's flag (none without it); the scripts cd to the repository
+# $METHODS_FILE as sweep.py's and train.py's flag (none without it); the scripts cd to the repository
 # root first, so a relative path is taken from the folder they were started in ($OLDPWD).
 METHODS_FILE_ARGS=()
 if [[ -n ${METHODS_FILE:-} ]]; then
@@ -23,8 +23,8 @@ if [[ -n ${METHODS_FILE:-} ]]; then
   METHODS_FILE_ARGS=("--methods_file=$METHODS_FILE")
 fi
 
-# methods_py ARG...: python methods.py ARG..., with $METHODS_FILE's methods.
-methods_py() { python methods.py ${METHODS_FILE_ARGS[@]+"${METHODS_FILE_ARGS[@]}"} "$@"; }
+# sweep_py ARG...: python sweep.py ARG..., with $METHODS_FILE's methods.
+sweep_py() { python sweep.py ${METHODS_FILE_ARGS[@]+"${METHODS_FILE_ARGS[@]}"} "$@"; }
 
 # collect_extra ARG...: sets EXTRA_ARGS to $EXTRA and ARG..., each shell-quoted, with a leading space.
 collect_extra() {
@@ -46,12 +46,12 @@ check_methods() {
 }
 
 # eps_grid DATASET [WORDS...]: every (seed, method, eps) command of an eps sweep on DATASET, in that loop
-# order; WORDS go to `methods.py grid` (--protocol own: each method with its own protocol's words).
+# order; WORDS go to `sweep.py grid` (--protocol own: each method with its own protocol's words).
 # The flags of each method at each eps (and the dataset's schedule) come from methods.py's table.
 eps_grid() {
   local seed method eps key rest grid
   local -A method_flags=()
-  grid=$(methods_py grid --dataset "$1" --methods "$METHODS" --eps "$EPS" "${@:2}") || exit 2
+  grid=$(sweep_py grid --dataset "$1" --methods "$METHODS" --eps "$EPS" "${@:2}") || exit 2
   while read -r method eps rest; do
     method_flags["$method $eps"]=$rest
   done <<< "$grid"

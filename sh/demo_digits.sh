@@ -19,12 +19,12 @@ METHODS=${METHODS:-"fgsm fgsm_rs gradalign pgd10 nfgsm zerograd multigrad elle e
 JOBS=${JOBS:-2}
 OUT=${OUT:-runs/demo_digits}
 REPORT=${REPORT:-reports/demo_digits}
-source sh/commands.sh  # methods_py and METHODS_FILE's flag (SEEDS keeps this script's default)
+source sh/commands.sh  # sweep_py and METHODS_FILE's flag (SEEDS keeps this script's default)
 
 commands() {
   local -A method_flags=()
   local method eps rest grid
-  grid=$(methods_py grid --dataset digits --methods "$METHODS" --eps "$EPS") || exit 2
+  grid=$(sweep_py grid --dataset digits --methods "$METHODS" --eps "$EPS") || exit 2
   while read -r method eps rest; do  # the flags of each method at each eps, from methods.py's table
     method_flags["$method $eps"]=$rest
   done <<< "$grid"

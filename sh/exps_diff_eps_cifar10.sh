@@ -4,7 +4,7 @@
 #   DRY_RUN=1 sh/exps_diff_eps_cifar10.sh                      # print the 480 commands
 #   JOBS=4 sh/exps_diff_eps_cifar10.sh --data_dir=/data --out_dir=runs/cifar10
 #   METHODS="fgsm gradalign" EPS="8 16" SEEDS=0 sh/exps_diff_eps_cifar10.sh
-# Methods: `python methods.py list` (fgsm fgsm_rs gradalign pgd2 pgd10 free_at, the default: the
+# Methods: `python sweep.py list` (fgsm fgsm_rs gradalign pgd2 pgd10 free_at, the default: the
 # paper's; then the successors, each with its paper's settings). Their flags, the schedule (30 epochs,
 # lr_max 0.2; GradAlign 0.30; Free-AT 96 epochs at 0.04) and each method's lambda per eps are in
 # methods.py, e.g.
@@ -22,15 +22,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source sh/commands.sh
 
-PAPER_METHODS=$(methods_py list --paper)
-ALL_METHODS=$(methods_py list)
+PAPER_METHODS=$(sweep_py list --paper)
+ALL_METHODS=$(sweep_py list)
 METHODS=${METHODS:-$PAPER_METHODS}
 EPS=${EPS:-$(seq -s " " 1 16)}
 COMMON="--eval_iter_freq=200 --batch_size_eval=1024 --half_prec --eval_early_stopped_model --n_final_eval=1000"
 
 commands() { eps_grid cifar10; }
 
-# Under PROTOCOL=own each method carries the words of its own protocol (methods.py grid --protocol own),
+# Under PROTOCOL=own each method carries the words of its own protocol (sweep.py grid --protocol own),
 # which include the precision that COMMON then leaves out.
 case ${PROTOCOL:-paper} in
   paper) ;;

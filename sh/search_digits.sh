@@ -56,7 +56,7 @@ COMMON="--dataset=digits --clamp_grad=half --eval_iter_freq=50 --device=cpu"
 # (gradalign only: it replaces the table's lambda, the last word of its flags)
 method_flags() {
   local words
-  words=$(python methods.py flags "$1" --dataset digits --eps "$2") || exit 2
+  words=$(python sweep.py flags "$1" --dataset digits --eps "$2") || exit 2
   if [ "$1" = gradalign ]; then words="${words% --grad_align_cos_lambda=*} --grad_align_cos_lambda=$3"; fi
   echo "$words"
 }

@@ -20,7 +20,7 @@ LAYERS = {
     "evaluation": ("eval",),
     "trainer": ("train",),
     "tool kit": ("timing",),
-    "tools": ("bench", "authors_compare", "gpu_check", "report", "launch", "analysis", "sweep_cost"),
+    "tools": ("bench", "authors_compare", "gpu_check", "report", "launch", "analysis", "sweep_cost", "sweep"),
 }
 # Which module may import which: the table every import must keep to.
 ALLOWED = {
@@ -31,7 +31,7 @@ ALLOWED = {
     "cost": {"data", "methods"},
     "config": {"cost", "methods", "utils", "data", "models", "autoattack_eval", "tracking"},
     "rundir": {"config", "lease"},
-    "eval": {"autoattack_eval", "config", "data", "methods", "models", "numerics", "precision", "rundir", "utils"},
+    "eval": {"autoattack_eval", "config", "data", "models", "numerics", "precision", "rundir", "utils"},
     "train": {"config", "cost", "data", "eval", "lease", "methods", "models", "numerics", "precision", "rundir",
               "tracking", "utils"},
     "timing": {"config", "data", "methods", "models", "precision", "train"},
@@ -42,15 +42,8 @@ ALLOWED = {
     "launch": {"config", "lease", "rundir"},
     "analysis": {"data", "models", "rundir", "utils"},
     "sweep_cost": {"config", "cost"},
+    "sweep": {"config", "methods"},
 }
-# Names re-exported for one release from the module they moved out of, imported on first use inside
-# that module's __getattr__ (and nowhere else in it): utils.lr_at (now train.lr_at) and bench.py's
-# comparison with the authors' code (now authors_compare.py).
-ONE_RELEASE = {("utils", "train"), ("bench", "authors_compare")}
-# The one import that still runs back up, and only inside functions: methods.py's register() checks an
-# entry against train.py's flags and recipes (config.py), and its command line reads --methods_file as
-# config.py declares it. It is a circle (config.py imports methods.py) that these tests keep from growing.
-KNOWN_CIRCLE = {("methods", "config"): {"_checked_rows", "_check_recipes", "main"}}
 
 
 def repo_modules() -> list[str]:
@@ -80,24 +73,18 @@ def imports_of(source: str, modules: set[str]) -> dict[str, set[str]]:
 @functools.cache
 def graph() -> dict[str, dict[str, set[str]]]:
     modules = set(repo_modules())
-    # a module importing itself (methods.py run as a script takes the one imported copy) is no dependency
-    return {m: {t: w for t, w in imports_of(open(os.path.join(ROOT, f"{m}.py")).read(), modules).items() if t != m}
-            for m in modules}
+    return {m: imports_of(open(os.path.join(ROOT, f"{m}.py")).read(), modules) for m in modules}
 
 
-def problems(edges: dict[str, dict[str, set[str]]], allowed: dict[str, set[str]], layers: dict[str, tuple],
-             one_release: set[tuple[str, str]]) -> list[str]:
-    """Every way the import graph breaks the table, the layers or the one-release rule; [] when it keeps them."""
+def problems(edges: dict[str, dict[str, set[str]]], allowed: dict[str, set[str]], layers: dict[str, tuple]
+             ) -> list[str]:
+    """Every way the import graph breaks the table or the layers; [] when it keeps them."""
     layer = {m: i for i, members in enumerate(layers.values()) for m in members}
     parts = set(next(iter(layers.values())))
     found = [f"{m} is in no layer" for m in edges if m not in layer] + [
         f"{m} is in no row of the table" for m in edges if m not in allowed]
     for m, targets in edges.items():
-        for t, where in targets.items():
-            if (m, t) in one_release:
-                if where != {"__getattr__"}:
-                    found.append(f"{m} imports {t} outside its one-release __getattr__ ({sorted(where)})")
-                continue
+        for t in targets:
             if t not in allowed.get(m, set()):
                 found.append(f"{m} imports {t}, which the table does not allow")
     for m, targets in allowed.items():
@@ -131,35 +118,51 @@ def circles(allowed: dict[str, set[str]]) -> list[list[str]]:
 
 
 def test_every_import_keeps_to_the_table_and_the_layers():
-    edges = {m: {t: w for t, w in targets.items() if (m, t) not in KNOWN_CIRCLE} for m, targets in graph().items()}
-    assert all(graph()[m].get(t, set()) <= where for (m, t), where in KNOWN_CIRCLE.items())
+    edges = graph()
     assert set(edges) == set(ALLOWED), "a new module needs a row in ALLOWED and a place in LAYERS"
-    assert problems(edges, ALLOWED, LAYERS, ONE_RELEASE) == []
+    assert problems(edges, ALLOWED, LAYERS) == []
 
 
 def test_gpu_check_and_the_parts_import_no_tool():
     edges = graph()
     assert "bench" not in edges["gpu_check"]
     tools = set(LAYERS["tools"]) | {"train", "eval", "timing"}
-    assert {m: sorted(set(edges[m]) & tools) for m in LAYERS["parts"] if set(edges[m]) & tools} == {
-        "utils": ["train"]}  # only the one-release utils.lr_at, inside __getattr__
+    assert {m: sorted(set(edges[m]) & tools) for m in LAYERS["parts"] if set(edges[m]) & tools} == {}
+    assert {m: sorted(set(edges[m]) & set(LAYERS["tools"])) for m in LAYERS["tools"]
+            if set(edges[m]) & set(LAYERS["tools"])} == {}
 
 
 def test_the_checks_fail_on_what_they_guard_against():
     layers = {"parts": ("a", "b"), "tools": ("t", "u")}
     allowed = {"a": set(), "b": {"a"}, "t": {"a", "b"}, "u": {"a"}}
     fine = {"a": {}, "b": {"a": {""}}, "t": {"a": {""}, "b": {"main"}}, "u": {}}
-    assert problems(fine, allowed, layers, set()) == []
-    assert problems({**fine, "u": {"b": {""}}}, allowed, layers, set()) == [
+    assert problems(fine, allowed, layers) == []
+    assert problems({**fine, "u": {"b": {""}}}, allowed, layers) == [
         "u imports b, which the table does not allow"]
-    assert problems(fine, {**allowed, "a": {"t"}}, layers, set()) == [
+    assert problems(fine, {**allowed, "a": {"t"}}, layers) == [
         "a -> t runs back up", "circle: a -> t -> a", "circle: a -> t -> b -> a"]
-    assert problems(fine, {**allowed, "u": {"t"}}, layers, set()) == ["u -> t joins two modules of one layer above "
+    assert problems(fine, {**allowed, "u": {"t"}}, layers) == ["u -> t joins two modules of one layer above "
                                                                        "the parts"]
-    assert problems(fine, {**allowed, "a": {"b"}}, layers, set()) == ["circle: a -> b -> a"]
-    lazy = {**fine, "a": {"t": {"__getattr__"}}}
-    assert problems(lazy, allowed, layers, {("a", "t")}) == []
-    assert problems({**fine, "a": {"t": {""}}}, allowed, layers, {("a", "t")}) == [
-        "a imports t outside its one-release __getattr__ ([''])"]
+    assert problems(fine, {**allowed, "a": {"b"}}, layers) == ["circle: a -> b -> a"]
+    assert problems({**fine, "a": {"t": {"__getattr__"}}}, allowed, layers) == [  # inside a function too
+        "a imports t, which the table does not allow"]
     source = "import os\nimport a\n\ndef f():\n    from b import x\n    def g():\n        import t\n"
     assert imports_of(source, {"a", "b", "t"}) == {"a": {""}, "b": {"f"}, "t": {"f"}}
+
+
+def drawing_layers(readme: str) -> dict[str, set[str]]:
+    """README.md's drawing of the house: {layer: the modules its lines name}."""
+    block = readme.split("Imports run downward only", 1)[1].split("```text\n", 1)[1].split("```", 1)[0]
+    found: dict[str, set[str]] = {}
+    current = None
+    for line in block.splitlines():
+        head = next((name for name in LAYERS if line.startswith(name + " ")), None)
+        current = head or current
+        found.setdefault(current, set()).update(w.removesuffix(".py") for w in line.replace(",", " ").split()
+                                                if w.strip("();").endswith(".py") for w in [w.strip("();")])
+    return found
+
+
+def test_the_readme_drawing_shows_every_module_in_its_layer():
+    drawn = drawing_layers(open(os.path.join(ROOT, "README.md")).read())
+    assert {layer: drawn.get(layer, set()) for layer in LAYERS} == {layer: set(m) for layer, m in LAYERS.items()}

@@ -32,10 +32,12 @@ def test_quick_comparison_on_the_bench_models(tmp_path, capsys):
     assert "faster at robust acc" in capsys.readouterr().out
 
 
-def test_bench_re_exports_the_comparison_for_one_release():
-    assert bench.reference_pgd_accuracy is authors_compare.reference_pgd_accuracy
-    assert bench.bench_reference is authors_compare.side_by_side
-    with pytest.raises(AttributeError):
+def test_bench_names_the_new_home_of_the_comparison_for_one_release():
+    for old, new in bench.AUTHORS_COMPARE_NAMES.items():
+        assert hasattr(authors_compare, new)
+        with pytest.raises(AttributeError, match=f"bench.{old} is authors_compare.{new} now"):
+            getattr(bench, old)
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
         _ = bench.no_such_name
 
 

@@ -1,5 +1,6 @@
 """A method in a researcher's own file: register()'s checks, train.py --methods_file (config.json
-records the file and its sha256), report.py, eval.py, methods.py and the sweeps loading it again from
+records the file and its sha256), config.py's check of its flags, report.py, eval.py, sweep.py and the
+sweeps loading it again from
 that record, a missing or changed file named in one line, and the guide's example run from outside
 the repository exactly as docs/adding_a_method.md writes it.
 """
@@ -105,15 +106,10 @@ GOOD_REG = dict(name="toyreg", label=lambda cfg, base: f"{base} + Toy", passes={
     ({"attack": "fgsm3"}, None, ValueError, "attack='fgsm3' is not a train.py --attack"),
     ({"state": lambda cfg: None}, None, ValueError, "give state= and state_key= together"),
     ({"state": lambda cfg: None, "state_key": "free_delta"}, None, ValueError, "state_key 'free_delta' is another"),
-    ({"defaults": {"fgsm_alpah": 1.0}}, None, ValueError, "no train.py flags"),
+    ({"defaults": ["fgsm_alpha"]}, None, TypeError, "defaults= maps train.py flag names to values"),
     ({"recipes": {"pgd10": methods.Recipe(())}}, None, ValueError, "recipe name 'pgd10' is taken"),
     ({"recipes": {"Toy": methods.Recipe(())}}, None, ValueError, "recipe name 'Toy'"),
     ({"recipes": {"toy": ("--attack=fgsm",)}}, None, TypeError, "must be a methods.Recipe"),
-    ({"recipes": {"toy": methods.Recipe(("--attack=fgsm", "--attack_init=zero"))}}, None, ValueError,
-     "recipe 'toy' does not select it; add --method=toy"),
-    ({"recipes": {"toy": methods.Recipe(("--attack=fgsm3", "--method=toy"))}}, None, ValueError,
-     "recipe 'toy': its flags are not train.py's (argument --attack: invalid choice"),
-    ({"label": lambda cfg: "Toy"}, ["Toy (other)"], ValueError, "trains runs labelled 'Toy', which is not one of"),
     ({}, "Toy", TypeError, "rows= is a list of labels"),
 ])
 def test_register_says_in_one_line_what_is_wrong_and_registers_nothing(fields, rows, error, fragment):
@@ -121,6 +117,49 @@ def test_register_says_in_one_line_what_is_wrong_and_registers_nothing(fields, r
     with pytest.raises(error) as exc:
         methods.register(methods.Method(**{**GOOD, **fields}), rows=rows)
     assert fragment in str(exc.value) and "\n" not in str(exc.value)
+    assert methods.snapshot() == before
+
+
+# An entry's train.py flags, which config.py checks (register() cannot: config.py imports methods.py)
+FLAG_PROBLEMS = [
+    ({"defaults": {"fgsm_alpah": 1.0}}, None, "method 'toy': defaults= names ['fgsm_alpah'], which are no train.py"),
+    ({"recipes": {"toy": methods.Recipe(("--attack=fgsm", "--attack_init=zero"))}}, None,
+     "method 'toy': recipe 'toy' does not select it; add --method=toy"),
+    ({"recipes": {"toy": methods.Recipe(("--attack=fgsm3", "--method=toy"))}}, None,
+     "method 'toy': recipe 'toy': its flags are not train.py's (argument --attack: invalid choice"),
+    ({"recipes": {"toy": methods.Recipe(("--method=toy",), lambda eps, dataset, model: 1 / 0)}}, None,
+     "method 'toy': recipe 'toy': ZeroDivisionError: division by zero"),
+    ({"label": lambda cfg: "Toy"}, ["Toy (other)"], "recipe 'toy' trains runs labelled 'Toy', which is not one of"),
+]
+
+
+@pytest.mark.parametrize("fields, rows, fragment", FLAG_PROBLEMS)
+def test_config_names_an_entry_whose_flags_are_not_train_py_s(fields, rows, fragment):
+    methods.register(methods.Method(**{**GOOD, **fields}), rows=rows)  # register() cannot tell
+    problem = config.registry_problem()
+    assert fragment in problem and "\n" not in problem
+    with pytest.raises(SystemExit) as exc:  # train.py's parse stops on it, in one line
+        config.parse_config(TINY)
+    assert exc.value.code == 2
+    methods.unregister("toy")
+    assert config.registry_problem() is None
+
+
+@pytest.mark.parametrize("fields, rows, fragment", FLAG_PROBLEMS[:2])
+def test_a_methods_file_whose_flags_are_not_train_py_s_registers_nothing(fields, rows, fragment, tmp_path, cli):
+    text = ("import methods\n"
+            f"methods.register(methods.Method(name='toy', label={fields.get('label', 'Toy')!r}, passes='2', "
+            "perturb=methods.perturb_fgsm, "
+            f"defaults={fields.get('defaults', {})!r}, recipes={{'toy': methods.Recipe("
+            f"{fields.get('recipes', GOOD['recipes'])['toy'].words!r})}}))\n")
+    path = write(tmp_path / "bad.py", text)
+    before = methods.snapshot()
+    with pytest.raises(ValueError) as exc:
+        config.load_methods(path)
+    assert str(exc.value).startswith(f"methods file {path}: ") and fragment in str(exc.value)
+    assert methods.snapshot() == before
+    out = cli("sweep.py", "--methods_file", path, "list")
+    assert out.code == 2 and fragment in out.err and out.out == ""
     assert methods.snapshot() == before
 
 
@@ -140,8 +179,9 @@ def test_register_adds_the_rows_and_refuses_a_taken_name_unless_replacing():
     assert "Toy 2" not in methods.ROW_ORDER and "FGSM + Toy" not in methods.ROW_ORDER
 
 
-def test_every_built_in_entry_passes_the_checks_of_register():
+def test_every_built_in_entry_passes_the_checks_of_register_and_of_config():
     for m in list(methods.REGISTRY.values()):
+        assert config.entry_problem(m) is None, m.name
         copy = dataclasses.replace(m, name=f"copy_{m.name}", recipes={},
                                    state_key=m.state_key and f"copy_{m.state_key}")
         methods.register(copy, rows=[f"copy of {m.name}"])
@@ -273,13 +313,13 @@ def test_eval_warns_about_a_missing_file_and_evaluates(trained, tmp_path, capsys
     assert code == 2 and "No such file" in one_line(err)
 
 
-def test_methods_py_lists_the_file_s_recipes(trained, cli):
-    out = cli("methods.py", "--methods_file", trained[0], "list")
+def test_sweep_py_lists_the_file_s_recipes(trained, cli):
+    out = cli("sweep.py", "--methods_file", trained[0], "list")
     assert out.code == 0 and out.out.split()[-2:] == ["fgsm2x", "gradnorm"]
-    out = cli("methods.py", "--methods_file", trained[0], "grid", "--dataset", "digits", "--methods", "gradnorm",
+    out = cli("sweep.py", "--methods_file", trained[0], "grid", "--dataset", "digits", "--methods", "gradnorm",
               "--eps", "8")
     assert out.out.strip() == "gradnorm 8 --attack=fgsm --attack_init=zero --method=gradnorm"
-    assert cli("methods.py", "--methods_file", "/nonexistent/m.py", "list").code == 2
+    assert cli("sweep.py", "--methods_file", "/nonexistent/m.py", "list").code == 2
 
 
 def test_the_guide_s_regulariser_gets_its_first_gradient_under_pgd(trained):
@@ -296,18 +336,18 @@ def test_the_guide_s_regulariser_gets_its_first_gradient_under_pgd(trained):
 @pytest.mark.slow
 def test_the_sweeps_pass_methods_file_relative_to_where_they_start(tmp_path):
     # sh/commands.sh's methods.py call and a train.py command, with `python` a shell function that
-    # prints its arguments (methods.py --methods_file itself is tested above, in-process)
-    script = (f"cd {ROOT} && source sh/commands.sh && python() {{ echo \"python $*\"; }} && methods_py list --paper"
+    # prints its arguments (sweep.py --methods_file itself is tested above, in-process)
+    script = (f"cd {ROOT} && source sh/commands.sh && python() {{ echo \"python $*\"; }} && sweep_py list --paper"
               " && EXTRA_ARGS=' --seed=0' && emit --dataset=cifar10 --method=fgsm2x")
     out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={**os.environ, "METHODS_FILE": "mine.py"},
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     flag = f"--methods_file={tmp_path / 'mine.py'}"
-    assert out.stdout.splitlines() == [f"python methods.py {flag} list --paper",
+    assert out.stdout.splitlines() == [f"python sweep.py {flag} list --paper",
                                        f"python train.py {flag} --dataset=cifar10 --method=fgsm2x --seed=0"]
     plain = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True,
                            env={k: v for k, v in os.environ.items() if k != "METHODS_FILE"})
-    assert plain.stdout.splitlines() == ["python methods.py list --paper",
+    assert plain.stdout.splitlines() == ["python sweep.py list --paper",
                                          "python train.py --dataset=cifar10 --method=fgsm2x --seed=0"]
 
 

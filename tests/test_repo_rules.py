@@ -93,11 +93,11 @@ def test_report_names_each_recipe_by_the_label_of_its_registry_entry(dataset):
 
 
 def test_method_table_cli_prints_the_sweep_flags(cli):
-    out = cli("methods.py", "flags", "gradalign", "--eps", "14", "--dataset", "cifar10")
+    out = cli("sweep.py", "flags", "gradalign", "--eps", "14", "--dataset", "cifar10")
     assert out.code == 0, out.err
     assert out.out.split() == ["--attack=fgsm", "--attack_init=zero", "--grad_align_cos_lambda=1.124", "--epochs=30",
                                "--lr_max=0.30"]
-    bad = cli("methods.py", "flags", "pgd3", "--eps", "8", "--dataset", "svhn")
+    bad = cli("sweep.py", "flags", "pgd3", "--eps", "8", "--dataset", "svhn")
     assert bad.code == 2 and "unknown method 'pgd3'" in bad.err
 
 
@@ -445,7 +445,7 @@ def test_cli_reports_exit_codes_and_streams_as_a_subprocess_would(cli):
     assert usage.code == 2 and "--epochs" in usage.err and usage.out == ""
     helped = cli("eval.py", "--help")  # argparse: SystemExit(0), help on stdout
     assert helped.code == 0 and helped.out.startswith("usage: ") and helped.err == ""
-    listed = cli("methods.py", "flags", "fgsm", "--eps", "8", "--dataset", "cifar10")  # main's return value
+    listed = cli("sweep.py", "flags", "fgsm", "--eps", "8", "--dataset", "cifar10")  # main's return value
     assert listed.code == 0 and "--attack=fgsm" in listed.out
 
 

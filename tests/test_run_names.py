@@ -18,6 +18,7 @@ import eval as eval_py
 import methods
 import report
 import rundir
+import sweep
 import train
 import utils
 from tests.fixtures import ROOT, RUN, TINY, read_metrics, run_dir_of
@@ -141,9 +142,9 @@ def test_report_names_a_run_the_way_train_names_it_under_both_protocols():
 
 
 def test_methods_cli_shows_the_wrn_setting_and_refuses_gradalign_on_cifar100(cli):
-    out = cli("methods.py", "flags", "nfgsm", "--eps", "16", "--dataset", "cifar10", "--model", "wrn28_10")
+    out = cli("sweep.py", "flags", "nfgsm", "--eps", "16", "--dataset", "cifar10", "--model", "wrn28_10")
     assert out.code == 0 and "--nfgsm_noise_mult=4" in out.out.split()
-    out = cli("methods.py", "flags", "gradalign", "--eps", "8", "--dataset", "cifar100")
+    out = cli("sweep.py", "flags", "gradalign", "--eps", "8", "--dataset", "cifar100")
     assert out.code == 2 and out.err.count("\n") == 1 and "no published lambda for cifar100" in out.err
 
 
@@ -194,7 +195,7 @@ def test_a_method_registered_from_outside_trains_reports_and_is_listed(tmp_path,
     assert (row["method"], row["passes"], row["n_seeds"]) == ("FGSM (2x step)", "2", 1)
     # the listing and the recipe
     capsys.readouterr()
-    assert methods.main(["list"]) == 0
+    assert sweep.main(["list"]) == 0
     assert capsys.readouterr().out.split()[-1] == "fgsm2x"
     assert methods.flags("fgsm2x", 8, "digits") == ["--attack=fgsm", "--attack_init=zero", "--method=fgsm2x"]
 
@@ -283,7 +284,7 @@ def test_each_method_recipe_is_the_protocol_plus_the_method_flags_of_the_table(m
     assert {f.split("_cifar10")[0] for f in method_files} == paper  # the paper's six methods at eps 8
     for name in method_files:
         method, dataset, eps = name[:-len(".args")].rsplit("_", 2)
-        eps = methods.number(eps.removeprefix("eps"))
+        eps = sweep.number(eps.removeprefix("eps"))
         from_file, _ = config.parse_config([f"@recipes/{name}"])
         table = ["@recipes/cifar10_protocol.args", f"--eps={eps}", *methods.flags(method, eps, dataset)]
         assert from_file == config.parse_config(table)[0], name
