@@ -9,6 +9,13 @@ import ast
 import functools
 import glob
 import os
+import subprocess
+import sys
+
+import pytest
+
+import train
+import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,3 +173,13 @@ def drawing_layers(readme: str) -> dict[str, set[str]]:
 def test_the_readme_drawing_shows_every_module_in_its_layer():
     drawn = drawing_layers(open(os.path.join(ROOT, "README.md")).read())
     assert {layer: drawn.get(layer, set()) for layer in LAYERS} == {layer: set(m) for layer, m in LAYERS.items()}
+
+
+def test_what_moved_above_its_old_home_is_named_there_in_one_line():
+    with pytest.raises(AttributeError, match=r"utils.lr_at is train.lr_at now"):
+        _ = utils.lr_at
+    assert callable(train.lr_at)
+    old = subprocess.run([sys.executable, os.path.join(ROOT, "methods.py"), "flags", "fgsm", "--eps", "8"],
+                         capture_output=True, text=True)
+    assert (old.returncode, old.stdout) == (2, "")
+    assert old.stderr == "methods.py: error: its commands are sweep.py's now: python sweep.py flags fgsm --eps 8\n"
