@@ -625,6 +625,9 @@ def unusable_lock_fix(exc: LockUnusable) -> str:
 def resume_hint(run_dir: str) -> str:
     """What an interrupted run left on disk, and how to go on (for the line that says it stopped)."""
     if os.path.exists(os.path.join(run_dir, "final.json")):
+        settings = read_config(run_dir)
+        if not (isinstance(settings, dict) and settings.get("final_autoattack") is True):
+            return f"{run_dir}/final.json keeps the finished run's results: the run is complete"
         return (f"{run_dir}/final.json keeps the finished run's results (an AutoAttack addition in progress is "
                 "lost): relaunch the same command to add it")
     if os.path.exists(os.path.join(run_dir, RESUME_FILE)):

@@ -871,7 +871,11 @@ def test_22_the_stop_line_names_only_what_is_on_disk(tmp_path):
     os.remove(resume_path(str(tmp_path)))
     open(os.path.join(tmp_path, "final.json"), "w").close()
     hint = rundir.resume_hint(str(tmp_path))
-    assert "final.json keeps the finished run's results" in hint and rundir.RESUME_FILE not in hint
+    assert hint == f"{tmp_path}/final.json keeps the finished run's results: the run is complete"
+    (tmp_path / "config.json").write_text(json.dumps({"final_autoattack": True}))
+    hint = rundir.resume_hint(str(tmp_path))
+    assert "final.json keeps the finished run's results (an AutoAttack addition" in hint
+    assert rundir.RESUME_FILE not in hint
 
 
 @pytest.mark.slow
