@@ -4,6 +4,7 @@ the pass/fail check of a GPU, fp16 numerics included, is gpu_check.py).
     python bench.py                   # CPU-sized: cnn batch 128 on 8x8 digits, resnet18 batch 32 (< 3 min, 2 cores)
     python bench.py --device cuda     # GPU-sized: cnn batch 512, resnet18 batch 128, real PGD-50-10 on 1024 images
     python bench.py --models wrn28_10 # WideResNet-28-10 (batch 4 on CPU, 128 on CUDA), not in the default list
+    python bench.py --models resnet18_nfgsm resnet18_rice wrn28_10_nfgsm   # the later methods' authors' networks
 
 Training: one call of train.train_step (the real step, optimiser update included) for every recipe
 of methods.py's registry (the paper's methods, the later ones, GradAlign with its finite-difference
@@ -12,7 +13,7 @@ train mode) of the same model on the same batch at the same precision. Every tim
 once per round, in turn, so a change in machine load hits all of them alike; a unit count is the
 median over rounds of (step time / forward+backward time of that round).
 Evaluation: utils.seeded_robust_accuracy (the final evaluation's code) on a cnn trained on digits
-for a few seconds with train.main, and on an untrained resnet18 or wrn28_10 (random images whose labels are its own
+for a few seconds with train.main, and on any other model untrained (random images whose labels are its own
 predictions, so every example is attacked): images/s, forward+backward passes per example (the
 reference attacks every example in every restart: steps x restarts of them), the robust accuracy
 and the floor that accuracy implies (an example that stays robust costs every pass).

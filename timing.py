@@ -42,7 +42,10 @@ METHODS: dict[str, tuple[str, list[str], str]] = {
     name: _method([f for f in r.flags(BENCH_EPS, "cifar10") if not f.startswith(("--epochs", "--lr_max"))])
     for name, r in methods.recipes().items() if r.bench}
 INPUT_SHAPES = {"cnn": (1, 8, 8), "cnn_bn": (1, 8, 8), "resnet18": (3, 32, 32),  # the CNNs bench on digits-shaped input
-                "wrn28_10": (3, 32, 32)}
+                "wrn28_10": (3, 32, 32), "resnet18_nfgsm": (3, 32, 32), "resnet18_rice": (3, 32, 32),
+                "wrn28_10_nfgsm": (3, 32, 32)}
+# The models timed at the sizes of another (the later methods' authors' networks, at their family's).
+SIZED_AS = {"cnn_bn": "cnn", "resnet18_nfgsm": "resnet18", "resnet18_rice": "resnet18", "wrn28_10_nfgsm": "wrn28_10"}
 N_CLASSES = 10
 BENCH_LR = 1e-4  # learning rate of the timed steps: small, so repeated updates keep the weights finite
 
@@ -94,7 +97,7 @@ def add_flags(p: argparse.ArgumentParser, out_default: str) -> None:
     a("--models", nargs="+", default=["cnn", "resnet18"], choices=list(INPUT_SHAPES), help="default: cnn resnet18")
     a("--batch_size", type=int, default=None,
       help="training batch of every model (default: cnn 128 / resnet18 32 / wrn28_10 4 on CPU, 512 / 128 / 128 "
-           "on CUDA)")
+           "on CUDA; the later methods' networks as their family's)")
     a("--repeats", type=int, default=None, help="timed rounds (default 5; 1 with --quick)")
     a("--budget_s", type=float, default=None,
       help="seconds for the whole run, spent mostly on timing rounds: fewer rounds when the machine is slow "
@@ -172,7 +175,8 @@ def settings_from(parser: argparse.ArgumentParser, args: argparse.Namespace, par
         evals = {"cnn": EvalSize(n_digits_test, 512, 50, 10), "resnet18": EvalSize(32, 32, 5, 2),
                  "wrn28_10": EvalSize(4, 4, 2, 1)}
         digits_epochs = 15
-    batch_sizes["cnn_bn"], evals["cnn_bn"], candidates["cnn_bn"] = batch_sizes["cnn"], evals["cnn"], candidates["cnn"]
+    for name, like in SIZED_AS.items():
+        batch_sizes[name], evals[name], candidates[name] = batch_sizes[like], evals[like], candidates[like]
     # the final evaluation's PGD-50-10 at train.py's evaluation batch, on 1000 points (cnn: the digits test split)
     final = config.defaults()["batch_size_eval"]
     agreement = {m: EvalSize(n_digits_test if m == "cnn" else 1000, final, 50, 10) for m in models.MODELS}

@@ -99,6 +99,19 @@ def test_wrn28_10_has_sizes_and_a_cifar_config_for_every_method():
         assert (cfg.model, cfg.dataset) == ("wrn28_10", "cifar10")
 
 
+def test_every_model_has_sizes_and_the_authors_networks_take_their_family_s():
+    import models
+    assert set(timing.INPUT_SHAPES) == set(models.MODELS)
+    for device_args in (["--quick"], []):
+        s = bench.parse_settings([*device_args, "--models", *models.MODELS, "--device", "cpu"])
+        for name, like in timing.SIZED_AS.items():
+            assert (s.batch_sizes[name], s.evals[name], s.eval_batch_candidates[name]) == (
+                s.batch_sizes[like], s.evals[like], s.eval_batch_candidates[like])
+        for name in models.MODELS:
+            cfg = timing.method_config(name, next(iter(bench.METHODS)), s.batch_sizes[name], s.device)
+            assert cfg.model == name and cfg.dataset == ("digits" if name.startswith("cnn") else "cifar10")
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--budget_s", "-5"], "--budget_s must be a finite number of seconds >= 0 (got -5; 0: no limit)"),
     (["--budget_s", "nan"], "--budget_s must be a finite number of seconds >= 0"),
