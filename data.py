@@ -8,14 +8,16 @@ RandomHorizontalFlip(0.5), without PIL or worker processes. --augment picks anot
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import pickle
+import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision import datasets
 
 
 @dataclass(frozen=True)
@@ -65,48 +67,52 @@ class Split:
         return len(self.labels)
 
 
-# torchvision's classes verify md5 sums of the files they read; that is for downloads. These
-# subclasses only ask that the files exist, so tiny files in the same format load too.
-class _CIFAR10(datasets.CIFAR10):
-    def _check_integrity(self) -> bool:
+@functools.cache
+def _readers() -> types.SimpleNamespace:
+    """torchvision's dataset module and its readers, subclassed: torchvision's classes verify md5 sums
+    of the files they read, which is for downloads; the subclasses only ask that the files exist, so
+    tiny files in the same format load too. Imported at first use: importing torchvision takes about
+    2 s, which every tool and run on the digits would otherwise pay."""
+    from torchvision import datasets
+
+    def cifar_files_exist(self) -> bool:
         files = self.train_list if self.train else self.test_list
         return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
 
-    def _load_meta(self) -> None:
+    def no_meta(self) -> None:
         self.classes = []  # class names (batches.meta, md5-checked) are not needed
 
+    class CIFAR10(datasets.CIFAR10):
+        _check_integrity = cifar_files_exist
+        _load_meta = no_meta
 
-class _CIFAR100(datasets.CIFAR100):
-    def _check_integrity(self) -> bool:
-        files = self.train_list if self.train else self.test_list
-        return all(os.path.isfile(os.path.join(self.root, self.base_folder, name)) for name, _ in files)
+    class CIFAR100(datasets.CIFAR100):
+        _check_integrity = cifar_files_exist
+        _load_meta = no_meta
 
-    def _load_meta(self) -> None:
-        self.classes = []
+    class SVHN(datasets.SVHN):
+        def _check_integrity(self) -> bool:
+            return os.path.isfile(os.path.join(self.root, self.filename))
+
+    class MNIST(datasets.MNIST):
+        # torchvision names the folders after the class; keep MNIST's own layout for the subclass.
+        @property
+        def raw_folder(self) -> str:
+            return os.path.join(self.root, "MNIST", "raw")
+
+        @property
+        def processed_folder(self) -> str:
+            return os.path.join(self.root, "MNIST", "processed")
+
+        def _check_exists(self) -> bool:  # torchvision checks existence only, but of both splits
+            return all(os.path.isfile(path) for path in _mnist_files(self.root, self.train))
+
+    return types.SimpleNamespace(datasets=datasets, cifar10=CIFAR10, cifar100=CIFAR100, svhn=SVHN, mnist=MNIST)
 
 
-def _cifar_reader(name: str) -> type[datasets.CIFAR10]:
+def _cifar_reader(name: str) -> type:
     """torchvision's reader of a CIFAR dataset (the binary sets read CIFAR-10's files)."""
-    return _CIFAR100 if name == "cifar100" else _CIFAR10
-
-
-class _SVHN(datasets.SVHN):
-    def _check_integrity(self) -> bool:
-        return os.path.isfile(os.path.join(self.root, self.filename))
-
-
-class _MNIST(datasets.MNIST):
-    # torchvision names the folders after the class; keep MNIST's own layout for the subclass.
-    @property
-    def raw_folder(self) -> str:
-        return os.path.join(self.root, "MNIST", "raw")
-
-    @property
-    def processed_folder(self) -> str:
-        return os.path.join(self.root, "MNIST", "processed")
-
-    def _check_exists(self) -> bool:  # torchvision checks existence only, but of both splits
-        return all(os.path.isfile(path) for path in _mnist_files(self.root, self.train))
+    return _readers().cifar100 if name == "cifar100" else _readers().cifar10
 
 
 def _mnist_files(root: str, train: bool) -> list[str]:
@@ -126,6 +132,7 @@ def _source(name: str, data_dir: str, train: bool) -> tuple[str, str]:
 
 def _download(name: str, data_dir: str, train: bool) -> None:
     """torchvision's own download, md5-verified (a no-op when verified files are already there)."""
+    datasets = _readers().datasets
     if name == "cifar100":
         datasets.CIFAR100(data_dir, train=train, download=True)
     elif name.startswith("cifar10"):
@@ -142,10 +149,10 @@ def _read(name: str, data_dir: str, train: bool) -> tuple[np.ndarray, np.ndarray
         ds = _cifar_reader(name)(data_dir, train=train)
         images, labels = ds.data.transpose(0, 3, 1, 2), ds.targets  # (N, 32, 32, 3) -> (N, 3, 32, 32)
     elif name == "svhn":
-        ds = _SVHN(data_dir, split="train" if train else "test")
+        ds = _readers().svhn(data_dir, split="train" if train else "test")
         images, labels = ds.data, ds.labels  # already (N, 3, 32, 32), label 10 already mapped to 0
     else:
-        ds = _MNIST(data_dir, train=train)
+        ds = _readers().mnist(data_dir, train=train)
         images, labels = ds.data.numpy()[:, None], ds.targets.numpy()
     return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64).reshape(-1)
 
@@ -155,7 +162,8 @@ def _first_unreadable(name: str, data_dir: str, train: bool) -> str | None:
     SVHN's one .mat file."""
     if name == "mnist":
         images, labels = _mnist_files(data_dir, train)
-        for path, reader in ((images, datasets.mnist.read_image_file), (labels, datasets.mnist.read_label_file)):
+        idx = _readers().datasets.mnist
+        for path, reader in ((images, idx.read_image_file), (labels, idx.read_label_file)):
             try:
                 reader(path)
             except Exception:  # noqa: BLE001 - any failure means this file is the damaged one
@@ -186,11 +194,29 @@ def _binary(images: np.ndarray, labels: np.ndarray, grey: bool) -> tuple[np.ndar
     return images, labels
 
 
-def _digits(train: bool) -> Split:
-    from sklearn.datasets import load_digits  # slow import, only when asked for
+@functools.cache
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 8x8 digits: (images (1797, 8, 8), labels (1797,)), the arrays of load_digits(),
+    read once a process (both splits come from them; callers copy before changing anything).
+
+    Read straight from the file scikit-learn ships (digits.csv.gz: one row a digit, 64 pixel values
+    then the label), as load_digits() reads it: importing sklearn.datasets takes about 2 s (it imports
+    SciPy), which every run on the digits would otherwise pay. Where that file is not at its place,
+    load_digits() itself."""
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
+    if os.path.isfile(path):
+        table = np.loadtxt(path, delimiter=",")
+        return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    from sklearn.datasets import load_digits
     bunch = load_digits()
-    images = torch.from_numpy(bunch.images.astype(np.uint8))[:, None]  # integer values 0..16
-    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return bunch.images, bunch.target
+
+
+def _digits(train: bool) -> Split:
+    pixels, target = _digits_arrays()
+    images = torch.from_numpy(pixels.astype(np.uint8))[:, None]  # integer values 0..16
+    labels = torch.from_numpy(target.astype(np.int64))
     part = slice(0, N_DIGITS_TRAIN) if train else slice(N_DIGITS_TRAIN, None)
     return Split(images[part].contiguous(), labels[part].contiguous(), 16.0)
 

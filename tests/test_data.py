@@ -113,6 +113,14 @@ def test_digits_split_and_values():
     assert np.array_equal(train.images[0, 0].numpy(), sk.images[0])
     assert np.array_equal(test.images[-1, 0].numpy(), sk.images[-1])
     assert np.array_equal(test.labels.numpy(), sk.target[1400:])
+    assert np.array_equal(torch.cat([train.images, test.images])[:, 0].numpy(), sk.images)  # every pixel
+
+
+def test_digits_come_from_load_digits_where_its_file_is_not_found(monkeypatch):
+    read = data._digits_arrays.__wrapped__()
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    fallback = data._digits_arrays.__wrapped__()
+    assert all(np.array_equal(a, b) for a, b in zip(read, fallback))
 
 
 def test_dataset_table_matches_what_loads(cifar_dir):
@@ -153,7 +161,7 @@ def test_partial_data_is_missing_data_and_names_the_file(tmp_path, monkeypatch):
 def test_failed_download_is_a_one_line_error(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no route\nto host")
-    monkeypatch.setattr(data.datasets, "CIFAR10", offline)
+    monkeypatch.setattr(data._readers().datasets, "CIFAR10", offline)
     with pytest.raises(data.DataMissingError) as info:
         data.load_split("cifar10", str(tmp_path), train=True, download=True)
     message = str(info.value)

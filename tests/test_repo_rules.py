@@ -110,6 +110,8 @@ def test_ci_runs_the_readme_lint_and_test_command_with_a_pinned_ruff():
     pins = open(os.path.join(ROOT, "requirements-dev.txt")).read()
     assert re.search(r"^ruff==\d+\.\d+\.\d+$", pins, re.MULTILINE)
     assert re.search(r"^pytest==\d+\.\d+\.\d+$", pins, re.MULTILINE)  # a development tool, not a run dependency
+    assert re.search(r"^pytest-xdist==\d+\.\d+\.\d+$", pins, re.MULTILINE)  # pytest.ini's -n auto needs it
+    assert "-n auto" in open(os.path.join(ROOT, "pytest.ini")).read()
     runtime = open(os.path.join(ROOT, "requirements.txt")).read()
     assert not re.search(r"^pytest\b", runtime, re.MULTILINE)
 
