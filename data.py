@@ -194,23 +194,34 @@ def _binary(images: np.ndarray, labels: np.ndarray, grey: bool) -> tuple[np.ndar
     return images, labels
 
 
+def _digits_file() -> str | None:
+    """The digits file scikit-learn ships (digits.csv.gz: one row a digit, 64 pixel values then the
+    label), found without importing scikit-learn; None where it is not at its place."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+    return path if os.path.isfile(path) else None
+
+
 @functools.cache
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 8x8 digits: (images (1797, 8, 8), labels (1797,)), the arrays of load_digits(),
-    read once a process (both splits come from them; callers copy before changing anything).
+    read once a process and read-only (both splits come from them).
 
-    Read straight from the file scikit-learn ships (digits.csv.gz: one row a digit, 64 pixel values
-    then the label), as load_digits() reads it: importing sklearn.datasets takes about 2 s (it imports
-    SciPy), which every run on the digits would otherwise pay. Where that file is not at its place,
-    load_digits() itself."""
-    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
-    path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz") if spec else ""
-    if os.path.isfile(path):
+    Read from _digits_file() as load_digits() reads it: importing sklearn.datasets takes about 2 s (it
+    imports SciPy), which every run on the digits would otherwise pay. Without that file, load_digits()."""
+    path = _digits_file()
+    if path is not None:
         table = np.loadtxt(path, delimiter=",")
-        return table[:, :-1].reshape(-1, 8, 8), table[:, -1]
-    from sklearn.datasets import load_digits
-    bunch = load_digits()
-    return bunch.images, bunch.target
+        images, labels = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    else:
+        from sklearn.datasets import load_digits
+        bunch = load_digits()
+        images, labels = bunch.images, bunch.target
+    for array in (images, labels):
+        array.flags.writeable = False
+    return images, labels
 
 
 def _digits(train: bool) -> Split:

@@ -117,10 +117,12 @@ def test_digits_split_and_values():
 
 
 def test_digits_come_from_load_digits_where_its_file_is_not_found(monkeypatch):
+    assert data._digits_file() is not None  # the file is read where it is found
     read = data._digits_arrays.__wrapped__()
-    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(data, "_digits_file", lambda: None)
     fallback = data._digits_arrays.__wrapped__()
     assert all(np.array_equal(a, b) for a, b in zip(read, fallback))
+    assert not any(a.flags.writeable for a in read + fallback)
 
 
 def test_dataset_table_matches_what_loads(cifar_dir):
